@@ -1,0 +1,1 @@
+"""fa_deploy: export to ONNX / TensorRT, backends, and the robustness benchmark harness."""

@@ -1,0 +1,77 @@
+"""`fa-train`: train a detector (standard training; adversarial methods with --method)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import ConfigError, load_config
+
+
+def _overrides(**flags) -> dict:
+    o = {"model": {}, "data": {}, "train": {}, "method": {}}
+    mapping = {
+        "model": ("model", "name"), "width_mult": ("model", "width_mult"), "depth_mult": ("model", "depth_mult"),
+        "data": ("data", "spec"), "img_size": ("data", "img_size"), "workers": ("data", "workers"),
+        "max_images": ("data", "max_images"), "max_test_images": ("data", "max_test_images"),
+        "train_split": ("data", "train_split"), "test_split": ("data", "test_split"),
+        "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+        "seed": ("train", "seed"), "init": ("train", "init"), "warmup_iters": ("train", "warmup_iters"),
+        "eval_every": ("train", "eval_every"), "amp": ("train", "amp"), "schedule": ("train", "schedule"),
+        "method": ("method", "name"),
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in ("device", "out"):
+            o[key] = value
+        else:
+            sec, name = mapping[key]
+            o[sec][name] = value
+    return {k: v for k, v in o.items() if v != {}}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML preset (configs/*.yaml)")
+@click.option("--model", help="yolov3")
+@click.option("--width-mult", type=float, help="YOLOv3 channel multiplier (1.0 = Darknet-53 as in the cfg)")
+@click.option("--depth-mult", type=float, help="YOLOv3 residual-block multiplier")
+@click.option("--data", help="voc:PATH_TO_VOCdevkit | coco:PATH_TO_COCO | synth[:NUM_IMAGES] (default: synth)")
+@click.option("--train-split", help="VOC '2007+2012:trainval', COCO 'train2017' (default by dataset)")
+@click.option("--test-split", help="VOC '2007:test', COCO 'val2017' (default by dataset)")
+@click.option("--max-images", type=int, help="use only the first N training images")
+@click.option("--max-test-images", type=int, help="use only the first N test images")
+@click.option("--img-size", type=int, help="letterbox size, a multiple of 32")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="initial learning rate")
+@click.option("--warmup-iters", type=int, help="burn-in iterations")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), help="step: x0.1 at 2/3 of the run")
+@click.option("--eval-every", type=int, help="evaluate every N epochs (0: only at the end)")
+@click.option("--amp/--no-amp", default=None, help="mixed precision (CUDA only)")
+@click.option("--workers", type=int, help="data-loader worker processes")
+@click.option("--seed", type=int)
+@click.option("--device", help="auto | cpu | cuda | cuda:N")
+@click.option("--out", help="run folder (config.yaml, last.pt, best.pt, metrics.jsonl, eval.json)")
+@click.option("--init", help="initial weights: Darknet .weights / darknet53.conv.74, or a fa-train checkpoint")
+@click.option("--resume", type=click.Path(dir_okay=False), help="continue a run from its last.pt")
+@click.option("--method", type=click.Choice(["standard"]), help="training method")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def main(config_path, resume, quiet, **flags):
+    """Train an object detector. With no --data, the embedded synthetic shapes dataset is generated
+    (once, into ~/.cache/fa-toolkit) and used."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .engine import Trainer, TrainingError
+
+    try:
+        cfg = load_config(config_path, _overrides(**flags))
+        trainer = Trainer(cfg, log=lambda m: click.echo(m, err=False), progress=not quiet)
+        trainer.fit(resume=resume)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        click.echo(f"fa-train: error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

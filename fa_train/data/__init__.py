@@ -1,0 +1,50 @@
+"""Data: VOC and COCO readers, the synthetic shapes dataset, letterbox transforms, collate.
+
+`build_dataset("voc:/data/VOCdevkit", split="2007:test", ...)`, `"coco:/data/coco"`, or `"synth"`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .common import DataError, DetectionDataset, Record, collate, load_image
+from .coco import coco_dataset
+from .synthetic import SHAPES_CLASSES, SHAPES_YEAR, ensure_shapes
+from .transforms import letterbox, unletterbox_boxes
+from .voc import VOC_CLASSES, voc_dataset
+
+DEFAULT_SPLITS = {
+    "voc": {"train": "2007+2012:trainval", "test": "2007:test"},
+    "coco": {"train": "train2017", "test": "val2017"},
+    "synth": {"train": f"{SHAPES_YEAR}:train", "test": f"{SHAPES_YEAR}:test"},
+}
+
+
+def parse_data_spec(spec: str):
+    """'voc:PATH' | 'coco:PATH' | 'synth' | 'synth:N' -> (kind, path_or_None, extra)."""
+    kind, _, rest = (spec or "synth").partition(":")
+    if kind not in DEFAULT_SPLITS:
+        raise DataError(f"--data {spec!r}: expected voc:PATH, coco:PATH or synth[:NUM_IMAGES]")
+    if kind in ("voc", "coco") and not rest:
+        raise DataError(f"--data {spec!r}: {kind} needs a path, e.g. {kind}:/data/{'VOCdevkit' if kind == 'voc' else 'coco'}")
+    return kind, rest
+
+
+def build_dataset(spec: str, role: str, img_size: int, split: Optional[str] = None,
+                  max_images: Optional[int] = None, synth_seed: int = 0, log=print) -> DetectionDataset:
+    """The dataset for `role` ("train" or "test"); `split` overrides the default split of that role."""
+    kind, rest = parse_data_spec(spec)
+    split = split or DEFAULT_SPLITS[kind][role]
+    train = role == "train"
+    if kind == "voc":
+        return voc_dataset(rest, split, img_size, train, max_images=max_images)
+    if kind == "coco":
+        return coco_dataset(rest, split, img_size, train, max_images=max_images)
+    n = int(rest) if rest else 1000
+    devkit = ensure_shapes(n, synth_seed, log=log)
+    ds = voc_dataset(devkit, split, img_size, train, class_names=SHAPES_CLASSES, max_images=max_images)
+    ds.name = f"synth:{n}:{split}"
+    return ds
+
+
+__all__ = ["DataError", "DetectionDataset", "Record", "collate", "load_image", "letterbox", "unletterbox_boxes",
+           "VOC_CLASSES", "SHAPES_CLASSES", "build_dataset", "parse_data_spec", "ensure_shapes", "DEFAULT_SPLITS"]

@@ -1,0 +1,123 @@
+"""Records, the dataset class shared by every reader, image loading and box sanitising.
+
+A reader (VOC, COCO, shapes) turns annotation files into `Record`s once, at construction; the dataset
+then loads and letterboxes images on demand. Every problem names the file it came from.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .transforms import letterbox, hflip
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the field."""
+
+
+@dataclass
+class Record:
+    image_id: int
+    file: str
+    width: int
+    height: int
+    boxes: np.ndarray  # [M,4] float32 xyxy, original pixels
+    labels: np.ndarray  # [M] int64, 0-based contiguous
+    ignore: np.ndarray  # [M] bool (VOC difficult, COCO crowd)
+    area: Optional[np.ndarray] = None  # [M] float32, COCO segmentation area when known
+    source: str = ""  # annotation file, for messages
+
+
+@dataclass
+class SanitizeStats:
+    clipped: int = 0
+    dropped_zero_area: int = 0
+    per_file: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        return f"{self.clipped} boxes clipped to the image, {self.dropped_zero_area} zero-area boxes dropped"
+
+
+def sanitize_boxes(boxes: np.ndarray, width: int, height: int, stats: SanitizeStats, source: str):
+    """Clip boxes to the image (counted) and return the mask of boxes with positive area (drops counted)."""
+    boxes = boxes.astype(np.float32).reshape(-1, 4)
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    n_clip = int((np.abs(clipped - boxes) > 1e-6).any(1).sum())
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    n_drop = int((~keep).sum())
+    stats.clipped += n_clip
+    stats.dropped_zero_area += n_drop
+    if n_clip or n_drop:
+        stats.per_file[source] += n_clip + n_drop
+    return clipped, keep
+
+
+def load_image(path: str) -> np.ndarray:
+    """RGB uint8 [H,W,3]; a missing or corrupt file raises DataError naming it."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image file is missing")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({e})") from e
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Letterboxed images as float RGB [3,S,S] in [0,1], targets in letterboxed pixels, and the meta
+    needed to map predictions back to the original image exactly."""
+
+    def __init__(self, records: Sequence[Record], class_names: Sequence[str], img_size: int = 416,
+                 train: bool = False, flip_prob: float = 0.5, name: str = "",
+                 stats: Optional[SanitizeStats] = None, label_to_cat_id: Optional[List[int]] = None):
+        if img_size % 32:
+            raise ValueError(f"img_size must be a multiple of 32, got {img_size}")
+        self.records = list(records)
+        self.class_names = list(class_names)
+        self.img_size = img_size
+        self.train = train
+        self.flip_prob = flip_prob if train else 0.0
+        self.name = name
+        self.stats = stats or SanitizeStats()
+        # contiguous label -> category id written in COCO-format results (COCO: the dataset's own ids)
+        self.label_to_cat_id = list(label_to_cat_id) if label_to_cat_id else list(range(1, len(class_names) + 1))
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        img = load_image(r.file)
+        h, w = img.shape[:2]
+        if (w, h) != (r.width, r.height):
+            raise DataError(f"{r.file}: image is {w}x{h} but its annotation {r.source or '?'} says "
+                            f"{r.width}x{r.height}")
+        img_t, boxes, meta = letterbox(img, r.boxes, self.img_size)
+        if self.flip_prob and np.random.rand() < self.flip_prob:
+            img_t, boxes = hflip(img_t, boxes)
+        target = {
+            "boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
+            "labels": torch.from_numpy(r.labels).long(),
+            "ignore": torch.from_numpy(r.ignore).bool(),
+        }
+        meta.update(image_id=r.image_id, file=r.file)
+        return img_t, target, meta
+
+    def subset(self, n: int) -> "DetectionDataset":
+        ds = DetectionDataset(self.records[:n], self.class_names, self.img_size, self.train,
+                              self.flip_prob, self.name, self.stats, self.label_to_cat_id)
+        return ds
+
+
+def collate(batch):
+    images = torch.stack([b[0] for b in batch])
+    return images, [b[1] for b in batch], [b[2] for b in batch]

@@ -1,0 +1,246 @@
+"""Training loop: SGD with warm-up, AMP on CUDA, checkpoints (last.pt / best.pt), resume, JSONL metrics,
+a progress bar with the loss terms, images/s and ETA, and the clean AP50 table at the end of a run.
+
+The per-step work (which losses, which attacks) is the objective's (fa_train/adversarial/objectives.py);
+this loop owns the optimizer, the schedule, the bookkeeping and the non-finite-loss guard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_into, versions
+from .config import dump_config
+from .data import build_dataset, collate
+from .evaluation import evaluate, format_ap_table
+from .models import create_model
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model, tcfg):
+    """SGD (or AdamW); weight decay on convolution/linear weights only (not BN, not biases), as in the paper's code."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg["optimizer"] == "adamw":  # converges faster on the small CPU demo; SGD is the paper's recipe
+        return torch.optim.AdamW(groups, lr=tcfg["lr"], betas=(tcfg["momentum"], 0.999))
+    if tcfg["optimizer"] != "sgd":
+        raise ValueError(f"optimizer {tcfg['optimizer']!r}: expected sgd or adamw")
+    return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=tcfg["nesterov"])
+
+
+def lr_factor(step: int, steps_per_epoch: int, tcfg) -> float:
+    epochs = tcfg["epochs"]
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(tcfg["warmup_iters"], total // 2)
+    f = 1.0
+    if tcfg["schedule"] == "cosine":
+        f = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    elif step >= int(tcfg["lr_drop_at"] * total):
+        f = 0.1
+    if warm and step < warm:
+        f *= (step / warm) ** 4 * 0.99 + 0.01  # Darknet burn-in (power 4), never exactly zero
+    return f
+
+
+def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       collate_fn=collate, drop_last=drop_last, generator=g,
+                                       persistent_workers=workers > 0, worker_init_fn=_worker_init)
+
+
+def _worker_init(worker_id):
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: dict, log: Callable[[str], None] = print, progress: bool = True):
+        self.cfg = cfg
+        self.log = log
+        self.progress = progress
+        t, d = cfg["train"], cfg["data"]
+        self.device = resolve_device(cfg["device"])
+        seed_everything(t["seed"])
+        self.train_set = build_dataset(d["spec"], "train", d["img_size"], d["train_split"], d["max_images"],
+                                       d["synth_seed"], log=log)
+        self.test_set = build_dataset(d["spec"], "test", d["img_size"], d["test_split"], d["max_test_images"],
+                                      d["synth_seed"], log=log)
+        if len(self.train_set) == 0:
+            raise TrainingError(f"training set {self.train_set.name} is empty")
+        for ds in (self.train_set, self.test_set):
+            if ds.stats.clipped or ds.stats.dropped_zero_area:
+                log(f"data {ds.name}: {ds.stats.summary()}")
+        m = cfg["model"]
+        self.model = create_model(m["name"], len(self.train_set.class_names),
+                                  **{k: v for k, v in m.items() if k != "name"}).to(self.device)
+        if t["init"]:
+            self._load_init(t["init"])
+        self.optimizer = build_optimizer(self.model, t)
+        self.batch_size = t["batch_size"]
+        self.train_loader = make_loader(self.train_set, self.batch_size, True, d["workers"], t["seed"], drop_last=True)
+        if len(self.train_loader) == 0:
+            raise TrainingError(f"--batch-size {self.batch_size} is larger than the training set "
+                                f"({len(self.train_set)} images)")
+        self.test_loader = make_loader(self.test_set, self.batch_size, False, d["workers"])
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, t))
+        self.amp = bool(t["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        from .adversarial.objectives import build_objective
+
+        self.objective = build_objective(cfg, self.model, self.device, log)
+        self.epoch, self.step, self.best_ap = 0, 0, -1.0
+        self.nonfinite_in_row = self.nonfinite_total = 0
+        self.out = cfg["out"]
+        os.makedirs(self.out, exist_ok=True)
+
+    # -- weights
+    def _load_init(self, path):
+        if path.endswith(".weights") or path.endswith(".conv.74"):
+            from .models.darknet import load_darknet_weights
+
+            n = load_darknet_weights(self.model, path)
+            self.log(f"init: {n} Darknet convolutions from {path}")
+        else:
+            ckpt = load_checkpoint(path)
+            load_into(self.model, ckpt, path)
+            self.log(f"init: weights from {path}")
+
+    def checkpoint(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
+            "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
+            "config": self.cfg, "versions": versions(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                    "python": list(random.getstate()[1])},
+        }
+
+    def save(self, name: str):
+        atomic_save(self.checkpoint(), os.path.join(self.out, name))
+
+    def resume(self, path: str):
+        ckpt = load_checkpoint(path)
+        load_into(self.model, ckpt, path)
+        if list(ckpt.get("class_names", [])) != list(self.train_set.class_names):
+            raise CheckpointError(f"{path}: trained for classes {ckpt.get('class_names')}, data has "
+                                  f"{self.train_set.class_names}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.best_ap = ckpt["epoch"], ckpt["step"], ckpt["best_ap"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.log(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
+
+    def _metrics(self, rec: dict):
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # -- the loop
+    def train_epoch(self):
+        from tqdm import tqdm
+
+        self.model.train()
+        g = self.train_loader.generator
+        g.manual_seed(self.cfg["train"]["seed"] * 1000 + self.epoch)  # per-epoch shuffle, reproducible on resume
+        sums, n_img, nsteps, t0 = {}, 0, 0, time.time()
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}",
+                   disable=not self.progress, unit="batch", dynamic_ncols=True)
+        for images, targets, _ in bar:
+            images = images.to(self.device, non_blocking=True)
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            self.optimizer.zero_grad(set_to_none=True)
+            logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
+            if not math.isfinite(logs["loss"]):
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self._metrics({"event": "nonfinite_loss", "epoch": self.epoch, "step": self.step, **logs})
+                self.log(f"step {self.step}: non-finite loss, step skipped ({logs})")
+                if self.nonfinite_in_row >= self.cfg["train"]["max_nonfinite"]:
+                    raise TrainingError(f"{self.nonfinite_in_row} non-finite losses in a row, the last at step "
+                                        f"{self.step}: {logs}; the last good checkpoint is {self.out}/last.pt")
+                continue
+            self.nonfinite_in_row = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            n_img += len(images)
+            nsteps += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            mean = {k: v / nsteps for k, v in sums.items()}
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in mean.items() if k in ("loss", "box", "obj", "cls",
+                                                                                  "adv", "clean", "ssfa", "kdfa")},
+                             "img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}",
+                             "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"})
+        steps = max(1, nsteps)
+        rec = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+               "images_per_s": n_img / max(time.time() - t0, 1e-9),
+               **{f"train/{k}": v / steps for k, v in sums.items()}}
+        return rec
+
+    def fit(self, resume: Optional[str] = None) -> dict:
+        dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+        if resume:
+            self.resume(resume)
+        t = self.cfg["train"]
+        self.log(f"training {self.cfg['model']['name']} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
+                 f"parameters) with method {self.cfg['method']['name']} on {self.train_set.name} "
+                 f"({len(self.train_set)} images), device {self.device}, {t['epochs']} epochs")
+        result = None
+        while self.epoch < t["epochs"]:
+            rec = self.train_epoch()
+            self.epoch += 1
+            last = self.epoch == t["epochs"]
+            if last or (t["eval_every"] and self.epoch % t["eval_every"] == 0):
+                result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
+                rec["val/AP50"] = result["AP50"]
+                rec["val/AP"] = result["stats"]["AP"]
+                if result["AP50"] > self.best_ap:
+                    self.best_ap = result["AP50"]
+                    self.save("best.pt")
+            self.save("last.pt")
+            self._metrics(rec)
+            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if result is None:  # resumed a finished run
+            result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
+        self.log(format_ap_table(result, f"clean AP50 on {self.test_set.name} (last epoch)"))
+        with open(os.path.join(self.out, "eval.json"), "w") as f:
+            json.dump({"clean": result, "best_AP50": self.best_ap}, f, indent=2)
+        return result

@@ -1,0 +1,31 @@
+"""Model registry: one public way in, `create_model(name, num_classes, **kw)`."""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from .base import Detector
+
+_REGISTRY: Dict[str, Callable[..., Detector]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_models():
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, **kw) -> Detector:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return _REGISTRY[name](num_classes=num_classes, **kw)
+
+
+from . import yolov3  # noqa: E402,F401  (registers "yolov3")
+
+__all__ = ["Detector", "create_model", "available_models", "register_model"]
