@@ -3,12 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the test run compiles the fused kernels (CPU and, where nvcc is present, CUDA) into a fresh folder of its own
+export FA_KERNELS_BUILD ?= $(CURDIR)/build/kernels
 
 .PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

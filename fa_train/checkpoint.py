@@ -23,7 +23,7 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {"fa_toolkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"fa_toolkit": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version()}
 
 

@@ -1,0 +1,254 @@
+// Op schemas (declared once) and the CPU kernels of the fused ops.
+//
+//   fa_kernels::pooled_cosine_loss(student, targets, weights, eps) -> (loss, pooled_student, pooled_targets)
+//       loss = mean_n sum_j w_j (1 - cos(avgpool_hw(student[n]), pool(target_j[n])))
+//   fa_kernels::pooled_cosine_loss_backward(grad, student, pooled_student, pooled_targets, weights, eps)
+//   fa_kernels::sign_step_(x!, grad, x_clean, step, eps, lo, hi)   x <- clamp(clamp(x + step sign(g), c +- eps), lo, hi)
+//   fa_kernels::sign_step(x, grad, x_clean, step, eps, lo, hi) -> y
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "fa_math.h"
+#include "fa_ops.h"
+
+namespace fa {
+
+void check_pooled_cosine_args(const at::Tensor& student, at::TensorList targets, at::ArrayRef<double> weights) {
+  TORCH_CHECK(student.dim() == 4, "pooled_cosine_loss: student must be [N,C,H,W], got ", student.sizes());
+  TORCH_CHECK(targets.size() >= 1 && targets.size() <= kMaxTargets,
+              "pooled_cosine_loss: between 1 and ", kMaxTargets, " targets are supported, got ", targets.size());
+  TORCH_CHECK(targets.size() == weights.size(), "pooled_cosine_loss: ", targets.size(), " targets but ",
+              weights.size(), " weights");
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "pooled_cosine_loss: student must be floating point, got ",
+              student.scalar_type());
+  for (size_t j = 0; j < targets.size(); ++j) {
+    const auto& t = targets[j];
+    TORCH_CHECK(t.dim() == 2 || t.dim() == 4, "pooled_cosine_loss: target ", j,
+                " must be [N,C] (pooled) or [N,C,H,W], got ", t.sizes());
+    TORCH_CHECK(t.size(0) == student.size(0) && t.size(1) == student.size(1), "pooled_cosine_loss: target ", j,
+                " has N,C = ", t.size(0), ",", t.size(1), " but the student has ", student.size(0), ",",
+                student.size(1));
+    TORCH_CHECK(t.device() == student.device(), "pooled_cosine_loss: target ", j, " is on ", t.device(),
+                ", the student on ", student.device());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pooled_cosine_loss: target ", j, " must be floating point");
+  }
+}
+
+void check_sign_step_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean) {
+  TORCH_CHECK(x.sizes() == grad.sizes() && x.sizes() == x_clean.sizes(), "sign_step: x ", x.sizes(), ", grad ",
+              grad.sizes(), " and x_clean ", x_clean.sizes(), " must have the same shape");
+  TORCH_CHECK(x.scalar_type() == grad.scalar_type() && x.scalar_type() == x_clean.scalar_type(),
+              "sign_step: x, grad and x_clean must have one dtype, got ", x.scalar_type(), ", ", grad.scalar_type(),
+              ", ", x_clean.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sign_step: floating point tensors expected, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.device() == grad.device() && x.device() == x_clean.device(),
+              "sign_step: x, grad and x_clean must be on one device");
+}
+
+// True when the three tensors can be walked as one flat array in storage order (contiguous, channels_last ...).
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  return a.is_non_overlapping_and_dense() && a.strides() == b.strides() && a.strides() == c.strides();
+}
+
+namespace {
+
+// Global average pool over H, W of [N,C,H,W] (or cast of an already pooled [N,C]) into opmath [N,C].
+at::Tensor pool_cpu(const at::Tensor& x_in, at::ScalarType acc_type) {
+  if (x_in.dim() == 2) return x_in.to(acc_type).contiguous();
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  auto out = at::empty({N, C}, x_in.options().dtype(acc_type));
+  const bool nhwc = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fa_pool_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / acc_t(HW);
+    if (!nhwc) {
+      at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const scalar_t* row = p + r * HW;
+          acc_t s = 0;
+          for (int64_t i = 0; i < HW; ++i) s += static_cast<acc_t>(row[i]);
+          o[r] = s * inv;
+        }
+      });
+    } else {
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> acc(C);
+        for (int64_t n = b; n < e; ++n) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          const scalar_t* base = p + n * HW * C;
+          for (int64_t i = 0; i < HW; ++i)
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(base[i * C + c]);
+          for (int64_t c = 0; c < C; ++c) o[n * C + c] = acc[c] * inv;
+        }
+      });
+    }
+  });
+  return out;
+}
+
+template <typename acc_t>
+void cosine_rows(const acc_t* s, const acc_t* t, int64_t J, int64_t N, int64_t C, int64_t n, acc_t eps,
+                 CosineRow<acc_t>* rows) {
+  acc_t ss = 0;
+  for (int64_t c = 0; c < C; ++c) ss += s[n * C + c] * s[n * C + c];
+  for (int64_t j = 0; j < J; ++j) {
+    const acc_t* tj = t + (j * N + n) * C;
+    acc_t dot = 0, tt = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      dot += s[n * C + c] * tj[c];
+      tt += tj[c] * tj[c];
+    }
+    rows[j] = cosine_row(dot, ss, tt, eps);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::Tensor& student,
+                                                                      at::TensorList targets,
+                                                                      at::ArrayRef<double> weights, double eps) {
+  check_pooled_cosine_args(student, targets, weights);
+  const auto acc_type = at::toOpMathType(student.scalar_type());
+  auto ps = pool_cpu(student, acc_type);
+  std::vector<at::Tensor> pooled;
+  for (const auto& t : targets) pooled.push_back(pool_cpu(t, acc_type));
+  auto pt = at::stack(pooled);  // [J,N,C]
+  const int64_t N = student.size(0), C = student.size(1), J = targets.size();
+  auto loss = at::empty({}, ps.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "fa_cosine_cpu", [&] {
+    const scalar_t* s = ps.data_ptr<scalar_t>();
+    const scalar_t* t = pt.data_ptr<scalar_t>();
+    std::vector<scalar_t> per_row(N);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      CosineRow<scalar_t> rows[kMaxTargets];
+      for (int64_t n = b; n < e; ++n) {
+        cosine_rows<scalar_t>(s, t, J, N, C, n, static_cast<scalar_t>(eps), rows);
+        scalar_t l = 0;
+        for (int64_t j = 0; j < J; ++j) l += static_cast<scalar_t>(weights[j]) * (scalar_t(1) - rows[j].cos);
+        per_row[n] = l;
+      }
+    });
+    scalar_t total = 0;
+    for (int64_t n = 0; n < N; ++n) total += per_row[n];
+    loss.fill_(total / static_cast<scalar_t>(N));
+  });
+  return {loss, ps, pt};
+}
+
+at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& ps,
+                                           const at::Tensor& pt, at::ArrayRef<double> weights, double eps) {
+  const int64_t N = student.size(0), C = student.size(1), H = student.size(2), W = student.size(3);
+  const int64_t HW = H * W, J = pt.size(0);
+  auto out = at::empty_like(student);
+  const bool nhwc = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (!nhwc && !out.is_contiguous()) out = out.contiguous();
+  auto coef = at::empty({N, C}, ps.options());
+  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_bwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* s = ps.data_ptr<acc_t>();
+    const acc_t* t = pt.data_ptr<acc_t>();
+    acc_t* g = coef.data_ptr<acc_t>();
+    const acc_t scale = grad.item<acc_t>() / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      CosineRow<acc_t> rows[kMaxTargets];
+      for (int64_t n = b; n < e; ++n) {
+        cosine_rows<acc_t>(s, t, J, N, C, n, static_cast<acc_t>(eps), rows);
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t v = 0;
+          for (int64_t j = 0; j < J; ++j)
+            v += static_cast<acc_t>(weights[j]) * (rows[j].beta * s[n * C + c] - rows[j].alpha * t[(j * N + n) * C + c]);
+          g[n * C + c] = v * scale;
+        }
+      }
+    });
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fa_fill_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = coef.data_ptr<acc_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (!nhwc) {
+      at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const scalar_t v = static_cast<scalar_t>(g[r]);
+          std::fill(o + r * HW, o + (r + 1) * HW, v);
+        }
+      });
+    } else {
+      at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p) {
+          const acc_t* gn = g + (p / HW) * C;
+          for (int64_t c = 0; c < C; ++c) o[p * C + c] = static_cast<scalar_t>(gn[c]);
+        }
+      });
+    }
+  });
+  return out;
+}
+
+void sign_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& xc,
+                        double step, double eps, double lo, double hi) {
+  const int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fa_sign_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* pc = xc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const acc_t st = step, ep = eps, l = lo, h = hi;
+    at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        po[i] = static_cast<scalar_t>(sign_step_value<acc_t>(px[i], pg[i], pc[i], st, ep, l, h));
+    });
+  });
+}
+
+void sign_step_inplace_cpu(at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step, double eps,
+                           double lo, double hi) {
+  check_sign_step_args(x, grad, x_clean);
+  if (same_dense_layout(x, grad, x_clean)) {
+    sign_step_flat_cpu(x, x, grad, x_clean, step, eps, lo, hi);
+  } else {  // mixed layouts: one pass over contiguous copies, then back into x's own layout
+    auto xc = x.contiguous();
+    sign_step_flat_cpu(xc, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
+    if (!xc.is_same(x)) x.copy_(xc);
+  }
+}
+
+at::Tensor sign_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step,
+                         double eps, double lo, double hi) {
+  check_sign_step_args(x, grad, x_clean);
+  if (same_dense_layout(x, grad, x_clean)) {
+    auto out = at::empty_like(x);
+    sign_step_flat_cpu(out, x, grad, x_clean, step, eps, lo, hi);
+    return out;
+  }
+  auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  sign_step_flat_cpu(out, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
+  return out;
+}
+
+}  // namespace
+
+}  // namespace fa
+
+TORCH_LIBRARY(fa_kernels, m) {
+  m.def("pooled_cosine_loss(Tensor student, Tensor[] targets, float[] weights, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("pooled_cosine_loss_backward(Tensor grad, Tensor student, Tensor pooled_student, Tensor pooled_targets, "
+        "float[] weights, float eps) -> Tensor");
+  m.def("sign_step_(Tensor(a!) x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> ()");
+  m.def("sign_step(Tensor x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fa_kernels, CPU, m) {
+  m.impl("pooled_cosine_loss", &fa::pooled_cosine_loss_cpu);
+  m.impl("pooled_cosine_loss_backward", &fa::pooled_cosine_loss_backward_cpu);
+  m.impl("sign_step_", &fa::sign_step_inplace_cpu);
+  m.impl("sign_step", &fa::sign_step_cpu);
+}

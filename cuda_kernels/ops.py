@@ -1,0 +1,111 @@
+"""The fused ops as torch.library custom ops: thin typed wrappers, fake (meta) kernels, autograd.
+
+    pooled_cosine_loss(student, targets, weights, eps=1e-8) -> scalar
+        mean over the batch of sum_j w_j * (1 - cos(avgpool_hw(student), pool(target_j))); targets are
+        [N,C,H',W'] maps or pooled [N,C]; they receive no gradient. One pass over the student forward, one
+        pass (writing the student-sized gradient) backward. Zero vectors: norms are clamped to eps, so
+        cos = 0 and the gradient stays finite.
+    sign_step_(x, grad, x_clean, step, eps, lo=0, hi=1) -> x   (in place, one pass)
+    sign_step(x, grad, x_clean, step, eps, lo=0, hi=1) -> new tensor
+        clamp(clamp(x + step * sign(grad), x_clean - eps, x_clean + eps), lo, hi)
+
+The compiled library is loaded on first use (building it if needed). Where no build is possible, the
+pure-PyTorch twins in reference.py are used after one warning.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Sequence
+
+import torch
+
+from . import reference
+
+EPS = reference.EPS
+_lock = threading.Lock()
+_state = {"loaded": None, "manifest": None, "error": None}
+
+
+def load(require: bool = False) -> bool:
+    """Load (building when needed) the compiled ops; True when they are available."""
+    if _state["loaded"] is not None and not require:  # fast path, also what torch.compile traces
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            from .build import KernelBuildError, build
+
+            try:
+                _state["manifest"] = build()
+                _register_python_side()
+                _state["loaded"] = True
+            except KernelBuildError as e:
+                _state["loaded"], _state["error"] = False, str(e)
+                warnings.warn(f"fused kernels unavailable, using the pure-PyTorch reference ops: {e}", stacklevel=3)
+    if require and not _state["loaded"]:
+        raise RuntimeError(_state["error"])
+    return bool(_state["loaded"])
+
+
+def manifest():
+    load()
+    return _state["manifest"]
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _register_python_side():
+    @torch.library.register_fake("fa_kernels::pooled_cosine_loss")
+    def _(student, targets, weights, eps):
+        n, c = student.shape[:2]
+        acc = _acc_dtype(student)
+        return (student.new_empty((), dtype=acc), student.new_empty((n, c), dtype=acc),
+                student.new_empty((len(targets), n, c), dtype=acc))
+
+    @torch.library.register_fake("fa_kernels::pooled_cosine_loss_backward")
+    def _(grad, student, pooled_student, pooled_targets, weights, eps):
+        return torch.empty_like(student)
+
+    @torch.library.register_fake("fa_kernels::sign_step_")
+    def _(x, grad, x_clean, step, eps, lo, hi):
+        return None
+
+    @torch.library.register_fake("fa_kernels::sign_step")
+    def _(x, grad, x_clean, step, eps, lo, hi):
+        return torch.empty_like(x)
+
+    def setup_context(ctx, inputs, output):
+        student, targets, weights, eps = inputs
+        _, ps, pt = output
+        ctx.save_for_backward(student, ps, pt)
+        ctx.weights, ctx.eps, ctx.n_targets = weights, eps, len(targets)
+
+    def backward(ctx, grad_loss, _grad_ps, _grad_pt):
+        student, ps, pt = ctx.saved_tensors
+        g = torch.ops.fa_kernels.pooled_cosine_loss_backward(grad_loss, student, ps, pt, ctx.weights, ctx.eps)
+        return g, [None] * ctx.n_targets, None, None
+
+    torch.library.register_autograd("fa_kernels::pooled_cosine_loss", backward, setup_context=setup_context)
+
+
+def pooled_cosine_loss(student: torch.Tensor, targets: Sequence[torch.Tensor], weights: Sequence[float],
+                       eps: float = EPS) -> torch.Tensor:
+    if not load():
+        return reference.pooled_cosine_loss_ref(student, targets, weights, eps)
+    targets = [t.detach() for t in targets]
+    return torch.ops.fa_kernels.pooled_cosine_loss(student, targets, [float(w) for w in weights], float(eps))[0]
+
+
+def sign_step_(x, grad, x_clean, step: float, eps: float, lo: float = 0.0, hi: float = 1.0):
+    if not load():
+        return reference.sign_step_ref_(x, grad, x_clean, step, eps, lo, hi)
+    torch.ops.fa_kernels.sign_step_(x, grad, x_clean, float(step), float(eps), float(lo), float(hi))
+    return x
+
+
+def sign_step(x, grad, x_clean, step: float, eps: float, lo: float = 0.0, hi: float = 1.0):
+    if not load():
+        return reference.sign_step_ref(x, grad, x_clean, step, eps, lo, hi)
+    return torch.ops.fa_kernels.sign_step(x, grad, x_clean, float(step), float(eps), float(lo), float(hi))

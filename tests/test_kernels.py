@@ -1,0 +1,232 @@
+"""Fused ops against their pure-PyTorch twins: dtypes, layouts, odd shapes, gradcheck, opcheck, edge cases."""
+import os
+
+import pytest
+import torch
+
+import cuda_kernels as ck
+from cuda_kernels import reference as R
+from cuda_kernels.build import cuda_build_possible
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+# tolerance table (atol, rtol) per dtype: the fused ops accumulate in float32 (float64 for double)
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
+       torch.bfloat16: (1.6e-2, 1.6e-2)}
+SIGN_TOL = {torch.float64: 0, torch.float32: 0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(1, 3, 1, 1), (2, 3, 7, 9), (4, 16, 5, 5), (1, 64, 2, 3), (3, 5, 13, 13)]
+
+
+def _layout(t, kind):
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "noncontig":  # a strided view: every other column of a wider tensor
+        wide = torch.cat([t, t], dim=-1)
+        return wide[..., ::2] if t.shape[-1] > 0 else t
+    return t
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        for layout in ("contiguous", "channels_last", "noncontig"):
+            n, c, h, w = shape
+            s = _layout(torch.randn(shape, generator=g).to(dtype), layout).to(device)
+            t_map = _layout(torch.randn(n, c, h + 1, max(1, w - 1), generator=g).to(dtype), layout).to(device)
+            t_vec = torch.randn(n, c, generator=g).to(dtype).to(device)
+            yield s, [t_map, t_vec], [0.7, 1.9]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooled_cosine_forward_backward_matches_reference(dtype):
+    atol, rtol = TOL[dtype]
+    for s, targets, weights in sample_inputs(dtype=dtype):
+        s1 = s.detach().clone().requires_grad_(True)
+        s2 = s.detach().clone().requires_grad_(True)
+        out = ck.pooled_cosine_loss(s1, targets, weights)
+        ref = R.pooled_cosine_loss_ref(s2, targets, weights)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+        upstream = torch.tensor(-2.5, dtype=out.dtype)  # not 1
+        (out * upstream).backward()
+        (ref * upstream).backward()
+        assert s1.grad.dtype == dtype and s1.grad.shape == s.shape
+        torch.testing.assert_close(s1.grad.float(), s2.grad.float(), atol=atol * 10, rtol=rtol * 10)
+        if s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+            assert s1.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pooled_cosine_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(2, 3, 4, 5), (1, 6, 1, 1), (3, 4, 7, 9)]:
+        s = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+        t1 = torch.randn(shape[0], shape[1], 3, 3, dtype=torch.float64, generator=g)
+        t2 = torch.randn(shape[0], shape[1], dtype=torch.float64, generator=g)
+        assert torch.autograd.gradcheck(lambda x: ck.pooled_cosine_loss(x, [t1, t2], [0.5, 2.0]), (s,))
+        assert torch.autograd.gradcheck(lambda x: ck.pooled_cosine_loss(x.contiguous(memory_format=torch.channels_last),
+                                                                         [t1], [1.0]), (s,))
+
+
+def test_pooled_cosine_matches_equation_terms_in_float64():
+    """Independent float64 computation of 1 - cos with F.cosine_similarity on the pooled features."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(5, 8, 3, 3, dtype=torch.float64, generator=g)
+    t = torch.randn(5, 8, 6, 6, dtype=torch.float64, generator=g)
+    direct = (1 - torch.nn.functional.cosine_similarity(s.mean((2, 3)), t.mean((2, 3)), dim=1)).mean()
+    torch.testing.assert_close(ck.pooled_cosine_loss(s, [t], [1.0]), direct, atol=1e-12, rtol=1e-12)
+
+
+def test_pooled_cosine_zero_vectors_are_finite():
+    s = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    t = torch.zeros(2, 4)
+    loss = ck.pooled_cosine_loss(s, [t, torch.randn(2, 4)], [1.0, 1.0])
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(2.0)  # cos = 0 for both terms
+    assert torch.isfinite(s.grad).all()
+
+
+def test_pooled_cosine_targets_get_no_gradient():
+    s = torch.randn(2, 4, 3, 3, requires_grad=True)
+    t = torch.randn(2, 4, 3, 3, requires_grad=True)
+    ck.pooled_cosine_loss(s, [t], [1.0]).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_pooled_cosine_bad_arguments():
+    with pytest.raises(RuntimeError, match="targets but"):
+        ck.pooled_cosine_loss(torch.randn(2, 4, 3, 3), [torch.randn(2, 4)], [1.0, 2.0])
+    with pytest.raises(RuntimeError, match="N,C"):
+        ck.pooled_cosine_loss(torch.randn(2, 4, 3, 3), [torch.randn(2, 5)], [1.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_step_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 3, 1, 1), (2, 3, 7, 9), (16, 3, 33, 31), (1, 1, 1, 1031)]:
+        for layout in ("contiguous", "channels_last", "noncontig"):
+            xc = _layout(torch.rand(shape, generator=g).to(dtype), layout)
+            x = (xc.float() + 0.02 * torch.randn(shape, generator=g)).clamp(0, 1).to(dtype)
+            x = _layout(x, layout)
+            grad = torch.randn(shape, generator=g)
+            grad[grad.abs() < 0.2] = 0  # sign(0) = 0: no move
+            grad = _layout(grad.to(dtype), layout)
+            ref = R.sign_step_ref(x, grad, xc, 0.01, 0.03)
+            out = ck.sign_step(x, grad, xc, 0.01, 0.03)
+            torch.testing.assert_close(out, ref, atol=SIGN_TOL[dtype], rtol=0)
+            y = x.clone()
+            ck.sign_step_(y, grad, xc, 0.01, 0.03)
+            torch.testing.assert_close(y, ref, atol=SIGN_TOL[dtype], rtol=0)
+            assert y.stride() == x.clone().stride()  # in place keeps the layout
+
+
+def test_sign_step_edge_cases():
+    x = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.02, 0.98, 0.5])
+    c = torch.tensor([0.0, 1.0, 0.5, 0.47, 0.0, 1.0, 0.5])
+    g = torch.tensor([-1.0, 1.0, 0.0, 1.0, 1.0, -1.0, 2.0])
+    out = ck.sign_step(x, g, c, 0.05, 0.03)
+    # on the [0,1] bounds, zero gradient (no move), the eps-ball bound exactly, clipped to the ball
+    expected = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.03, 0.97, 0.53])
+    torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(out, R.sign_step_ref(x, g, c, 0.05, 0.03), atol=0, rtol=0)
+    # eps = 0 is the identity on the clean image
+    xr = torch.rand(2, 3, 5, 5)
+    torch.testing.assert_close(ck.sign_step(xr, torch.randn_like(xr), xr, 0.1, 0.0), xr, atol=0, rtol=0)
+
+
+def test_sign_step_in_place_aliasing():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 6, 6, generator=g)
+    # x_clean is x itself: the result must equal x (eps-ball of radius eps around x, step within it)
+    ref = R.sign_step_ref(x, torch.ones_like(x), x.clone(), 0.01, 0.03)
+    y = x.clone()
+    ck.sign_step_(y, torch.ones_like(y), y, 0.01, 0.03)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    # the gradient is x itself
+    y = x.clone() - 0.5
+    ref = R.sign_step_ref(y, y.clone(), torch.zeros_like(y), 0.1, 1.0, -1.0, 1.0)
+    ck.sign_step_(y, y, torch.zeros_like(y), 0.1, 1.0, -1.0, 1.0)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+
+
+def test_sign_step_bad_arguments():
+    with pytest.raises(RuntimeError, match="same shape"):
+        ck.sign_step(torch.rand(2, 3), torch.rand(2, 4), torch.rand(2, 3), 0.1, 0.1)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ck.sign_step(torch.rand(2, 3), torch.rand(2, 3).double(), torch.rand(2, 3), 0.1, 0.1)
+
+
+def test_opcheck():
+    assert ck.load(require=True)
+    for s, targets, weights in list(sample_inputs())[::3]:
+        torch.library.opcheck(torch.ops.fa_kernels.pooled_cosine_loss, (s.requires_grad_(True), targets, weights, 1e-8))
+    x = torch.rand(2, 3, 5, 7)
+    for args in [(x.clone(), torch.randn_like(x), x.clone(), 0.01, 0.03, 0.0, 1.0)]:
+        torch.library.opcheck(torch.ops.fa_kernels.sign_step, args)
+        torch.library.opcheck(torch.ops.fa_kernels.sign_step_, args)
+
+
+def test_ops_under_torch_compile():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(s, t, x, g, c):
+        loss = ck.pooled_cosine_loss(s, [t], [2.0])
+        return loss, ck.sign_step(x, g, c, 0.01, 0.03)
+
+    s = torch.randn(2, 4, 3, 3, requires_grad=True)
+    t = torch.randn(2, 4)
+    x = torch.rand(2, 3, 4, 4)
+    g = torch.randn_like(x)
+    loss, y = f(s, t, x, g, x)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    R.pooled_cosine_loss_ref(s2, [t], [2.0]).backward()
+    torch.testing.assert_close(loss, R.pooled_cosine_loss_ref(s.detach(), [t], [2.0]))
+    torch.testing.assert_close(s.grad, s2.grad)
+    torch.testing.assert_close(y, R.sign_step_ref(x, g, x, 0.01, 0.03))
+
+
+def test_cuda_sources_were_compiled_in_this_run():
+    possible, why = cuda_build_possible()
+    if not possible:
+        pytest.skip(f"no CUDA toolchain here: {why}")
+    m = ck.manifest()
+    assert m["cuda_compiled"], m
+    assert "ops_cuda.cuda.o" in m["objects"]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::sign_step", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::pooled_cosine_loss", "CUDA")
+    # `make test` builds into a folder of its own (FA_KERNELS_BUILD): in a fresh clone, the object file is
+    # newer than the checkout
+    if os.environ.get("FA_KERNELS_BUILD"):
+        obj = os.path.join(m["build_dir"], "ops_cuda.cuda.o")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        assert os.path.getmtime(obj) >= os.path.getmtime(os.path.join(root, "pyproject.toml"))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    atol, rtol = TOL[dtype]
+    for s, targets, weights in sample_inputs("cuda", dtype):
+        s1 = s.detach().clone().requires_grad_(True)
+        out = ck.pooled_cosine_loss(s1, targets, weights)
+        (out * 3).backward()
+        s2 = s.detach().cpu().clone().requires_grad_(True)
+        ref = R.pooled_cosine_loss_ref(s2, [t.cpu() for t in targets], weights)
+        (ref * 3).backward()
+        torch.testing.assert_close(out.cpu(), ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(s1.grad.cpu().float(), s2.grad.float(), atol=atol * 10, rtol=rtol * 10)
+    x = torch.rand(3, 3, 37, 41, device="cuda", dtype=dtype)
+    g = torch.randn_like(x)
+    torch.testing.assert_close(ck.sign_step(x, g, x, 0.01, 0.03), R.sign_step_ref(x, g, x, 0.01, 0.03),
+                               atol=SIGN_TOL[dtype], rtol=0)
+    # an unaligned view exercises the scalar path
+    xv, gv = x.view(-1)[1:].clone()[:-1], g.view(-1)[1:][:-1]
+    torch.testing.assert_close(ck.sign_step(xv, gv, xv, 0.01, 0.03), R.sign_step_ref(xv, gv, xv, 0.01, 0.03),
+                               atol=SIGN_TOL[dtype], rtol=0)
+
+
+@needs_gpu
+def test_cuda_opcheck_and_gradcheck():
+    s = torch.randn(2, 3, 4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    t = torch.randn(2, 3, device="cuda", dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ck.pooled_cosine_loss(x, [t], [1.0]), (s,))
+    torch.library.opcheck(torch.ops.fa_kernels.pooled_cosine_loss, (s, [t], [1.0], 1e-8))

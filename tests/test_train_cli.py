@@ -1,0 +1,73 @@
+"""fa-train end to end on a tiny model and the shapes dataset: run folder, metrics, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fa_train.checkpoint import CheckpointError, load_checkpoint, load_model
+from fa_train.cli import main
+
+TINY = ["--data", "synth:60", "--img-size", "64", "--batch-size", "4", "--width-mult", "0.125",
+        "--depth-mult", "0.2", "--workers", "0", "--max-images", "16", "--max-test-images", "8", "--quiet",
+        "--warmup-iters", "2", "--lr", "0.001"]
+
+
+def test_train_run_folder_and_resume(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for f in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "eval.json"):
+        assert (out / f).is_file(), f
+    assert "clean AP50" in r.output and "mean (AP50)" in r.output
+    rec = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert rec[-1]["epoch"] == 1 and {"train/box", "train/obj", "train/cls", "val/AP50"} <= set(rec[-1])
+    ck = load_checkpoint(str(out / "last.pt"))
+    assert ck["epoch"] == 1 and ck["step"] == 4 and ck["class_names"] == ["circle", "square", "triangle", "star"]
+    # resume continues the run to epoch 2 from where it stopped
+    r = CliRunner().invoke(main, TINY + ["--epochs", "2", "--out", str(out), "--resume", str(out / "last.pt")])
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output
+    ck2 = load_checkpoint(str(out / "last.pt"))
+    assert ck2["epoch"] == 2 and ck2["step"] == 8
+    model, _ = load_model(str(out / "last.pt"))
+    assert not torch.equal(model.state_dict()["backbone.stem.conv.weight"], ck["model"]["backbone.stem.conv.weight"])
+
+
+def test_init_from_checkpoint_of_another_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(out), "--eval-every", "0"]).exit_code == 0
+    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(tmp_path / "b"), "--width-mult", "0.25",
+                                         "--init", str(out / "last.pt")])
+    assert r.exit_code == 2
+    assert "checkpoint is for another model" in r.output and "width_mult" in r.output
+
+
+def test_bad_flags_are_named(tmp_path):
+    r = CliRunner().invoke(main, ["--data", "voc:/nonexistent/VOCdevkit", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "/nonexistent/VOCdevkit/VOC2007/ImageSets/Main/trainval.txt" in r.output
+    r = CliRunner().invoke(main, ["--config", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "nope.yaml" in r.output
+
+
+def test_config_unknown_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {epochs: 1, learning_rate: 3}\n")
+    r = CliRunner().invoke(main, ["--config", str(p)])
+    assert r.exit_code == 2 and "train.learning_rate" in r.output
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"model": Evil(), "arch": {}}, f)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(str(p))
+    assert not (tmp_path / "pwned").exists()
