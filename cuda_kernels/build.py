@@ -21,6 +21,9 @@ import torch
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 DEFAULT_ARCH_LIST = "8.0;9.0"
 NAME = "fa_kernels"
+# JIT builds run on the machine that uses them, so the CPU kernels may use all of its vector units
+# (AVX2/AVX-512, F16C for half conversions). FA_KERNELS_PORTABLE=1 builds for a generic x86-64 instead.
+CPU_FLAGS = ["-O3", "-fno-math-errno"] + ([] if os.environ.get("FA_KERNELS_PORTABLE") else ["-march=native"])
 
 
 class KernelBuildError(RuntimeError):
@@ -64,6 +67,7 @@ def _digest(paths) -> str:
     for p in sorted(glob.glob(os.path.join(CSRC, "*"))):
         h.update(open(p, "rb").read())
     h.update(torch.__version__.encode())
+    h.update(" ".join(CPU_FLAGS).encode())
     return h.hexdigest()[:16]
 
 
@@ -93,7 +97,7 @@ def build(verbose: bool = False, require_cuda: Optional[bool] = None) -> dict:
     try:
         cpp_extension.load(
             name=NAME + ("_cuda" if with_cuda else "_cpu"), sources=sources(with_cuda), build_directory=d,
-            extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+            extra_cflags=CPU_FLAGS, extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
             extra_include_paths=[CSRC], with_cuda=with_cuda, is_python_module=False, verbose=verbose)
     except Exception as e:  # compiler errors come as RuntimeError / subprocess errors
         raise KernelBuildError(f"building the fused ops failed ({'with' if with_cuda else 'without'} CUDA) in {d}: "

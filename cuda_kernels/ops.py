@@ -2,8 +2,8 @@
 
     pooled_cosine_loss(student, targets, weights, eps=1e-8) -> scalar
         mean over the batch of sum_j w_j * (1 - cos(avgpool_hw(student), pool(target_j))); targets are
-        [N,C,H',W'] maps or pooled [N,C]; they receive no gradient. One pass over the student forward, one
-        pass (writing the student-sized gradient) backward. Zero vectors: norms are clamped to eps, so
+        [N,C,H',W'] maps or pooled [N,C]; they receive no gradient. One pass over the student forward; backward
+        computes the [N,C] gradient coefficients and returns their broadcast over H, W as a view (no pass). Zero vectors: norms are clamped to eps, so
         cos = 0 and the gradient stays finite.
     sign_step_(x, grad, x_clean, step, eps, lo=0, hi=1) -> x   (in place, one pass)
     sign_step(x, grad, x_clean, step, eps, lo=0, hi=1) -> new tensor
@@ -66,7 +66,7 @@ def _register_python_side():
 
     @torch.library.register_fake("fa_kernels::pooled_cosine_loss_backward")
     def _(grad, student, pooled_student, pooled_targets, weights, eps):
-        return torch.empty_like(student)
+        return pooled_student.new_empty(pooled_student.shape)
 
     @torch.library.register_fake("fa_kernels::sign_step_")
     def _(x, grad, x_clean, step, eps, lo, hi):
@@ -84,7 +84,9 @@ def _register_python_side():
 
     def backward(ctx, grad_loss, _grad_ps, _grad_pt):
         student, ps, pt = ctx.saved_tensors
-        g = torch.ops.fa_kernels.pooled_cosine_loss_backward(grad_loss, student, ps, pt, ctx.weights, ctx.eps)
+        coef = torch.ops.fa_kernels.pooled_cosine_loss_backward(grad_loss, student, ps, pt, ctx.weights, ctx.eps)
+        # the gradient is constant over H, W: a broadcast view, materialised only if a consumer needs it
+        g = coef.to(student.dtype)[:, :, None, None].expand(student.shape)
         return g, [None] * ctx.n_targets, None, None
 
     torch.library.register_autograd("fa_kernels::pooled_cosine_loss", backward, setup_context=setup_context)

@@ -57,41 +57,14 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tenso
 
 namespace {
 
-// Global average pool over H, W of [N,C,H,W] (or cast of an already pooled [N,C]) into opmath [N,C].
-at::Tensor pool_cpu(const at::Tensor& x_in, at::ScalarType acc_type) {
-  if (x_in.dim() == 2) return x_in.to(acc_type).contiguous();
-  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
-  auto out = at::empty({N, C}, x_in.options().dtype(acc_type));
-  const bool nhwc = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fa_pool_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = x.data_ptr<scalar_t>();
-    acc_t* o = out.data_ptr<acc_t>();
-    const acc_t inv = acc_t(1) / acc_t(HW);
-    if (!nhwc) {
-      at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const scalar_t* row = p + r * HW;
-          acc_t s = 0;
-          for (int64_t i = 0; i < HW; ++i) s += static_cast<acc_t>(row[i]);
-          o[r] = s * inv;
-        }
-      });
-    } else {
-      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> acc(C);
-        for (int64_t n = b; n < e; ++n) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          const scalar_t* base = p + n * HW * C;
-          for (int64_t i = 0; i < HW; ++i)
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(base[i * C + c]);
-          for (int64_t c = 0; c < C; ++c) o[n * C + c] = acc[c] * inv;
-        }
-      });
-    }
-  });
-  return out;
+// Global average pool over H, W of [N,C,H,W] (or a cast of an already pooled [N,C]) into the opmath [N,C] `out`:
+// one pass over the input through ATen's vectorised reduction (contiguous and channels_last alike).
+void pool_cpu_into(const at::Tensor& x, at::Tensor& out) {
+  if (x.dim() == 2) {
+    out.copy_(x);
+  } else {
+    at::mean_out(out, x, {2, 3}, /*keepdim=*/false, out.scalar_type());
+  }
 }
 
 template <typename acc_t>
@@ -115,11 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::
                                                                       at::ArrayRef<double> weights, double eps) {
   check_pooled_cosine_args(student, targets, weights);
   const auto acc_type = at::toOpMathType(student.scalar_type());
-  auto ps = pool_cpu(student, acc_type);
-  std::vector<at::Tensor> pooled;
-  for (const auto& t : targets) pooled.push_back(pool_cpu(t, acc_type));
-  auto pt = at::stack(pooled);  // [J,N,C]
   const int64_t N = student.size(0), C = student.size(1), J = targets.size();
+  auto ps = at::empty({N, C}, student.options().dtype(acc_type));
+  auto pt = at::empty({J, N, C}, student.options().dtype(acc_type));
+  pool_cpu_into(student, ps);
+  for (int64_t j = 0; j < J; ++j) {
+    auto slot = pt.select(0, j);
+    pool_cpu_into(targets[j], slot);
+  }
   auto loss = at::empty({}, ps.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "fa_cosine_cpu", [&] {
     const scalar_t* s = ps.data_ptr<scalar_t>();
@@ -141,13 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::
   return {loss, ps, pt};
 }
 
+// d loss / d pooled_student[n,c] / HW, scaled by the upstream gradient: the student gradient is constant over
+// H, W, so it is returned as [N,C] and broadcast by the caller (an expand, no memory pass).
 at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& ps,
                                            const at::Tensor& pt, at::ArrayRef<double> weights, double eps) {
-  const int64_t N = student.size(0), C = student.size(1), H = student.size(2), W = student.size(3);
-  const int64_t HW = H * W, J = pt.size(0);
-  auto out = at::empty_like(student);
-  const bool nhwc = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (!nhwc && !out.is_contiguous()) out = out.contiguous();
+  const int64_t N = student.size(0), C = student.size(1), HW = student.size(2) * student.size(3), J = pt.size(0);
   auto coef = at::empty({N, C}, ps.options());
   AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_bwd_cpu", [&] {
     using acc_t = scalar_t;
@@ -168,27 +142,7 @@ at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Ten
       }
     });
   });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fa_fill_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* g = coef.data_ptr<acc_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    if (!nhwc) {
-      at::parallel_for(0, N * C, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const scalar_t v = static_cast<scalar_t>(g[r]);
-          std::fill(o + r * HW, o + (r + 1) * HW, v);
-        }
-      });
-    } else {
-      at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
-        for (int64_t p = b; p < e; ++p) {
-          const acc_t* gn = g + (p / HW) * C;
-          for (int64_t c = 0; c < C; ++c) o[p * C + c] = static_cast<scalar_t>(gn[c]);
-        }
-      });
-    }
-  });
-  return out;
+  return coef;
 }
 
 void sign_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& xc,
@@ -241,7 +195,7 @@ at::Tensor sign_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::
 TORCH_LIBRARY(fa_kernels, m) {
   m.def("pooled_cosine_loss(Tensor student, Tensor[] targets, float[] weights, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("pooled_cosine_loss_backward(Tensor grad, Tensor student, Tensor pooled_student, Tensor pooled_targets, "
-        "float[] weights, float eps) -> Tensor");
+        "float[] weights, float eps) -> Tensor");  // [N,C]: the gradient per H,W position
   m.def("sign_step_(Tensor(a!) x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> ()");
   m.def("sign_step(Tensor x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> Tensor");
 }

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused ops: vectorised sign-step, block-reduction pooling, per-row cosine terms and the
-// gradient broadcast. 64-bit indexing throughout; every launch is checked. No host synchronisation: the
+// gradient coefficients. 64-bit indexing throughout; every launch is checked. No host synchronisation: the
 // upstream gradient is read on the device.
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
@@ -194,31 +194,20 @@ __global__ void cosine_rows_kernel(const acc_t* __restrict__ s, const acc_t* __r
   if (threadIdx.x == 0) row_loss[n] = loss;
 }
 
-template <typename scalar_t>
-__global__ void fill_grad_kernel(scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ s,
-                                 const at::opmath_type<scalar_t>* __restrict__ t,
-                                 const at::opmath_type<scalar_t>* __restrict__ alpha,
-                                 const at::opmath_type<scalar_t>* __restrict__ beta,
-                                 const at::opmath_type<scalar_t>* __restrict__ grad, Weights w, int64_t J, int64_t N,
-                                 int64_t C, int64_t HW, bool nhwc) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = N * C * HW;
+template <typename acc_t>
+__global__ void grad_coef_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ s, const acc_t* __restrict__ t,
+                                 const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
+                                 const acc_t* __restrict__ grad, Weights w, int64_t J, int64_t N, int64_t C,
+                                 int64_t HW) {
+  const int64_t total = N * C;
   const acc_t scale = grad[0] / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c;
-    if (nhwc) {
-      c = i % C;
-      n = i / (HW * C);
-    } else {
-      const int64_t row = i / HW;
-      n = row / C;
-      c = row % C;
-    }
+    const int64_t n = i / C;
     acc_t v = 0;
     for (int64_t j = 0; j < J; ++j)
-      v += static_cast<acc_t>(w.w[j]) * (beta[j * N + n] * s[n * C + c] - alpha[j * N + n] * t[(j * N + n) * C + c]);
-    out[i] = static_cast<scalar_t>(v * scale);
+      v += static_cast<acc_t>(w.w[j]) * (beta[j * N + n] * s[i] - alpha[j * N + n] * t[j * N * C + i]);
+    out[i] = v * scale;
   }
 }
 
@@ -252,36 +241,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cuda(const at:
   return {row_loss.mean(), ps, pt};
 }
 
+// Returns the [N,C] gradient coefficient (constant over H, W); the caller broadcasts it as a view.
 at::Tensor pooled_cosine_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& ps,
                                             const at::Tensor& pt, at::ArrayRef<double> weights, double eps) {
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t N = student.size(0), C = student.size(1), HW = student.size(2) * student.size(3), J = pt.size(0);
-  auto out = at::empty_like(student);
-  const bool nhwc = !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (!nhwc && !out.is_contiguous()) out = out.contiguous();
+  auto coef = at::empty({N, C}, ps.options());
+  if (N * C == 0) return coef;
   // alpha / beta are recomputed here (a tiny [J,N] pass) instead of being saved by the forward
   auto row_loss = at::empty({N}, ps.options());
   auto alpha = at::empty({J, N}, ps.options());
   auto beta = at::empty({J, N}, ps.options());
-  auto g = grad.to(ps.scalar_type()).reshape({1}).contiguous();
+  auto g = grad.to(ps.scalar_type()).reshape({1}).contiguous();  // read on the device: no host sync
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_rows_bwd_cuda", [&] {
+  const int64_t blocks = std::min<int64_t>((N * C + kThreads - 1) / kThreads, 65535);
+  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_bwd_cuda", [&] {
     cosine_rows_kernel<scalar_t><<<N, kThreads, 0, stream>>>(
         ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), J, N, C, static_cast<scalar_t>(eps), pack(weights),
         row_loss.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const int64_t total = out.numel();
-  if (total == 0) return out;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fa_fill_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    fill_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), ps.data_ptr<acc_t>(), pt.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(),
-        beta.data_ptr<acc_t>(), g.data_ptr<acc_t>(), pack(weights), J, N, C, HW, nhwc);
+    grad_coef_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        coef.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+        beta.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), pack(weights), J, N, C, HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return coef;
 }
 
 }  // namespace
