@@ -179,7 +179,7 @@ class Trainer:
         g.manual_seed(self.cfg["train"]["seed"] * 1000 + self.epoch)  # per-epoch shuffle, reproducible on resume
         sums, n_img, nsteps, t0 = {}, 0, 0, time.time()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}",
-                   disable=not self.progress, unit="batch", dynamic_ncols=True)
+                   disable=None if self.progress else True, unit="batch", dynamic_ncols=True)
         for images, targets, _ in bar:
             images = images.to(self.device, non_blocking=True)
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]

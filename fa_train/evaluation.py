@@ -89,7 +89,7 @@ def evaluate(model, loader, device, image_transform: Optional[Callable] = None, 
     results = []
     t0 = time.time()
     n = 0
-    it = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    it = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch")
     for images, targets, metas in it:
         images = images.to(device, non_blocking=True)
         if image_transform is not None:
