@@ -88,6 +88,10 @@ def build(verbose: bool = False, require_cuda: Optional[bool] = None) -> dict:
     if with_cuda:
         os.environ["CUDA_HOME"] = info  # before cpp_extension is imported: it caches its own guess then
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    import logging
+
+    # torch warns at import that no CUDA runtime (GPU) is found: expected on build machines without a GPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     if with_cuda:

@@ -18,7 +18,9 @@ def _overrides(**flags) -> dict:
         "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
         "seed": ("train", "seed"), "init": ("train", "init"), "warmup_iters": ("train", "warmup_iters"),
         "eval_every": ("train", "eval_every"), "amp": ("train", "amp"), "schedule": ("train", "schedule"),
-        "method": ("method", "name"),
+        "method": ("method", "name"), "pgd_steps": ("method", "pgd_steps"), "train_eps": ("method", "train_eps"),
+        "step_size": ("method", "step_size"), "alpha": ("method", "alpha"), "ssfa_weight": ("method", "ssfa_weight"),
+        "kdfa_weight": ("method", "kdfa_weight"), "teacher": ("method", "teacher"),
     }
     for key, value in flags.items():
         if value is None:
@@ -55,7 +57,15 @@ def _overrides(**flags) -> dict:
 @click.option("--out", help="run folder (config.yaml, last.pt, best.pt, metrics.jsonl, eval.json)")
 @click.option("--init", help="initial weights: Darknet .weights / darknet53.conv.74, or a fa-train checkpoint")
 @click.option("--resume", type=click.Path(dir_okay=False), help="continue a run from its last.pt")
-@click.option("--method", type=click.Choice(["standard"]), help="training method")
+@click.option("--method", type=click.Choice(["standard", "at", "tod", "kdfa", "ssfa", "fa"]),
+              help="standard | at (vanilla adversarial) | tod (task-oriented domain) | kdfa | ssfa | fa (kdfa+ssfa)")
+@click.option("--pgd-steps", type=int, help="PGD steps k of adversarial training (1, 2, 3); cost k+1 passes")
+@click.option("--train-eps", type=float, help="attack budget in [0,1] pixel units (default 0.01)")
+@click.option("--step-size", type=float, help="PGD step size (default 0.01)")
+@click.option("--alpha", type=float, help="weight of the clean loss; (1-alpha) weighs the adversarial loss (default 0.5)")
+@click.option("--ssfa-weight", type=float, help="beta of equation (3): SSFA, aligned to the student's own clean features")
+@click.option("--kdfa-weight", type=float, help="gamma of equation (3): KDFA, aligned to the teacher's clean features")
+@click.option("--teacher", help="KDFA teacher checkpoint (default: the initial weights, as in the paper)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def main(config_path, resume, quiet, **flags):
     """Train an object detector. With no --data, the embedded synthetic shapes dataset is generated
@@ -68,7 +78,7 @@ def main(config_path, resume, quiet, **flags):
         cfg = load_config(config_path, _overrides(**flags))
         trainer = Trainer(cfg, log=lambda m: click.echo(m, err=False), progress=not quiet)
         trainer.fit(resume=resume)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         click.echo(f"fa-train: error: {e}", err=True)
         sys.exit(2)
 

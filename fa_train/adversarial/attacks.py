@@ -51,9 +51,11 @@ def input_gradient(model, images, targets, keys=None) -> torch.Tensor:
 
 
 def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, step_size: Optional[float] = None,
-               random_start: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """PGD-k against the detection loss on ground truth. `step_size` defaults to eps / steps (the paper's
-    evaluation protocol). Returns new adversarial images; `images` is not modified."""
+               random_start: bool = False, generator: Optional[torch.Generator] = None,
+               loss_keys: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """PGD-k against the detection loss on ground truth (or only the `loss_keys` terms: one TOD domain).
+    `step_size` defaults to eps / steps (the paper's evaluation protocol). Returns new adversarial images;
+    `images` is not modified."""
     if steps < 0 or eps < 0:
         raise ValueError(f"pgd_attack: steps ({steps}) and eps ({eps}) must be >= 0")
     step_size = eps / max(steps, 1) if step_size is None else step_size
@@ -64,6 +66,6 @@ def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, ste
         x_adv = (x_adv + eps * noise).clamp_(0, 1)
     with frozen_batchnorm(model), torch.enable_grad():  # callers may be under no_grad
         for _ in range(steps):
-            grad = input_gradient(model, x_adv, targets)
+            grad = input_gradient(model, x_adv, targets, loss_keys)
             projected_sign_step(x_adv, grad, x_clean, step_size, eps)
     return x_adv

@@ -147,6 +147,7 @@ class YoloBranch(nn.Module):
 class YoloV3(Detector):
     model_name = "yolov3"
     loss_domains = {"cls": ("obj", "cls"), "loc": ("box",)}
+    default_alignment_weight = 10.0  # beta and gamma of equation (3) for YOLOv3 in the paper
 
     def __init__(self, cfg: YoloConfig):
         super().__init__(cfg.num_classes)
@@ -331,7 +332,8 @@ def build_targets(preds, targets: Targets, anchors: torch.Tensor, strides, iou_t
 
 def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: YoloLossConfig) -> Dict[str, torch.Tensor]:
     """GIoU box loss, BCE objectness (target = GIoU of the positive, clamped at 0) and BCE classification."""
-    dtype = torch.float32
+    # float32 at least (AMP runs the network in float16), float64 when the model is float64 (gradient checks)
+    dtype = torch.float64 if preds[0].dtype == torch.float64 else torch.float32
     device = preds[0].device
     lbox = torch.zeros((), device=device, dtype=dtype)
     lcls = torch.zeros((), device=device, dtype=dtype)
@@ -340,7 +342,7 @@ def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: 
     na = anchors.shape[1]
     for l, (p, a) in enumerate(zip(preds, assigned)):
         n, _, h, w = p.shape
-        p = p.float().view(n, na, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
+        p = p.to(dtype).view(n, na, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
         tobj = torch.zeros(p.shape[:4], device=device, dtype=dtype)
         weight = torch.ones_like(tobj)
         if a is not None and len(a["b"]):
