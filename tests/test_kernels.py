@@ -193,12 +193,11 @@ def test_cuda_sources_were_compiled_in_this_run():
     assert "ops_cuda.cuda.o" in m["objects"]
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::sign_step", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::pooled_cosine_loss", "CUDA")
-    # `make test` builds into a folder of its own (FA_KERNELS_BUILD): in a fresh clone, the object file is
-    # newer than the checkout
-    if os.environ.get("FA_KERNELS_BUILD"):
-        obj = os.path.join(m["build_dir"], "ops_cuda.cuda.o")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        assert os.path.getmtime(obj) >= os.path.getmtime(os.path.join(root, "pyproject.toml"))
+    # the object was compiled from these very sources (the build folder is named by their digest) after they were
+    # written; `make test` builds into a folder of the checkout (FA_KERNELS_BUILD), empty in a fresh clone
+    obj = os.path.join(m["build_dir"], "ops_cuda.cuda.o")
+    src = os.path.join(os.path.dirname(ck.__file__), "csrc", "ops_cuda.cu")
+    assert os.path.getmtime(obj) >= os.path.getmtime(src)
 
 
 @needs_gpu
