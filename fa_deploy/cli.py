@@ -37,10 +37,21 @@ def _steps(value: str):
 @click.option("--device", default="auto")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the table and details as JSON")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="write the table as Markdown")
+@click.option("--backend", "backends", multiple=True, type=click.Path(dir_okay=False),
+              help="exported model (.onnx or .engine) to evaluate on the same images as the source --weights")
+@click.option("--max-drop", type=float, default=0.02,
+              help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers, device,
-         json_path, md_path, quiet):
-    """Robustness of trained detectors under PGD attacks (the paper's protocol)."""
+         json_path, md_path, backends, max_drop, cache_dir, quiet):
+    """Robustness of trained detectors under PGD attacks (the paper's protocol); with --backend, of exported
+    models on adversarial images made from the source weights' gradients, with a gate on the drop."""
+    if backends:
+        if len(weights) != 1:
+            raise click.UsageError("--backend compares exported models with ONE source --weights")
+        return _harness_main(weights[0], backends, attack, eps, _steps(steps), data, test_split, img_size,
+                             batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet)
     from fa_train.checkpoint import CheckpointError, load_model
     from fa_train.data import DataError, build_dataset
     from fa_train.engine import make_loader, resolve_device
@@ -98,3 +109,212 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
 
 if __name__ == "__main__":
     main()
+
+
+def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers,
+                  device, json_path, md_path, max_drop, cache_dir, quiet):
+    from fa_train.checkpoint import CheckpointError, load_model
+    from fa_train.data import DataError, build_dataset
+    from fa_train.engine import make_loader, resolve_device
+
+    from .backends import BackendError, load_backend
+    from .export import ExportError, sha256
+    from .harness import gate, run_harness
+    from .report import console_table, markdown_table, write_json
+    from .tensorrt import EngineMismatch, TensorRTUnavailable
+
+    try:
+        dev = resolve_device(device)
+        model, ckpt = load_model(weights)
+        model.to(dev).eval()
+        dcfg = ckpt.get("config", {}).get("data", {})
+        size = img_size or dcfg.get("img_size", 416)
+        wsha = sha256(weights)
+        loaded = []
+        for b in backends:
+            bk = load_backend(b)
+            side = getattr(bk, "sidecar", None) or {}
+            if side.get("source_sha256") and side["source_sha256"] != wsha:
+                click.echo(f"fa-bench: warning: {b} was exported from other weights ({side.get('source_weights')})",
+                           err=True)
+            shape = side.get("input", {}).get("shape")
+            if shape and shape[-1] != size:
+                raise BackendError(f"{b}: exported for {shape[-1]} px input, the benchmark uses {size} px")
+            loaded.append(bk)
+        ds = build_dataset(data or dcfg.get("spec", "synth"), "test", size, test_split, max_images,
+                           dcfg.get("synth_seed", 0), log=lambda m: click.echo(m, err=True))
+        if list(ckpt.get("class_names", [])) != list(ds.class_names):
+            raise CheckpointError(f"{weights}: trained for classes {ckpt.get('class_names')}, but {ds.name} has "
+                                  f"{ds.class_names}")
+        loader = make_loader(ds, batch_size, False, workers)
+        res = run_harness(model, loaded, loader, dev, eps, steps, attack, cache_dir, wsha, progress=not quiet,
+                          source_path=weights)
+    except (DataError, CheckpointError, BackendError, ExportError, EngineMismatch, TensorRTUnavailable,
+            ValueError) as e:
+        click.echo(f"fa-bench: error: {e}", err=True)
+        sys.exit(2)
+    ap_cols = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in steps] + ["advAP", "acAP"])
+    drops = ["drop_clean"] + ([] if attack == "none" else ["drop_advAP"])
+    columns = ["backend", "format", "precision", "size_MB", *ap_cols, *drops, "drift_clean",
+               *([] if attack == "none" else ["drift_adv"]), "ms/img", "img/s"]
+    title = (f"AP50 on {ds.name}" + ("" if attack == "none" else
+                                      f", {attack} attack from the source weights, eps {eps:g}, step eps/k"))
+    click.echo(console_table(res["rows"], columns, title))
+    failures = gate(res["rows"], max_drop)
+    verdict = "PASS" if not failures else "FAIL:\n  " + "\n  ".join(failures)
+    click.echo(f"gate (max drop {max_drop}): {verdict}")
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(f"{title}\n\n{markdown_table(res['rows'], columns)}\n\ngate (max drop {max_drop}): "
+                    f"{'PASS' if not failures else 'FAIL'}\n")
+    if json_path:
+        write_json({"title": title, "columns": columns, **res, "gate": {"max_drop": max_drop, "failures": failures}},
+                   json_path)
+    if failures:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- fa-export
+
+def _batch_range(value: str):
+    try:
+        parts = [int(v) for v in value.split(":")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected MIN:OPT:MAX, e.g. 1:8:32") from None
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise click.BadParameter(f"{value!r}: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+    return tuple(parts)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="ONNX precision to write (repeatable)")
+@click.option("--engine", "engine_precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="also build a TensorRT engine from the ONNX file of this precision (needs the gpu extra)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="output folder (default: WEIGHTS' folder/export)")
+@click.option("--img-size", type=int, help="input size (default: the checkpoint's training size)")
+@click.option("--batch", type=int, default=1, help="batch size of a static-batch export")
+@click.option("--dynamic-batch", "dynamic", help="dynamic batch MIN:OPT:MAX (ONNX batch axis and TensorRT profile)")
+@click.option("--opset", type=int, default=17)
+@click.option("--calib-data", help="int8 calibration data: voc:PATH | coco:PATH | synth[:N] (default: the training data)")
+@click.option("--calib-images", type=int, default=64, help="int8 calibration images")
+@click.option("--calib-pgd", is_flag=True, help="calibrate on clean plus PGD-1 images made with the source weights")
+@click.option("--calib-eps", type=float, default=0.03, help="eps of the --calib-pgd images")
+@click.option("--workspace", type=int, default=4096, help="TensorRT workspace pool limit, MB")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated)")
+@click.option("--verify-images", type=int, default=8, help="images of the parity check")
+@click.option("--no-verify", is_flag=True, help="do not fail on a parity check outside the tolerances")
+def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, batch, dynamic, opset, calib_data,
+                calib_images, calib_pgd, calib_eps, workspace, timing_cache, verify_images, no_verify):
+    """Export fa-train WEIGHTS to ONNX (fp32 / fp16 / int8) and TensorRT engines, with a parity check."""
+    import numpy as np
+
+    from fa_train.checkpoint import CheckpointError, load_model
+    from fa_train.data import DataError, build_dataset
+    from fa_train.engine import make_loader
+
+    from . import export as ex
+    from .backends import OrtBackend, TorchBackend
+    from .report import console_table
+    from .tensorrt import tensorrt_available
+
+    if not onnx_precisions and not engine_precisions:
+        raise click.UsageError("nothing to do: give --onnx and/or --engine")
+    brange = _batch_range(dynamic) if dynamic else (batch, batch, batch)
+    try:
+        model, ckpt = load_model(weights)
+    except CheckpointError as e:
+        click.echo(f"fa-export: error: {e}", err=True)
+        sys.exit(2)
+    model.eval()
+    dcfg = ckpt.get("config", {}).get("data", {})
+    img_size = img_size or dcfg.get("img_size", 416)
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(weights)), "export")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(weights))[0]
+    precisions = sorted(set(onnx_precisions) | set(engine_precisions), key=["fp32", "fp16", "int8"].index)
+    keep = getattr(model, "export_keep_float32", ())
+    paths = {}
+    try:
+        fp32 = os.path.join(out_dir, f"{stem}.fp32.onnx")
+        ex.export_fp32(model, fp32, img_size, batch=brange[1], dynamic_batch=dynamic is not None, opset=opset)
+        paths["fp32"] = fp32
+        test_ds = build_dataset(calib_data or dcfg.get("spec", "synth"), "test", img_size,
+                                max_images=max(verify_images, 1), log=lambda m: click.echo(m, err=True))
+        verify = np.concatenate([test_ds[i][0][None].numpy() for i in range(min(verify_images, len(test_ds)))])
+        if "fp16" in precisions:
+            paths["fp16"] = os.path.join(out_dir, f"{stem}.fp16.onnx")
+            kept = ex.export_fp16(fp32, paths["fp16"], keep)
+            click.echo(f"fp16: {len(kept)} decode nodes kept in float32", err=True)
+        if "int8" in precisions:
+            cal_ds = build_dataset(calib_data or dcfg.get("spec", "synth"), "train", img_size, max_images=calib_images,
+                                   log=lambda m: click.echo(m, err=True))
+            cal = ex.calibration_batches(model, make_loader(cal_ds, 8, False, 0), calib_images, calib_pgd, calib_eps)
+            paths["int8"] = os.path.join(out_dir, f"{stem}.int8.onnx")
+            ex.export_int8(fp32, paths["int8"], cal, keep)
+            click.echo(f"int8: calibrated on {sum(len(c) for c in cal)} images"
+                       f"{' (clean + PGD)' if calib_pgd else ''}", err=True)
+        for prec in precisions:
+            info = ex.sidecar_info(weights, ckpt, model, img_size, prec, opset, list(brange) if dynamic else batch)
+            if prec == "int8":
+                info["calibration"] = {"images": calib_images, "pgd": calib_pgd,
+                                       "eps": calib_eps if calib_pgd else None,
+                                       "data": calib_data or dcfg.get("spec", "synth")}
+            ex.write_sidecar(paths[prec], info)
+    except (DataError, ex.ExportError) as e:
+        click.echo(f"fa-export: error: {e}", err=True)
+        sys.exit(2)
+    # parity against the source weights, in batches the exported shape accepts
+    chunk = brange[2] if dynamic else batch
+
+    def run(backend):
+        parts = [backend.raw(verify[i:i + chunk]) for i in range(0, len(verify), chunk)]
+        if dynamic is None and len(verify) % chunk:  # a static batch cannot take the remainder
+            parts = parts[:-1]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    if len(verify) < chunk:
+        verify = np.concatenate([verify] * (chunk // len(verify) + 1))[:chunk]
+    ref = run(TorchBackend(model))
+    rows, failed = [], []
+    for prec in precisions:
+        rep = ex.parity(ref, run(OrtBackend(paths[prec], ["CPUExecutionProvider"])), prec)
+        for name, o in rep["outputs"].items():
+            rows.append({"file": os.path.basename(paths[prec]), "output": name, "max_abs": o.get("max_abs"),
+                         "mean_abs": o.get("mean_abs"), "max_rel": o.get("max_rel"),
+                         "fail_frac": o.get("fail_fraction", "-"),
+                         "result": "pass" if o.get("passed", True) else "FAIL",
+                         "size_MB": os.path.getsize(paths[prec]) / 2**20})
+        ex.write_sidecar(paths[prec], {**ex.read_sidecar(paths[prec]), "parity": rep})
+        if not rep["passed"]:
+            failed.append(prec)
+    click.echo(console_table(rows, ["file", "output", "max_abs", "mean_abs", "max_rel", "fail_frac", "result",
+                                    "size_MB"], f"parity against {weights} on {len(ref[0])} images (ONNX Runtime CPU)"))
+    for prec in precisions:
+        click.echo(f"wrote {paths[prec]} (+ .json sidecar)")
+    if engine_precisions:
+        ok, why = tensorrt_available()
+        if not ok:
+            click.echo(f"fa-export: TensorRT engines not built: {why}.\nThe ONNX files are written; build the "
+                       f"engine on the deployment GPU with:\n  pip install -e '.[gpu]'\n  fa-export {weights} "
+                       + " ".join(f"--engine {p}" for p in engine_precisions)
+                       + (f" --dynamic-batch {dynamic}" if dynamic else "") + f" --img-size {img_size}", err=True)
+            sys.exit(2)
+        from .backends import TrtBackend
+        from .tensorrt import build_engine
+
+        for prec in engine_precisions:
+            eng = os.path.join(out_dir, f"{stem}.{prec}.engine")
+            meta = build_engine(paths[prec], eng, ex.INPUT_NAME, img_size, brange, workspace, timing_cache,
+                                log=lambda m: click.echo(m, err=True))
+            ex.write_sidecar(eng, {**ex.read_sidecar(paths[prec]), **meta, "precision": prec})
+            rep = ex.parity(ref, run(TrtBackend(eng)), prec)
+            ex.write_sidecar(eng, {**ex.read_sidecar(eng), "parity": rep})
+            click.echo(f"wrote {eng}: parity {'pass' if rep['passed'] else 'FAIL'}")
+            if not rep["passed"]:
+                failed.append(f"{prec} engine")
+    if failed and not no_verify:
+        click.echo(f"fa-export: parity outside the tolerances for {', '.join(failed)} (see the table; "
+                   f"--no-verify to keep going)", err=True)
+        sys.exit(1)

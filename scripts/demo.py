@@ -2,7 +2,9 @@
 
 1. fa-train: standard training of a small YOLOv3 (the base model, and the KDFA teacher);
 2. fa-train --method at / --method fa with PGD-1, both fine-tuned from the base model, as in the paper;
-3. fa-bench --attack pgd: clean AP50, PGD-1/3/5/10 AP50, advAP and acAP of the three models in one table.
+3. fa-bench --attack pgd: clean AP50, PGD-1/3/5/10 AP50, advAP and acAP of the three models in one table;
+4. fa-export of the FA model to ONNX fp32, fp16 and int8, then fa-bench --backend: the source and the three
+   ONNX files on the same adversarial images, with the deployment gate.
 """
 from __future__ import annotations
 
@@ -31,7 +33,12 @@ def main():
             "--out", f"{OUT}/{method}", *quiet)
     run("fa-bench", "--attack", "pgd", "--weights", base, "--weights", f"{OUT}/at/last.pt",
         "--weights", f"{OUT}/fa/last.pt", "--json", f"{OUT}/bench.json", "--markdown", f"{OUT}/bench.md", *quiet)
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; tables in {OUT}/bench.md and {OUT}/bench.json",
+    run("fa-export", f"{OUT}/fa/last.pt", "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+        "--out", f"{OUT}/fa/export", "--dynamic-batch", "1:16:32")
+    exported = [f"{OUT}/fa/export/last.{p}.onnx" for p in ("fp32", "fp16", "int8")]
+    run("fa-bench", "--attack", "pgd", "--weights", f"{OUT}/fa/last.pt", *sum((["--backend", e] for e in exported), []),
+        "--json", f"{OUT}/deploy.json", "--markdown", f"{OUT}/deploy.md", *quiet)
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; tables in {OUT}/bench.md and {OUT}/deploy.md (and .json)",
           flush=True)
 
 

@@ -148,6 +148,8 @@ class YoloV3(Detector):
     model_name = "yolov3"
     loss_domains = {"cls": ("obj", "cls"), "loc": ("box",)}
     default_alignment_weight = 10.0  # beta and gamma of equation (3) for YOLOv3 in the paper
+    # layers whose outputs, and everything after them (the box decode), stay float32 in fp16/int8 exports
+    export_keep_float32 = ("branch32.pred", "branch16.pred", "branch8.pred")
 
     def __init__(self, cfg: YoloConfig):
         super().__init__(cfg.num_classes)

@@ -1,0 +1,193 @@
+"""fa-export (ONNX fp32 / fp16 / int8, sidecars, parity, --engine without TensorRT) and fa-bench's harness
+(backends on the same adversarial images, drift, latency, the gate)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fa_deploy.cli import export_main, main as bench_main
+from fa_deploy.export import ExportError, check_onnx, parity, sha256
+from fa_deploy.tensorrt import tensorrt_available
+from fa_train.checkpoint import load_model
+from fa_train.cli import main as train_main
+
+needs_trt = pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT/GPU unavailable: "
+                                                                 f"{tensorrt_available()[1]}")
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """A tiny YOLOv3 that has memorised two training images: a source with a high AP for the gate to guard."""
+    d = tmp_path_factory.mktemp("overfit")
+    (d / "c.yaml").write_text("train: {optimizer: adamw, momentum: 0.9, schedule: cosine}\n")
+    r = CliRunner().invoke(train_main, ["--config", str(d / "c.yaml"), "--data", "synth:60", "--img-size", "64",
+                                        "--batch-size", "2", "--width-mult", "0.125", "--depth-mult", "0.2",
+                                        "--workers", "0", "--max-images", "2", "--max-test-images", "2",
+                                        "--test-split", "shapes:train", "--epochs", "150", "--eval-every", "0",
+                                        "--lr", "0.01", "--warmup-iters", "5", "--quiet", "--out", str(d / "run")])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((d / "run" / "eval.json").read_text())
+    assert ev["clean"]["AP50"] > 0.5, ev["clean"]["AP50"]
+    return d / "run" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def exported(overfit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--out", str(out), "--dynamic-batch", "1:2:4", "--calib-images", "8"])
+    assert r.exit_code == 0, r.output
+    assert "parity against" in r.output
+    return {p: out / f"last.{p}.onnx" for p in ("fp32", "fp16", "int8")}
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"images": x})[0]
+
+
+def test_fp32_export_matches_torch(overfit, exported):
+    model, _ = load_model(str(overfit))
+    x = torch.rand(3, 3, 64, 64)  # batch 3: the batch axis is dynamic
+    with torch.no_grad():
+        ref = model.eval().export_module()(x).numpy()
+    np.testing.assert_allclose(_ort(exported["fp32"], x.numpy()), ref, rtol=1e-4, atol=1e-3)
+    m = onnx.load(str(exported["fp32"]))
+    assert m.opset_import[0].version >= 17
+    assert [i.name for i in m.graph.input] == ["images"] and [o.name for o in m.graph.output] == ["predictions"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_fp16_keeps_io_and_decode_in_float32(exported):
+    m = onnx.load(str(exported["fp16"]))
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert m.graph.input[0].type.tensor_type.elem_type == f32
+    assert m.graph.output[0].type.tensor_type.elem_type == f32
+    assert sum(i.data_type == f16 for i in m.graph.initializer) > 10  # conv weights are float16
+    # Exp (box decode) computes in float32: its input comes through a Cast to float32 or a float32 tensor
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(m.graph.output)}
+    exps = [n for n in m.graph.node if n.op_type == "Exp"]
+    assert exps and all(types.get(n.output[0]) == f32 for n in exps)
+
+
+def test_int8_is_symmetric_per_channel_qdq(exported):
+    m = onnx.load(str(exported["int8"]))
+    ops = [n.op_type for n in m.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    per_channel = int8 = 0
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = inits[n.input[2]]
+            assert zp.dtype in (np.int8, np.int32) and not zp.any()  # symmetric: zero point 0 (int32: biases)
+            int8 += int(zp.dtype == np.int8)
+            per_channel += int(zp.dtype == np.int8 and zp.ndim == 1 and zp.size > 1)
+    assert int8 > 0 and per_channel > 0  # int8 activations and per-channel int8 weights
+
+
+def test_sidecars(overfit, exported):
+    for prec, path in exported.items():
+        side = json.loads(open(str(path) + ".json").read())
+        assert side["precision"] == prec and side["source_sha256"] == sha256(str(overfit))
+        assert side["classes"] == ["circle", "square", "triangle", "star"]
+        assert side["input"]["shape"] == ["batch", 3, 64, 64] and side["opset"] >= 17
+        assert {"torch", "onnx", "onnxruntime"} <= set(side["versions"])
+        assert "parity" in side
+    assert json.loads(open(str(exported["fp32"]) + ".json").read())["parity"]["passed"]
+    assert json.loads(open(str(exported["fp16"]) + ".json").read())["parity"]["passed"]
+
+
+def test_parity_gate_function():
+    a = [np.ones((2, 5), np.float32)]
+    assert parity(a, [a[0] + 1e-5], "fp32")["passed"]
+    assert not parity(a, [a[0] + 0.1], "fp32")["passed"]
+    assert parity(a, [a[0] + 0.01], "fp16")["passed"]
+    assert not parity(a, [np.full((2, 5), np.nan, np.float32)], "fp16")["passed"]
+    assert parity(a, [a[0] + 5], "int8")["passed"]  # reported, not gated
+
+
+def test_engine_without_tensorrt_exits_2_after_writing_onnx(overfit, tmp_path):
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT and a GPU are present here")
+    r = CliRunner().invoke(export_main, [str(overfit), "--engine", "fp16", "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert (tmp_path / "last.fp16.onnx").is_file() and (tmp_path / "last.fp16.onnx.json").is_file()
+    assert "--engine fp16" in r.output and "pip install -e '.[gpu]'" in r.output
+
+
+def test_corrupt_onnx_is_refused(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"not an onnx file")
+    with pytest.raises(ExportError, match="bad.onnx: not a valid ONNX model"):
+        check_onnx(str(p))
+
+
+def _broken_copy(src, dst):
+    m = onnx.load(str(src))
+    rng = np.random.default_rng(0)
+    for init in m.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim == 4:
+            init.CopyFrom(onnx.numpy_helper.from_array((w + rng.normal(0, 0.5 * w.std() + 1e-3, w.shape))
+                                                       .astype(np.float32), init.name))
+    onnx.save(m, str(dst))
+    shutil.copy(str(src) + ".json", str(dst) + ".json")
+
+
+def test_harness_table_and_gate(overfit, exported, tmp_path):
+    broken = tmp_path / "broken.fp32.onnx"
+    _broken_copy(exported["fp32"], broken)
+    common = ["--weights", str(overfit), "--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2",
+              "--steps", "1,2", "--workers", "0", "--quiet"]
+    js = tmp_path / "h.json"
+    r = CliRunner().invoke(bench_main, common + ["--backend", str(exported["fp32"]), "--backend",
+                                                 str(exported["fp16"]), "--json", str(js),
+                                                 "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    assert "gate (max drop 0.02): PASS" in r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert [row["backend"] for row in rows] == ["source", "last.fp32.onnx", "last.fp16.onnx"]
+    src, fp32 = rows[0], rows[1]
+    assert src["clean"] > 0.5
+    assert fp32["clean"] == pytest.approx(src["clean"], abs=1e-3) and fp32["drift_clean"] < 1e-3
+    for row in rows:
+        assert row["ms/img"] > 0 and row["img/s"] > 0 and set(row) >= {"PGD-1", "PGD-2", "advAP", "acAP"}
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per (batch, k)
+    # the broken backend (weights perturbed after export) fails the gate with exit code 1
+    r = CliRunner().invoke(bench_main, common + ["--backend", str(broken), "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "broken.fp32.onnx: clean lower by" in r.output
+
+
+def test_bench_attack_none_with_backends(overfit, exported):
+    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
+                                        str(exported["int8"]), "--test-split", "shapes:train", "--max-images", "2",
+                                        "--workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "ms/img" in r.output and "PGD-1" not in r.output
+
+
+@needs_trt
+def test_tensorrt_engine_build_and_parity(overfit, tmp_path):
+    r = CliRunner().invoke(export_main, [str(overfit), "--engine", "fp16", "--out", str(tmp_path),
+                                         "--dynamic-batch", "1:2:4"])
+    assert r.exit_code == 0, r.output
+    eng = tmp_path / "last.fp16.engine"
+    side = json.loads(open(str(eng) + ".json").read())
+    assert side["tensorrt"] and side["gpu"] and side["parity"]["passed"]
+    # an engine "built elsewhere" is refused before deserialising
+    side["gpu"] = "Some Other GPU"
+    open(str(eng) + ".json", "w").write(json.dumps(side))
+    from fa_deploy.backends import TrtBackend
+    from fa_deploy.tensorrt import EngineMismatch
+
+    with pytest.raises(EngineMismatch, match="built elsewhere"):
+        TrtBackend(str(eng))
