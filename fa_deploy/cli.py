@@ -156,7 +156,7 @@ def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_s
     ap_cols = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in steps] + ["advAP", "acAP"])
     drops = ["drop_clean"] + ([] if attack == "none" else ["drop_advAP"])
     columns = ["backend", "format", "precision", "size_MB", *ap_cols, *drops, "drift_clean",
-               *([] if attack == "none" else ["drift_adv"]), "ms/img", "img/s"]
+               *([] if attack == "none" else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
     title = (f"AP50 on {ds.name}" + ("" if attack == "none" else
                                       f", {attack} attack from the source weights, eps {eps:g}, step eps/k"))
     click.echo(console_table(res["rows"], columns, title))
@@ -274,7 +274,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
             parts = parts[:-1]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
-    if len(verify) < chunk:
+    if dynamic is None and len(verify) < chunk:  # a static batch needs at least one full batch
         verify = np.concatenate([verify] * (chunk // len(verify) + 1))[:chunk]
     ref = run(TorchBackend(model))
     rows, failed = [], []

@@ -94,9 +94,10 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         if b.name in drift:
             row["drift_clean"] = float(np.mean(drift[b.name]["clean"])) if drift[b.name]["clean"] else 0.0
             row["drift_adv"] = float(np.mean(drift[b.name]["adv"])) if drift[b.name]["adv"] else 0.0
-        lat = measure_latency(b, model.postprocess, first_batch, iters=latency_iters)
+        lat = measure_latency(b, model.postprocess, first_batch, iters=latency_iters,
+                              preprocess=lambda: dataset[0])
         row["ms/img"], row["img/s"] = lat["ms_median"], lat["images_per_s"]
-        row["p90_ms"], row["post_ms"] = lat["ms_p90"], lat["post_ms_median"]
+        row["p90_ms"], row["pre_ms"], row["post_ms"] = lat["ms_p90"], lat["pre_ms_median"], lat["post_ms_median"]
         rows.append(row)
         details[b.name] = {s: per[s]["stats"] for s in settings}
     return {"rows": rows, "details": details, "eps": eps, "steps": list(steps), "attack": attack, "images": n_img,

@@ -52,10 +52,11 @@ def input_gradient(model, images, targets, keys=None) -> torch.Tensor:
 
 def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, step_size: Optional[float] = None,
                random_start: bool = False, generator: Optional[torch.Generator] = None,
-               loss_keys: Optional[Sequence[str]] = None) -> torch.Tensor:
+               loss_keys: Optional[Sequence[str]] = None, first_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PGD-k against the detection loss on ground truth (or only the `loss_keys` terms: one TOD domain).
-    `step_size` defaults to eps / steps (the paper's evaluation protocol). Returns new adversarial images;
-    `images` is not modified."""
+    `step_size` defaults to eps / steps (the paper's evaluation protocol). `first_grad`, when given, is the
+    input gradient of the first iteration, already computed by the caller (gradient reuse in training: the
+    clean forward/backward). Returns new adversarial images; `images` is not modified."""
     if steps < 0 or eps < 0:
         raise ValueError(f"pgd_attack: steps ({steps}) and eps ({eps}) must be >= 0")
     step_size = eps / max(steps, 1) if step_size is None else step_size
@@ -65,7 +66,39 @@ def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, ste
         noise = torch.rand(x_adv.shape, generator=generator, device="cpu").to(x_adv) * 2 - 1
         x_adv = (x_adv + eps * noise).clamp_(0, 1)
     with frozen_batchnorm(model), torch.enable_grad():  # callers may be under no_grad
-        for _ in range(steps):
-            grad = input_gradient(model, x_adv, targets, loss_keys)
+        for i in range(steps):
+            grad = first_grad if (i == 0 and first_grad is not None) else input_gradient(model, x_adv, targets,
+                                                                                           loss_keys)
             projected_sign_step(x_adv, grad, x_clean, step_size, eps)
+    return x_adv
+
+
+def choose_larger_loss(model, targets, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image, the candidate with the larger total detection loss (no gradient, BatchNorm frozen)."""
+    with torch.no_grad(), frozen_batchnorm(model):
+        scores = torch.stack([torch.stack([detection_loss(model, c[i:i + 1], targets[i:i + 1])
+                                           for i in range(len(c))]) for c in candidates])
+    pick = scores.argmax(0)  # [N]
+    return torch.stack([candidates[int(p)][i] for i, p in enumerate(pick)])
+
+
+def tod_attack(model, images: torch.Tensor, targets, eps: float, steps: int, step_size: Optional[float] = None,
+               first_domain_grads: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Task-oriented-domain PGD: at each step one candidate from each loss domain's gradient (classification,
+    localization: the model's `loss_domains`), keeping per image the candidate with the larger total loss."""
+    step_size = eps / max(steps, 1) if step_size is None else step_size
+    x_clean = images.detach()
+    x_adv = x_clean.clone()
+    with frozen_batchnorm(model), torch.enable_grad():
+        for i in range(steps):
+            candidates = []
+            for dom, keys in sorted(model.loss_domains.items()):
+                if i == 0 and first_domain_grads is not None:
+                    grad = first_domain_grads[dom]
+                else:
+                    grad = input_gradient(model, x_adv, targets, keys)
+                c = x_adv.clone()
+                projected_sign_step(c, grad, x_clean, step_size, eps)
+                candidates.append(c)
+            x_adv = choose_larger_loss(model, targets, candidates)
     return x_adv

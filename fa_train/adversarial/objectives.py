@@ -22,7 +22,7 @@ import torch
 
 import cuda_kernels
 
-from .attacks import detection_loss, frozen_batchnorm, input_gradient, projected_sign_step
+from .attacks import pgd_attack, tod_attack
 
 METHODS = ("standard", "at", "tod", "kdfa", "ssfa", "fa")
 
@@ -103,41 +103,13 @@ class AdversarialObjective:
             (grad,) = torch.autograd.grad(clean, x)
         return clean, losses, mid.detach(), grad, domain_grads
 
-    def _tod_choose(self, model, targets, cands, x_clean):
-        """Per image, the candidate with the larger total detection loss."""
-        with torch.no_grad(), frozen_batchnorm(model):
-            scores = []
-            for c in cands:
-                scores.append(torch.stack([detection_loss(model, c[i:i + 1], targets[i:i + 1])
-                                           for i in range(len(c))]))
-        pick = torch.stack(scores).argmax(0)  # [N]
-        return torch.stack([cands[int(p)][i] for i, p in enumerate(pick)])
-
     def attack(self, model, x_clean, targets, first_grad, domain_grads):
-        x_adv = x_clean.clone()
+        """The same attacks as evaluation, their first step from the clean pass's gradients."""
         if self.tod:
-            cands = []
-            for dom in sorted(domain_grads):
-                c = x_adv.clone()
-                projected_sign_step(c, domain_grads[dom], x_clean, self.step_size, self.eps)
-                cands.append(c)
-            x_adv = self._tod_choose(model, targets, cands, x_clean)
-        else:
-            projected_sign_step(x_adv, first_grad, x_clean, self.step_size, self.eps)
-        with frozen_batchnorm(model):
-            for _ in range(self.steps - 1):
-                if self.tod:
-                    cands = []
-                    for dom, keys in sorted(model.loss_domains.items()):
-                        c = x_adv.clone()
-                        projected_sign_step(c, input_gradient(model, x_adv, targets, keys), x_clean,
-                                            self.step_size, self.eps)
-                        cands.append(c)
-                    x_adv = self._tod_choose(model, targets, cands, x_clean)
-                else:
-                    projected_sign_step(x_adv, input_gradient(model, x_adv, targets), x_clean, self.step_size,
-                                        self.eps)
-        return x_adv
+            return tod_attack(model, x_clean, targets, eps=self.eps, steps=self.steps, step_size=self.step_size,
+                              first_domain_grads=domain_grads)
+        return pgd_attack(model, x_clean, targets, eps=self.eps, steps=self.steps, step_size=self.step_size,
+                          first_grad=first_grad)
 
     def step(self, model, images, targets, scaler, amp: bool) -> Dict[str, float]:
         x_clean = images.detach()
