@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -63,8 +64,16 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tenso
 
 namespace {
 
+// Work (elements) below which a parallel_for runs inline: waking the pool costs more than the work.
+constexpr int64_t kGrainElems = 1 << 17;
+
+inline int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
 // Global average pool over H, W of [N,C,H,W] (or a cast of an already pooled [N,C]) into the opmath [N,C] `out`:
-// one pass over the input through ATen's vectorised reduction (contiguous and channels_last alike).
+// one pass over the input through ATen's vectorised reduction, which vectorises across rows when H*W is small
+// (a row-at-a-time loop is bound by its horizontal sums there), contiguous and channels_last alike.
 void pool_cpu_into(const at::Tensor& x, at::Tensor& out) {
   if (x.dim() == 2) {
     out.copy_(x);
@@ -73,19 +82,26 @@ void pool_cpu_into(const at::Tensor& x, at::Tensor& out) {
   }
 }
 
+// <a, b> with 8 independent partial sums: a serial chain of additions would be latency-bound (4 cycles each).
+template <typename acc_t>
+inline acc_t dot8(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) p[k] += a[i + k] * b[i + k];
+  acc_t s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 template <typename acc_t>
 void cosine_rows(const acc_t* s, const acc_t* t, int64_t J, int64_t N, int64_t C, int64_t n, acc_t eps,
                  CosineRow<acc_t>* rows) {
-  acc_t ss = 0;
-  for (int64_t c = 0; c < C; ++c) ss += s[n * C + c] * s[n * C + c];
+  const acc_t* sn = s + n * C;
+  const acc_t ss = dot8(sn, sn, C);
   for (int64_t j = 0; j < J; ++j) {
     const acc_t* tj = t + (j * N + n) * C;
-    acc_t dot = 0, tt = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      dot += s[n * C + c] * tj[c];
-      tt += tj[c] * tj[c];
-    }
-    rows[j] = cosine_row(dot, ss, tt, eps);
+    rows[j] = cosine_row(dot8(sn, tj, C), ss, dot8(tj, tj, C), eps);
   }
 }
 
@@ -107,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::
     const scalar_t* s = ps.data_ptr<scalar_t>();
     const scalar_t* t = pt.data_ptr<scalar_t>();
     std::vector<scalar_t> per_row(N);
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(C * (J + 1)), [&](int64_t b, int64_t e) {
       CosineRow<scalar_t> rows[kMaxTargets];
       for (int64_t n = b; n < e; ++n) {
         cosine_rows<scalar_t>(s, t, J, N, C, n, static_cast<scalar_t>(eps), rows);
@@ -135,7 +151,7 @@ at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Ten
     const acc_t* t = pt.data_ptr<acc_t>();
     acc_t* g = coef.data_ptr<acc_t>();
     const acc_t scale = grad.item<acc_t>() / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(C * (J + 1)), [&](int64_t b, int64_t e) {
       CosineRow<acc_t> rows[kMaxTargets];
       for (int64_t n = b; n < e; ++n) {
         cosine_rows<acc_t>(s, t, J, N, C, n, static_cast<acc_t>(eps), rows);
@@ -211,7 +227,7 @@ void sign_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Te
     at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
       int64_t i = b;
 #ifdef FA_AVX2
-      if constexpr (!std::is_same_v<scalar_t, double>) i = sign_step_avx2<scalar_t>(po, px, pg, pc, b, e, st, ep, l, h);
+      if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<scalar_t, float>) i = sign_step_avx2<scalar_t>(po, px, pg, pc, b, e, st, ep, l, h);
 #endif
       for (; i < e; ++i) po[i] = static_cast<scalar_t>(sign_step_value<acc_t>(px[i], pg[i], pc[i], st, ep, l, h));
     });
