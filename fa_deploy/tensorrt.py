@@ -95,7 +95,7 @@ def build_engine(onnx_path: str, engine_path: str, input_name: str, img_size: in
     os.replace(tmp, engine_path)
     if timing_cache:
         with open(timing_cache, "wb") as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
+            f.write(memoryview(cache.serialize()))
     return {"format": "tensorrt", "tensorrt": trt.__version__, "gpu": gpu_name(), "batch_range": list(batch_range),
             "workspace_mb": workspace_mb, "onnx": os.path.abspath(onnx_path), "strongly_typed": True}
 

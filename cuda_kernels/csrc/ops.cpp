@@ -235,29 +235,13 @@ void sign_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Te
 }
 
 void sign_step_inplace_cpu(at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step, double eps,
-                           double lo, double hi) {
-  check_sign_step_args(x, grad, x_clean);
-  if (same_dense_layout(x, grad, x_clean)) {
-    sign_step_flat_cpu(x, x, grad, x_clean, step, eps, lo, hi);
-  } else {  // mixed layouts: one pass over contiguous copies, then back into x's own layout
-    auto xc = x.contiguous();
-    sign_step_flat_cpu(xc, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
-    if (!xc.is_same(x)) x.copy_(xc);
-  }
+                          double lo, double hi) {
+  sign_step_inplace(sign_step_flat_cpu, x, grad, x_clean, step, eps, lo, hi);
 }
 
 at::Tensor sign_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step,
                          double eps, double lo, double hi) {
-  check_sign_step_args(x, grad, x_clean);
-  if (same_dense_layout(x, grad, x_clean)) {
-    auto out = at::empty_like(x);
-    sign_step_flat_cpu(out, x, grad, x_clean, step, eps, lo, hi);
-    return out;
-  }
-  auto xc = x.contiguous();
-  auto out = at::empty_like(xc);
-  sign_step_flat_cpu(out, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
-  return out;
+  return sign_step_out_of_place(sign_step_flat_cpu, x, grad, x_clean, step, eps, lo, hi);
 }
 
 }  // namespace

@@ -87,30 +87,14 @@ void sign_step_flat_cuda(const at::Tensor& out, const at::Tensor& x, const at::T
   });
 }
 
-void sign_step_inplace_cuda(at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step,
-                            double eps, double lo, double hi) {
-  check_sign_step_args(x, grad, x_clean);
-  if (same_dense_layout(x, grad, x_clean)) {
-    sign_step_flat_cuda(x, x, grad, x_clean, step, eps, lo, hi);
-  } else {
-    auto xc = x.contiguous();
-    sign_step_flat_cuda(xc, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
-    if (!xc.is_same(x)) x.copy_(xc);
-  }
+void sign_step_inplace_cuda(at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step, double eps,
+                          double lo, double hi) {
+  sign_step_inplace(sign_step_flat_cuda, x, grad, x_clean, step, eps, lo, hi);
 }
 
 at::Tensor sign_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step,
-                          double eps, double lo, double hi) {
-  check_sign_step_args(x, grad, x_clean);
-  if (same_dense_layout(x, grad, x_clean)) {
-    auto out = at::empty_like(x);
-    sign_step_flat_cuda(out, x, grad, x_clean, step, eps, lo, hi);
-    return out;
-  }
-  auto xc = x.contiguous();
-  auto out = at::empty_like(xc);
-  sign_step_flat_cuda(out, xc, grad.contiguous(), x_clean.contiguous(), step, eps, lo, hi);
-  return out;
+                         double eps, double lo, double hi) {
+  return sign_step_out_of_place(sign_step_flat_cuda, x, grad, x_clean, step, eps, lo, hi);
 }
 
 // ---- pooling -----------------------------------------------------------------------------------------------
