@@ -71,3 +71,40 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_checkpoint(str(p))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path):
+    import math
+
+    from fa_train.config import load_config
+    from fa_train.engine import Trainer, TrainingError
+
+    cfg = load_config(None, {"data": {"spec": "synth:60", "img_size": 64, "workers": 0, "max_images": 16,
+                                      "max_test_images": 4},
+                             "model": {"width_mult": 0.125, "depth_mult": 0.2},
+                             "train": {"epochs": 1, "batch_size": 4, "eval_every": 0, "max_nonfinite": 3},
+                             "out": str(tmp_path)})
+    logs = []
+    trainer = Trainer(cfg, log=logs.append, progress=False)
+    real_step = trainer.objective.step
+    calls = {"n": 0}
+
+    def flaky(model, images, targets, scaler, amp):
+        calls["n"] += 1
+        if calls["n"] == 2:  # one bad step: skipped, training goes on
+            return {"loss": math.nan, "box": math.nan}
+        return real_step(model, images, targets, scaler, amp)
+
+    trainer.objective.step = flaky
+    trainer.fit()
+    assert trainer.nonfinite_total == 1 and trainer.step == 3  # 4 batches, one skipped
+    events = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert any(e.get("event") == "nonfinite_loss" and e["step"] == 1 for e in events)
+    before = (tmp_path / "last.pt").read_bytes()
+    # always non-finite: stops after max_nonfinite in a row, naming the step and the terms; last.pt intact
+    cfg["train"]["epochs"] = 2
+    trainer2 = Trainer(cfg, log=logs.append, progress=False)
+    trainer2.objective.step = lambda *a: {"loss": math.inf, "obj": math.inf}
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row, the last at step 3: .*'obj': inf"):
+        trainer2.fit(resume=str(tmp_path / "last.pt"))
+    assert (tmp_path / "last.pt").read_bytes() == before
