@@ -12,6 +12,7 @@ def _overrides(**flags) -> dict:
     o = {"model": {}, "data": {}, "train": {}, "method": {}}
     mapping = {
         "model": ("model", "name"), "width_mult": ("model", "width_mult"), "depth_mult": ("model", "depth_mult"),
+        "backbone": ("model", "backbone"), "weights_backbone": ("model", "weights_backbone"),
         "data": ("data", "spec"), "img_size": ("data", "img_size"), "workers": ("data", "workers"),
         "max_images": ("data", "max_images"), "max_test_images": ("data", "max_test_images"),
         "train_split": ("data", "train_split"), "test_split": ("data", "test_split"),
@@ -35,7 +36,9 @@ def _overrides(**flags) -> dict:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML preset (configs/*.yaml)")
-@click.option("--model", help="yolov3")
+@click.option("--model", type=click.Choice(["yolov3", "fasterrcnn_resnet50_fpn"]), help="the detector")
+@click.option("--backbone", help="Faster R-CNN: resnet50 (the paper) | resnet18 | resnet34 | resnet101")
+@click.option("--weights-backbone", help="Faster R-CNN: local torchvision ImageNet ResNet checkpoint (.pth)")
 @click.option("--width-mult", type=float, help="YOLOv3 channel multiplier (1.0 = Darknet-53 as in the cfg)")
 @click.option("--depth-mult", type=float, help="YOLOv3 residual-block multiplier")
 @click.option("--data", help="voc:PATH_TO_VOCdevkit | coco:PATH_TO_COCO | synth[:NUM_IMAGES] (default: synth)")

@@ -9,7 +9,10 @@ from typing import Any, Dict
 import yaml
 
 DEFAULTS: Dict[str, Any] = {
-    "model": {"name": "yolov3", "width_mult": 1.0, "depth_mult": 1.0},
+    # model options left None take the builder's default (YOLOv3: width/depth; Faster R-CNN: the rest)
+    "model": {"name": "yolov3", "width_mult": None, "depth_mult": None, "backbone": None, "fpn_channels": None,
+              "min_size": None, "max_size": None, "trainable_layers": None, "weights": None,
+              "weights_backbone": None},
     "data": {"spec": "synth", "train_split": None, "test_split": None, "img_size": 416, "max_images": None,
              "max_test_images": None, "workers": 2, "synth_seed": 0},
     "train": {

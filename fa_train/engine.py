@@ -104,7 +104,7 @@ class Trainer:
                 log(f"data {ds.name}: {ds.stats.summary()}")
         m = cfg["model"]
         self.model = create_model(m["name"], len(self.train_set.class_names),
-                                  **{k: v for k, v in m.items() if k != "name"}).to(self.device)
+                                  **{k: v for k, v in m.items() if k != "name" and v is not None}).to(self.device)
         if t["init"]:
             self._load_init(t["init"])
         self.optimizer = build_optimizer(self.model, t)

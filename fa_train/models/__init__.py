@@ -26,6 +26,6 @@ def create_model(name: str, num_classes: int, **kw) -> Detector:
     return _REGISTRY[name](num_classes=num_classes, **kw)
 
 
-from . import yolov3  # noqa: E402,F401  (registers "yolov3")
+from . import faster_rcnn, yolov3  # noqa: E402,F401  (register "fasterrcnn_resnet50_fpn", "yolov3")
 
 __all__ = ["Detector", "create_model", "available_models", "register_model"]
