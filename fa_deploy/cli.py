@@ -262,7 +262,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
                                        "eps": calib_eps if calib_pgd else None,
                                        "data": calib_data or dcfg.get("spec", "synth")}
             ex.write_sidecar(paths[prec], info)
-    except (DataError, ex.ExportError) as e:
+    except (DataError, ex.ExportError, NotImplementedError) as e:
         click.echo(f"fa-export: error: {e}", err=True)
         sys.exit(2)
     # parity against the source weights, in batches the exported shape accepts

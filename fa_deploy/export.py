@@ -88,7 +88,7 @@ def check_onnx(path: str):
 
 def export_fp32(model, path: str, img_size: int, batch: int = 1, dynamic_batch: bool = True,
                 opset: int = DEFAULT_OPSET) -> str:
-    module = model.export_module().eval()
+    module = model.export_module().eval()  # NotImplementedError for models without an export path yet
     dummy = torch.rand(batch, 3, img_size, img_size)
     dyn = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}} if dynamic_batch else None
     tmp = path + ".tmp.onnx"
