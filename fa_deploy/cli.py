@@ -8,8 +8,6 @@ import time
 
 import click
 
-COLUMNS_PGD = ["model", "method", "clean", "PGD-{k}", "advAP", "acAP"]
-
 
 def _steps(value: str):
     try:
@@ -52,7 +50,7 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
             raise click.UsageError("--backend compares exported models with ONE source --weights")
         return _harness_main(weights[0], backends, attack, eps, _steps(steps), data, test_split, img_size,
                              batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet)
-    from fa_train.checkpoint import CheckpointError, load_model
+    from fa_train.checkpoint import CheckpointError, check_classes, load_model
     from fa_train.data import DataError, build_dataset
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import evaluate, robustness
@@ -73,9 +71,7 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
                                    test_split, max_images, dcfg.get("synth_seed", 0),
                                    log=lambda m: click.echo(m, err=True))
                 loader = make_loader(ds, batch_size, False, workers)
-            if list(ckpt.get("class_names", [])) != list(ds.class_names):
-                raise CheckpointError(f"{w}: trained for classes {ckpt.get('class_names')}, but {ds.name} has "
-                                      f"{ds.class_names}")
+            check_classes(ckpt, ds.class_names, w, ds.name)
             name = os.path.basename(os.path.dirname(os.path.abspath(w))) or w
             method = cfg.get("method", {}).get("name", "?")
             click.echo(f"[{name}] {attack} on {ds.name} ({len(ds)} images)", err=True)
@@ -113,7 +109,7 @@ if __name__ == "__main__":
 
 def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers,
                   device, json_path, md_path, max_drop, cache_dir, quiet):
-    from fa_train.checkpoint import CheckpointError, load_model
+    from fa_train.checkpoint import CheckpointError, check_classes, load_model
     from fa_train.data import DataError, build_dataset
     from fa_train.engine import make_loader, resolve_device
 
@@ -143,9 +139,7 @@ def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_s
             loaded.append(bk)
         ds = build_dataset(data or dcfg.get("spec", "synth"), "test", size, test_split, max_images,
                            dcfg.get("synth_seed", 0), log=lambda m: click.echo(m, err=True))
-        if list(ckpt.get("class_names", [])) != list(ds.class_names):
-            raise CheckpointError(f"{weights}: trained for classes {ckpt.get('class_names')}, but {ds.name} has "
-                                  f"{ds.class_names}")
+        check_classes(ckpt, ds.class_names, weights, ds.name)
         loader = make_loader(ds, batch_size, False, workers)
         res = run_harness(model, loaded, loader, dev, eps, steps, attack, cache_dir, wsha, progress=not quiet,
                           source_path=weights)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Optional
-
 import torch
 
 from .models import create_model
@@ -63,7 +61,13 @@ def load_into(model, ckpt: dict, path: str = "checkpoint") -> None:
         raise CheckpointError(f"{path}: state dict does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def load_model(path: str, map_location="cpu", expect_classes: Optional[list] = None):
+def check_classes(ckpt: dict, class_names, path: str, data_name: str = "the data") -> None:
+    if list(ckpt.get("class_names", [])) != list(class_names):
+        raise CheckpointError(f"{path}: trained for classes {ckpt.get('class_names')}, but {data_name} has "
+                              f"{list(class_names)}")
+
+
+def load_model(path: str, map_location="cpu"):
     """(model, checkpoint) rebuilt from a checkpoint alone."""
     ckpt = load_checkpoint(path, map_location)
     arch = dict(ckpt["arch"])
@@ -71,7 +75,4 @@ def load_model(path: str, map_location="cpu", expect_classes: Optional[list] = N
     num_classes = arch.pop("num_classes")
     model = create_model(name, num_classes, **arch)
     load_into(model, ckpt, path)
-    if expect_classes is not None and list(ckpt.get("class_names", [])) != list(expect_classes):
-        raise CheckpointError(f"{path}: trained for classes {ckpt.get('class_names')}, but the data has "
-                              f"{list(expect_classes)}")
     return model, ckpt

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, load_into, versions
+from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, versions
 from .config import dump_config
 from .data import build_dataset, collate
 from .evaluation import evaluate, format_ap_table
@@ -156,9 +156,7 @@ class Trainer:
     def resume(self, path: str):
         ckpt = load_checkpoint(path)
         load_into(self.model, ckpt, path)
-        if list(ckpt.get("class_names", [])) != list(self.train_set.class_names):
-            raise CheckpointError(f"{path}: trained for classes {ckpt.get('class_names')}, data has "
-                                  f"{self.train_set.class_names}")
+        check_classes(ckpt, self.train_set.class_names, path, self.train_set.name)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])

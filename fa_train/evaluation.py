@@ -120,7 +120,6 @@ def format_ap_table(result: Dict, title: str = "clean AP50") -> str:
 # ---------------------------------------------------------------------------------------------- robustness
 
 PAPER_STEPS = (1, 3, 5, 10)
-ATTACK_KEYS = {"pgd": None}  # None: the whole detection loss; tod domains come from the model's loss_domains
 
 
 def attack_loss_keys(model, attack: str):

@@ -112,11 +112,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         meta.update(image_id=r.image_id, file=r.file)
         return img_t, target, meta
 
-    def subset(self, n: int) -> "DetectionDataset":
-        ds = DetectionDataset(self.records[:n], self.class_names, self.img_size, self.train,
-                              self.flip_prob, self.name, self.stats, self.label_to_cat_id)
-        return ds
-
 
 def collate(batch):
     images = torch.stack([b[0] for b in batch])

@@ -23,8 +23,8 @@ from .base import Detector, Targets
 DARKNET53_STAGES = ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4))  # (channels, residual blocks)
 YOLOV3_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
 YOLOV3_MASKS = ((6, 7, 8), (3, 4, 5), (0, 1, 2))  # stride 32, 16, 8 (cfg order of the [yolo] layers)
-IMAGENET_MEAN = (0.0, 0.0, 0.0)  # Darknet feeds raw [0,1] pixels; kept as a buffer so other weights can differ
-IMAGENET_STD = (1.0, 1.0, 1.0)
+INPUT_MEAN = (0.0, 0.0, 0.0)  # Darknet feeds raw [0,1] pixels; kept as buffers so other weights can differ
+INPUT_STD = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -168,8 +168,8 @@ class YoloV3(Detector):
         self.strides = (32, 16, 8)
         anchors = torch.tensor(cfg.anchors, dtype=torch.float32)
         self.register_buffer("anchors", torch.stack([anchors[list(m)] for m in cfg.masks]), persistent=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(INPUT_STD).view(1, 3, 1, 1), persistent=False)
         self.mid_channels = c32
         self.mid_stride = 32
         self._init_weights()
