@@ -12,7 +12,7 @@ DEFAULTS: Dict[str, Any] = {
     # model options left None take the builder's default (YOLOv3: width/depth; Faster R-CNN: the rest)
     "model": {"name": "yolov3", "width_mult": None, "depth_mult": None, "backbone": None, "fpn_channels": None,
               "min_size": None, "max_size": None, "trainable_layers": None, "weights": None,
-              "weights_backbone": None},
+              "weights_backbone": None, "box_batch_size_per_image": None},
     "data": {"spec": "synth", "train_split": None, "test_split": None, "img_size": 416, "max_images": None,
              "max_test_images": None, "workers": 2, "synth_seed": 0},
     "train": {

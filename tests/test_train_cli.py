@@ -108,3 +108,16 @@ def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path):
     with pytest.raises(TrainingError, match=r"3 non-finite losses in a row, the last at step 3: .*'obj': inf"):
         trainer2.fit(resume=str(tmp_path / "last.pt"))
     assert (tmp_path / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("preset", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_presets_are_valid(preset):
+    from fa_train.config import load_config
+    from fa_train.models import create_model
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", preset))
+    m = cfg["model"]
+    model = create_model(m["name"], 20, **{k: v for k, v in m.items() if k != "name" and v is not None})
+    assert model.arch_config()["name"] == m["name"]
+    if preset.startswith("paper_"):
+        assert cfg["method"]["ssfa_weight"] == cfg["method"]["kdfa_weight"] == model.default_alignment_weight
