@@ -67,9 +67,45 @@ def check_classes(ckpt: dict, class_names, path: str, data_name: str = "the data
                               f"{list(class_names)}")
 
 
+def save_safetensors(model, path: str, class_names, config: dict = None) -> None:
+    """The weights alone as safetensors (no pickle at all), with the arch and classes in its metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    meta = {"format": "fa-toolkit", "arch": json.dumps(model.arch_config()), "class_names": json.dumps(list(class_names)),
+            "config": json.dumps(config or {})}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_safetensors(path: str, map_location="cpu") -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != "fa-toolkit":
+        raise CheckpointError(f"{path}: safetensors file without fa-toolkit metadata (arch, class_names)")
+    return {"model": state, "arch": json.loads(meta["arch"]), "class_names": json.loads(meta["class_names"]),
+            "config": json.loads(meta.get("config", "{}"))}
+
+
 def load_model(path: str, map_location="cpu"):
-    """(model, checkpoint) rebuilt from a checkpoint alone."""
-    ckpt = load_checkpoint(path, map_location)
+    """(model, checkpoint) rebuilt from a checkpoint alone (.pt, or .safetensors with its metadata)."""
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: checkpoint not found")
+        ckpt = _load_safetensors(path, map_location)
+    else:
+        ckpt = load_checkpoint(path, map_location)
     arch = dict(ckpt["arch"])
     name = arch.pop("name")
     num_classes = arch.pop("num_classes")

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, versions
+from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, save_safetensors, versions
 from .config import dump_config
 from .data import build_dataset, collate
 from .evaluation import evaluate, format_ap_table
@@ -233,7 +233,13 @@ class Trainer:
                 if result["AP50"] > self.best_ap:
                     self.best_ap = result["AP50"]
                     self.save("best.pt")
+                    if t.get("save_safetensors"):
+                        save_safetensors(self.model, os.path.join(self.out, "best.safetensors"),
+                                         self.train_set.class_names, self.cfg)
             self.save("last.pt")
+            if t.get("save_safetensors"):
+                save_safetensors(self.model, os.path.join(self.out, "last.safetensors"), self.train_set.class_names,
+                                 self.cfg)
             self._metrics(rec)
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         if result is None:  # resumed a finished run

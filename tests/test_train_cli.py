@@ -121,3 +121,19 @@ def test_presets_are_valid(preset):
     assert model.arch_config()["name"] == m["name"]
     if preset.startswith("paper_"):
         assert cfg["method"]["ssfa_weight"] == cfg["method"]["kdfa_weight"] == model.default_alignment_weight
+
+
+def test_safetensors_weights(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(out), "--save-safetensors"])
+    assert r.exit_code == 0, r.output
+    a, _ = load_model(str(out / "last.pt"))
+    b, ck = load_model(str(out / "last.safetensors"))
+    assert ck["class_names"] == ["circle", "square", "triangle", "star"]
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="without fa-toolkit metadata"):
+        load_model(str(tmp_path / "plain.safetensors"))
