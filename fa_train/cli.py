@@ -19,7 +19,7 @@ def _overrides(**flags) -> dict:
         "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
         "seed": ("train", "seed"), "init": ("train", "init"), "warmup_iters": ("train", "warmup_iters"),
         "eval_every": ("train", "eval_every"), "amp": ("train", "amp"), "schedule": ("train", "schedule"),
-        "save_safetensors": ("train", "save_safetensors"),
+        "save_safetensors": ("train", "save_safetensors"), "save_every_steps": ("train", "save_every_steps"),
         "method": ("method", "name"), "pgd_steps": ("method", "pgd_steps"), "train_eps": ("method", "train_eps"),
         "step_size": ("method", "step_size"), "alpha": ("method", "alpha"), "ssfa_weight": ("method", "ssfa_weight"),
         "kdfa_weight": ("method", "kdfa_weight"), "teacher": ("method", "teacher"),
@@ -70,6 +70,7 @@ def _overrides(**flags) -> dict:
 @click.option("--ssfa-weight", type=float, help="beta of equation (3): SSFA, aligned to the student's own clean features")
 @click.option("--kdfa-weight", type=float, help="gamma of equation (3): KDFA, aligned to the teacher's clean features")
 @click.option("--teacher", help="KDFA teacher checkpoint (default: the initial weights, as in the paper)")
+@click.option("--save-every-steps", type=int, help="also write last.pt every N optimizer steps (0: per epoch only)")
 @click.option("--save-safetensors", is_flag=True, default=None,
               help="also write last/best weights as .safetensors (no pickle; arch and classes in the metadata)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -78,12 +79,15 @@ def main(config_path, resume, quiet, **flags):
     (once, into ~/.cache/fa-toolkit) and used."""
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .engine import Trainer, TrainingError
+    from .engine import Trainer, TrainingError, TrainingInterrupted
 
     try:
         cfg = load_config(config_path, _overrides(**flags))
         trainer = Trainer(cfg, log=lambda m: click.echo(m, err=False), progress=not quiet)
         trainer.fit(resume=resume)
+    except TrainingInterrupted as e:
+        click.echo(f"fa-train: {e}", err=True)
+        sys.exit(128 + e.signum)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         click.echo(f"fa-train: error: {e}", err=True)
         sys.exit(2)

@@ -20,6 +20,7 @@ DEFAULTS: Dict[str, Any] = {
         "optimizer": "sgd", "epochs": 30, "batch_size": 16, "lr": 0.002324, "momentum": 0.97, "nesterov": True,
         "weight_decay": 0.0004569, "warmup_iters": 300, "schedule": "step", "lr_drop_at": 2 / 3,
         "amp": True, "seed": 3, "eval_every": 1, "init": None, "max_nonfinite": 10, "save_safetensors": False,
+        "save_every_steps": 0,
     },
     # equation (3): --ssfa-weight is beta, --kdfa-weight is gamma (None: the model's default, 10 for YOLOv3)
     "method": {"name": "standard", "pgd_steps": 1, "train_eps": 0.01, "step_size": 0.01, "alpha": 0.5,

@@ -27,6 +27,14 @@ class TrainingError(RuntimeError):
     pass
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM / SIGINT: a checkpoint was written; `signum` tells which."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 def resolve_device(name: str) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,6 +131,8 @@ class Trainer:
 
         self.objective = build_objective(cfg, self.model, self.device, log)
         self.epoch, self.step, self.best_ap = 0, 0, -1.0
+        self.batch_in_epoch = 0  # batches of the current epoch already consumed (a mid-epoch resume skips them)
+        self._signal = None
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.out = cfg["out"]
         os.makedirs(self.out, exist_ok=True)
@@ -143,7 +153,8 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
+            "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "batch_in_epoch": self.batch_in_epoch,
+            "nonfinite_total": self.nonfinite_total,
             "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
             "config": self.cfg, "versions": versions(),
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
@@ -161,8 +172,9 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.best_ap = ckpt["epoch"], ckpt["step"], ckpt["best_ap"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.log(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
+        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
+        self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} (step {self.step})")
 
     def _metrics(self, rec: dict):
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
@@ -173,12 +185,22 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
-        g = self.train_loader.generator
-        g.manual_seed(self.cfg["train"]["seed"] * 1000 + self.epoch)  # per-epoch shuffle, reproducible on resume
+        t = self.cfg["train"]
+        # every random draw of an epoch (shuffle, worker seeds, flips, attacks) follows from the epoch's seed, so a
+        # resume mid-epoch replays the skipped batches' draws and continues exactly where the run stopped
+        epoch_seed = t["seed"] * 1000 + self.epoch
+        self.train_loader.generator.manual_seed(epoch_seed)
+        seed_everything(epoch_seed)
+        skip = self.batch_in_epoch
+        save_every = int(t.get("save_every_steps") or 0)
         sums, n_img, nsteps, t0 = {}, 0, 0, time.time()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}",
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{t['epochs']}",
                    disable=None if self.progress else True, unit="batch", dynamic_ncols=True)
-        for images, targets, _ in bar:
+        for i, (images, targets, _) in enumerate(bar):
+            if i < skip:
+                continue
+            self.batch_in_epoch = i + 1
+            self._check_signal()
             images = images.to(self.device, non_blocking=True)
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
             self.optimizer.zero_grad(set_to_none=True)
@@ -198,6 +220,10 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
+            if save_every and self.step % save_every == 0:
+                self.save("last.pt")
+                self._metrics({"event": "checkpoint", "epoch": self.epoch, "batch": self.batch_in_epoch,
+                               "step": self.step})
             n_img += len(images)
             nsteps += 1
             for k, v in logs.items():
@@ -213,7 +239,32 @@ class Trainer:
                **{f"train/{k}": v / steps for k, v in sums.items()}}
         return rec
 
+    def _check_signal(self):
+        if self._signal is not None:
+            # the batch in hand has not been trained on: the checkpoint resumes at it
+            self.batch_in_epoch -= 1
+            self.save("last.pt")
+            raise TrainingInterrupted(self._signal, f"stopped by signal {self._signal} at epoch {self.epoch + 1}, "
+                                      f"step {self.step}; {self.out}/last.pt written, continue with --resume")
+
     def fit(self, resume: Optional[str] = None) -> dict:
+        import signal
+        import threading
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum, frame):
+                self._signal = signum
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, on_signal)
+        try:
+            return self._fit(resume)
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _fit(self, resume: Optional[str] = None) -> dict:
         dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
         if resume:
             self.resume(resume)
@@ -225,6 +276,7 @@ class Trainer:
         while self.epoch < t["epochs"]:
             rec = self.train_epoch()
             self.epoch += 1
+            self.batch_in_epoch = 0
             last = self.epoch == t["epochs"]
             if last or (t["eval_every"] and self.epoch % t["eval_every"] == 0):
                 result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
