@@ -55,6 +55,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
             if path and os.path.isfile(path):
                 inputs[f"PGD-{k}"] = torch.from_numpy(np.load(path)).to(device)
             else:
+                bar.set_postfix(attack=f"PGD-{k}")
                 adv = pgd_attack(model, inputs["clean"], targets_d, eps=eps, steps=k, step_size=eps / k,
                                  loss_keys=keys)
                 inputs[f"PGD-{k}"] = adv

@@ -157,6 +157,7 @@ def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, atta
             results["clean"] += detections_to_coco(model.predict(images, **(postprocess_kw or {})), metas,
                                                    dataset.label_to_cat_id)
         for k in steps:
+            bar.set_postfix(attack=f"PGD-{k}", img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
             adv = pgd_attack(model, images, targets, eps=eps, steps=k, step_size=eps / k, loss_keys=keys)
             with torch.inference_mode():
                 results[f"PGD-{k}"] += detections_to_coco(model.predict(adv, **(postprocess_kw or {})), metas,
