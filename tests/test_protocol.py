@@ -75,6 +75,18 @@ def test_tod_keeps_the_larger_loss_candidate_per_image(tiny_yolo):
         assert torch.equal(chosen[i], cands[int(losses[1] > losses[0])])
 
 
+def test_batched_per_image_losses_equal_single_image_forwards(tiny_yolo):
+    from fa_train.adversarial.attacks import detection_loss, frozen_batchnorm
+
+    model = tiny_yolo.train()
+    x, t = torch.rand(3, 3, 64, 64, dtype=torch.float64), make_targets(3)
+    model.double()
+    with torch.no_grad(), frozen_batchnorm(model):
+        batched = model.per_image_losses(x, t)
+        single = torch.stack([detection_loss(model, x[i:i + 1], t[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-9, atol=1e-12)
+
+
 def test_fa_bench_table_and_json(trained, tmp_path):
     js, md = tmp_path / "b.json", tmp_path / "b.md"
     r = CliRunner().invoke(bench_main, ["--weights", str(trained), "--weights", str(trained), "--steps", "1,2",

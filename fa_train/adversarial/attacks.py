@@ -73,11 +73,17 @@ def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, ste
     return x_adv
 
 
+def per_image_losses(model, images, targets) -> torch.Tensor:
+    """[N] total detection loss per image: the model's batched version when it has one, else one forward each."""
+    if hasattr(model, "per_image_losses"):
+        return model.per_image_losses(images, targets)
+    return torch.stack([detection_loss(model, images[i:i + 1], targets[i:i + 1]) for i in range(len(images))])
+
+
 def choose_larger_loss(model, targets, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per image, the candidate with the larger total detection loss (no gradient, BatchNorm frozen)."""
     with torch.no_grad(), frozen_batchnorm(model):
-        scores = torch.stack([torch.stack([detection_loss(model, c[i:i + 1], targets[i:i + 1])
-                                           for i in range(len(c))]) for c in candidates])
+        scores = torch.stack([per_image_losses(model, c, targets) for c in candidates])
     pick = scores.argmax(0)  # [N]
     return torch.stack([candidates[int(p)][i] for i, p in enumerate(pick)])
 

@@ -232,6 +232,13 @@ class YoloV3(Detector):
         preds, mid = self._heads(images)
         return yolo_loss(preds, targets, self.anchors, self.strides, self.num_classes, self.cfg.loss), mid
 
+    def per_image_losses(self, images, targets) -> torch.Tensor:
+        """[N] total detection loss of each image, from one batched forward (TOD's per-image choice).
+        Equal to a forward of each image alone when BatchNorm is frozen (eval), as it is in attacks."""
+        preds, _ = self._heads(images)
+        return torch.stack([sum(yolo_loss([p[i:i + 1] for p in preds], targets[i:i + 1], self.anchors, self.strides,
+                                          self.num_classes, self.cfg.loss).values()) for i in range(len(images))])
+
     def decode(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw head maps -> [N, A, 5 + C]: cx, cy, w, h (input pixels), objectness, class probabilities."""
         out = []
