@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch

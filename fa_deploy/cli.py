@@ -9,6 +9,19 @@ import time
 import click
 
 
+def _checkpoint_data(ckpt: dict, data=None, img_size=None):
+    """(data spec, image size, synth seed): the flags when given, else what the checkpoint was trained on."""
+    dcfg = ckpt.get("config", {}).get("data", {})
+    return data or dcfg.get("spec", "synth"), img_size or dcfg.get("img_size", 416), dcfg.get("synth_seed", 0)
+
+
+def _dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None):
+    from fa_train.data import build_dataset
+
+    spec, size, seed = _checkpoint_data(ckpt, data, img_size)
+    return build_dataset(spec, role, size, split, max_images, seed, log=lambda m: click.echo(m, err=True))
+
+
 def _steps(value: str):
     try:
         steps = tuple(int(s) for s in value.split(",") if s.strip())
@@ -51,7 +64,7 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
         return _harness_main(weights[0], backends, attack, eps, _steps(steps), data, test_split, img_size,
                              batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet)
     from fa_train.checkpoint import CheckpointError, check_classes, load_model
-    from fa_train.data import DataError, build_dataset
+    from fa_train.data import DataError
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import evaluate, robustness
 
@@ -65,11 +78,8 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
             model, ckpt = load_model(w)
             model.to(dev).eval()
             cfg = ckpt.get("config", {})
-            dcfg = cfg.get("data", {})
             if ds is None:
-                ds = build_dataset(data or dcfg.get("spec", "synth"), "test", img_size or dcfg.get("img_size", 416),
-                                   test_split, max_images, dcfg.get("synth_seed", 0),
-                                   log=lambda m: click.echo(m, err=True))
+                ds = _dataset_for(ckpt, "test", data, img_size, test_split, max_images)
                 loader = make_loader(ds, batch_size, False, workers)
             check_classes(ckpt, ds.class_names, w, ds.name)
             name = os.path.basename(os.path.dirname(os.path.abspath(w))) or w
@@ -110,7 +120,7 @@ if __name__ == "__main__":
 def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers,
                   device, json_path, md_path, max_drop, cache_dir, quiet):
     from fa_train.checkpoint import CheckpointError, check_classes, load_model
-    from fa_train.data import DataError, build_dataset
+    from fa_train.data import DataError
     from fa_train.engine import make_loader, resolve_device
 
     from .backends import BackendError, load_backend
@@ -123,8 +133,7 @@ def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_s
         dev = resolve_device(device)
         model, ckpt = load_model(weights)
         model.to(dev).eval()
-        dcfg = ckpt.get("config", {}).get("data", {})
-        size = img_size or dcfg.get("img_size", 416)
+        _, size, _ = _checkpoint_data(ckpt, data, img_size)
         wsha = sha256(weights)
         loaded = []
         for b in backends:
@@ -137,8 +146,7 @@ def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_s
             if shape and shape[-1] != size:
                 raise BackendError(f"{b}: exported for {shape[-1]} px input, the benchmark uses {size} px")
             loaded.append(bk)
-        ds = build_dataset(data or dcfg.get("spec", "synth"), "test", size, test_split, max_images,
-                           dcfg.get("synth_seed", 0), log=lambda m: click.echo(m, err=True))
+        ds = _dataset_for(ckpt, "test", data, size, test_split, max_images)
         check_classes(ckpt, ds.class_names, weights, ds.name)
         loader = make_loader(ds, batch_size, False, workers)
         res = run_harness(model, loaded, loader, dev, eps, steps, attack, cache_dir, wsha, progress=not quiet,
@@ -205,7 +213,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
     import numpy as np
 
     from fa_train.checkpoint import CheckpointError, load_model
-    from fa_train.data import DataError, build_dataset
+    from fa_train.data import DataError
     from fa_train.engine import make_loader
 
     from . import export as ex
@@ -222,8 +230,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
         click.echo(f"fa-export: error: {e}", err=True)
         sys.exit(2)
     model.eval()
-    dcfg = ckpt.get("config", {}).get("data", {})
-    img_size = img_size or dcfg.get("img_size", 416)
+    calib_spec, img_size, _ = _checkpoint_data(ckpt, calib_data, img_size)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(weights)), "export")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(weights))[0]
@@ -234,16 +241,14 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
         fp32 = os.path.join(out_dir, f"{stem}.fp32.onnx")
         ex.export_fp32(model, fp32, img_size, batch=brange[1], dynamic_batch=dynamic is not None, opset=opset)
         paths["fp32"] = fp32
-        test_ds = build_dataset(calib_data or dcfg.get("spec", "synth"), "test", img_size,
-                                max_images=max(verify_images, 1), log=lambda m: click.echo(m, err=True))
+        test_ds = _dataset_for(ckpt, "test", calib_data, img_size, max_images=max(verify_images, 1))
         verify = np.concatenate([test_ds[i][0][None].numpy() for i in range(min(verify_images, len(test_ds)))])
         if "fp16" in precisions:
             paths["fp16"] = os.path.join(out_dir, f"{stem}.fp16.onnx")
             kept = ex.export_fp16(fp32, paths["fp16"], keep)
             click.echo(f"fp16: {len(kept)} decode nodes kept in float32", err=True)
         if "int8" in precisions:
-            cal_ds = build_dataset(calib_data or dcfg.get("spec", "synth"), "train", img_size, max_images=calib_images,
-                                   log=lambda m: click.echo(m, err=True))
+            cal_ds = _dataset_for(ckpt, "train", calib_data, img_size, max_images=calib_images)
             cal = ex.calibration_batches(model, make_loader(cal_ds, 8, False, 0), calib_images, calib_pgd, calib_eps)
             paths["int8"] = os.path.join(out_dir, f"{stem}.int8.onnx")
             ex.export_int8(fp32, paths["int8"], cal, keep)
@@ -254,7 +259,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
             if prec == "int8":
                 info["calibration"] = {"images": calib_images, "pgd": calib_pgd,
                                        "eps": calib_eps if calib_pgd else None,
-                                       "data": calib_data or dcfg.get("spec", "synth")}
+                                       "data": calib_spec}
             ex.write_sidecar(paths[prec], info)
     except (DataError, ex.ExportError, NotImplementedError) as e:
         click.echo(f"fa-export: error: {e}", err=True)

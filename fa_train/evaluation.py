@@ -11,7 +11,6 @@ import io
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .data.transforms import unletterbox_boxes

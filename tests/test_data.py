@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import shared_path
@@ -107,7 +106,6 @@ def test_shapes_dataset_deterministic_and_fast(tmp_path):
 
 def test_shapes_boxes_are_tight():
     img, objects = make_image(3, seed=0)
-    a = np.asarray(img).astype(int)
     for cls, (x0, y0, x1, y1) in objects:
         assert 0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height
 

@@ -21,7 +21,7 @@ def test_gradient_reuse_gives_the_clean_loss_parameter_gradients(tiny_yolo):
     model = tiny_yolo.double().train()
     twin = copy.deepcopy(model)
     obj = AdversarialObjective("at", torch.device("cpu"), alpha=0.3)
-    _, _, _, grad, _ = obj.clean_pass(model, images, targets, _NoScaler(), False)
+    _, _, grad, _ = obj.clean_pass(model, images, targets, _NoScaler(), False)
     # independent: the clean loss alone, backward, times alpha; and its input gradient
     x = images.clone().requires_grad_(True)
     losses, _ = twin.forward_train(x, targets)

@@ -1,6 +1,4 @@
 """YOLOv3: the architecture against Darknet's cfg files, Darknet weights I/O, the Detector contract."""
-import configparser
-import io
 
 import numpy as np
 import pytest

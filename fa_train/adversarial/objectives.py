@@ -95,13 +95,13 @@ class AdversarialObjective:
                 part = sum(losses[k] for k in keys)
                 (domain_grads[dom],) = torch.autograd.grad(part, x, retain_graph=True)
         if not math.isfinite(float(clean.detach())):
-            return clean, losses, mid.detach(), None, domain_grads
+            return clean, mid.detach(), None, domain_grads
         if self.alpha > 0:
             scaler.scale(self.alpha * clean).backward()
             grad = x.grad  # = scale * alpha * d clean / dx: same sign
         else:
             (grad,) = torch.autograd.grad(clean, x)
-        return clean, losses, mid.detach(), grad, domain_grads
+        return clean, mid.detach(), grad, domain_grads
 
     def attack(self, model, x_clean, targets, first_grad, domain_grads):
         """The same attacks as evaluation, their first step from the clean pass's gradients."""
@@ -113,7 +113,7 @@ class AdversarialObjective:
 
     def step(self, model, images, targets, scaler, amp: bool) -> Dict[str, float]:
         x_clean = images.detach()
-        clean, clean_losses, mid_clean, grad, domain_grads = self.clean_pass(model, x_clean, targets, scaler, amp)
+        clean, mid_clean, grad, domain_grads = self.clean_pass(model, x_clean, targets, scaler, amp)
         if grad is None:  # non-finite clean loss: nothing was back-propagated; the loop skips the step
             return {"loss": float("nan"), "clean": float(clean.detach())}
         x_adv = self.attack(model, x_clean, targets, grad, domain_grads)

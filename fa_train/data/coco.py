@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
