@@ -58,6 +58,11 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
          json_path, md_path, backends, max_drop, cache_dir, quiet):
     """Robustness of trained detectors under PGD attacks (the paper's protocol); with --backend, of exported
     models on adversarial images made from the source weights' gradients, with a gate on the drop."""
+    from fa_train import distributed as D
+
+    if backends and D.env_world_size() > 1:
+        raise click.UsageError("--backend runs in one process (the exported models are not sharded); "
+                               "run it without torchrun")
     if backends:
         if len(weights) != 1:
             raise click.UsageError("--backend compares exported models with ONE source --weights")
@@ -65,14 +70,19 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
                              batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet)
     from fa_train.checkpoint import CheckpointError, check_classes, load_model
     from fa_train.data import DataError
-    from fa_train.engine import make_loader, resolve_device
+    from fa_train.engine import eval_loader, resolve_device
     from fa_train.evaluation import evaluate, robustness
 
     from .report import console_table, markdown_table, write_json
 
     steps_t = _steps(steps)
     try:
-        dev = resolve_device(device)
+        # under torchrun every rank evaluates its shard of the test set; rank 0 gathers, scores and writes
+        dev = resolve_device(D.init_from_env(device) or device)
+        main_rank = D.is_main()
+        if not main_rank:
+            quiet = True
+        say = (lambda m: click.echo(m, err=True)) if D.is_main() else (lambda m: None)
         rows, details, ds = [], [], None
         for w in weights:
             model, ckpt = load_model(w)
@@ -80,11 +90,12 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
             cfg = ckpt.get("config", {})
             if ds is None:
                 ds = _dataset_for(ckpt, "test", data, img_size, test_split, max_images)
-                loader = make_loader(ds, batch_size, False, workers)
+                loader = eval_loader(ds, batch_size, workers)
             check_classes(ckpt, ds.class_names, w, ds.name)
             name = os.path.basename(os.path.dirname(os.path.abspath(w))) or w
             method = cfg.get("method", {}).get("name", "?")
-            click.echo(f"[{name}] {attack} on {ds.name} ({len(ds)} images)", err=True)
+            say(f"[{name}] {attack} on {ds.name} ({len(ds)} images"
+                + (f", {D.world_size()} processes)" if D.world_size() > 1 else ")"))
             t0 = time.time()
             if attack == "none":
                 res = evaluate(model, loader, dev, progress=not quiet)
@@ -96,10 +107,14 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
                 row = {"model": name, "method": method, **res["row"]}
                 details.append({"weights": w, **res})
             rows.append(row)
-            click.echo(f"[{name}] done in {time.time() - t0:.0f} s", err=True)
-    except (DataError, CheckpointError, ValueError) as e:
+            say(f"[{name}] done in {time.time() - t0:.0f} s")
+    except (DataError, CheckpointError, ValueError, RuntimeError) as e:
         click.echo(f"fa-bench: error: {e}", err=True)
+        D.shutdown()
         sys.exit(2)
+    D.shutdown()
+    if not main_rank:
+        return
     if attack == "none":
         columns = ["model", "method", "clean", "ms/img"]
     else:

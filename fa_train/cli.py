@@ -23,6 +23,7 @@ def _overrides(**flags) -> dict:
         "method": ("method", "name"), "pgd_steps": ("method", "pgd_steps"), "train_eps": ("method", "train_eps"),
         "step_size": ("method", "step_size"), "alpha": ("method", "alpha"), "ssfa_weight": ("method", "ssfa_weight"),
         "kdfa_weight": ("method", "kdfa_weight"), "teacher": ("method", "teacher"),
+        "sync_bn": ("train", "sync_bn"), "bad_images": ("data", "bad_images"),
     }
     for key, value in flags.items():
         if value is None:
@@ -73,12 +74,20 @@ def _overrides(**flags) -> dict:
 @click.option("--save-every-steps", type=int, help="also write last.pt every N optimizer steps (0: per epoch only)")
 @click.option("--save-safetensors", is_flag=True, default=None,
               help="also write last/best weights as .safetensors (no pickle; arch and classes in the metadata)")
+@click.option("--sync-bn", is_flag=True, default=None,
+              help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
+@click.option("--bad-images", type=click.Choice(["stop", "skip"]),
+              help="a corrupt or inconsistent training image: stop with its name (default) or skip it (counted)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def main(config_path, resume, quiet, **flags):
     """Train an object detector. With no --data, the embedded synthetic shapes dataset is generated
-    (once, into ~/.cache/fa-toolkit) and used."""
+    (once, into ~/.cache/fa-toolkit) and used.
+
+    Several processes: `torchrun --nproc_per_node N -m fa_train.cli ...` (or the fa-train script under torchrun):
+    --batch-size is then the global batch, split over the N ranks."""
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import shutdown
     from .engine import Trainer, TrainingError, TrainingInterrupted
 
     try:
@@ -91,6 +100,8 @@ def main(config_path, resume, quiet, **flags):
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
         click.echo(f"fa-train: error: {e}", err=True)
         sys.exit(2)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

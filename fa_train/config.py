@@ -14,13 +14,15 @@ DEFAULTS: Dict[str, Any] = {
               "min_size": None, "max_size": None, "trainable_layers": None, "weights": None,
               "weights_backbone": None, "box_batch_size_per_image": None},
     "data": {"spec": "synth", "train_split": None, "test_split": None, "img_size": 416, "max_images": None,
-             "max_test_images": None, "workers": 2, "synth_seed": 0},
+             "max_test_images": None, "workers": 2, "synth_seed": 0,
+             # a corrupt/inconsistent training image: stop (the default) or skip it (counted, logged)
+             "bad_images": "stop", "loader_timeout": 600},
     "train": {
         # SGD as in the paper's YOLOv3 code base (ultralytics/yolov3, 2019)
         "optimizer": "sgd", "epochs": 30, "batch_size": 16, "lr": 0.002324, "momentum": 0.97, "nesterov": True,
         "weight_decay": 0.0004569, "warmup_iters": 300, "schedule": "step", "lr_drop_at": 2 / 3,
         "amp": True, "seed": 3, "eval_every": 1, "init": None, "max_nonfinite": 10, "save_safetensors": False,
-        "save_every_steps": 0,
+        "save_every_steps": 0, "sync_bn": False,
     },
     # equation (3): --ssfa-weight is beta, --kdfa-weight is gamma (None: the model's default, 10 for YOLOv3)
     "method": {"name": "standard", "pgd_steps": 1, "train_eps": 0.01, "step_size": 0.01, "alpha": 0.5,

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import distributed as D
 from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, save_safetensors, versions
 from .config import dump_config
 from .data import build_dataset, collate
@@ -79,12 +80,24 @@ def lr_factor(step: int, steps_per_epoch: int, tcfg) -> float:
     return f
 
 
-def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False, sampler=None, batch_sampler=None,
+                timeout: float = 0):
+    """`timeout` (seconds, with workers): a worker that hangs raises instead of stalling the run forever."""
     g = torch.Generator()
     g.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate, drop_last=drop_last, generator=g,
-                                       persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    if batch_sampler is not None:
+        kw = {"batch_sampler": batch_sampler}
+    else:
+        kw = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "drop_last": drop_last,
+              "sampler": sampler}
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate, generator=g,
+                                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                                       timeout=timeout if workers > 0 else 0, **kw)
+
+
+def eval_loader(dataset, batch_size, workers):
+    """Sequential loader over this rank's shard of `dataset` (all of it in a single process)."""
+    return make_loader(dataset, batch_size, False, workers, sampler=D.ShardSampler(len(dataset)))
 
 
 def _worker_init(worker_id):
@@ -93,18 +106,47 @@ def _worker_init(worker_id):
     random.seed(s)
 
 
+# settings a resumed run may change (where it runs, how often it reports and saves, how long it trains on)
+RESUME_MAY_CHANGE = {"device", "out", "data.workers", "data.loader_timeout", "data.bad_images", "data.max_test_images",
+                     "data.test_split", "train.epochs", "train.eval_every", "train.save_every_steps",
+                     "train.save_safetensors", "train.max_nonfinite", "train.amp"}
+
+
+def resume_differences(saved: dict, now: dict, prefix: str = "") -> list:
+    """'key: checkpoint value != current value' for every setting that differs and matters to the run."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        key = prefix + k
+        if key in RESUME_MAY_CHANGE:
+            continue
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += resume_differences(a, b, key + ".")
+        elif a != b and k in saved:  # keys added to the config since the checkpoint was written are not differences
+            out.append(f"{key}: {a!r} (checkpoint) != {b!r} (now)")
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: dict, log: Callable[[str], None] = print, progress: bool = True):
         self.cfg = cfg
-        self.log = log
-        self.progress = progress
+        dist_device = D.init_from_env(cfg["device"])  # torchrun: join the process group
+        self.rank, self.world = D.rank(), D.world_size()
+        self.main = self.rank == 0
+        self.log = log if self.main else (lambda m: None)  # rank 0 alone logs, shows progress and writes files
+        log = self.log
+        self.progress = progress and self.main
         t, d = cfg["train"], cfg["data"]
-        self.device = resolve_device(cfg["device"])
+        self.device = resolve_device(dist_device or cfg["device"])
         seed_everything(t["seed"])
         self.train_set = build_dataset(d["spec"], "train", d["img_size"], d["train_split"], d["max_images"],
                                        d["synth_seed"], log=log)
         self.test_set = build_dataset(d["spec"], "test", d["img_size"], d["test_split"], d["max_test_images"],
                                       d["synth_seed"], log=log)
+        if d["bad_images"] not in ("stop", "skip"):
+            raise TrainingError(f"data.bad_images {d['bad_images']!r}: expected stop or skip")
+        self.train_set.skip_bad = d["bad_images"] == "skip"
+        self.skipped_images = []
         if len(self.train_set) == 0:
             raise TrainingError(f"training set {self.train_set.name} is empty")
         for ds in (self.train_set, self.test_set):
@@ -115,13 +157,23 @@ class Trainer:
                                   **{k: v for k, v in m.items() if k != "name" and v is not None}).to(self.device)
         if t["init"]:
             self._load_init(t["init"])
+        if t.get("sync_bn") and self.world > 1:
+            self.model = D.convert_sync_batchnorm(self.model, self.device)
+        D.broadcast_model(self.model)  # every rank starts from rank 0's weights
         self.optimizer = build_optimizer(self.model, t)
         self.batch_size = t["batch_size"]
-        self.train_loader = make_loader(self.train_set, self.batch_size, True, d["workers"], t["seed"], drop_last=True)
+        try:  # --batch-size is the global batch: each of the `world` ranks takes batch_size / world of it
+            self.sampler = D.GlobalBatchSampler(len(self.train_set), self.batch_size, shuffle=True, drop_last=True,
+                                                seed=t["seed"])
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        self.train_loader = make_loader(self.train_set, self.batch_size, True, d["workers"], t["seed"],
+                                        batch_sampler=self.sampler, timeout=d["loader_timeout"])
         if len(self.train_loader) == 0:
             raise TrainingError(f"--batch-size {self.batch_size} is larger than the training set "
                                 f"({len(self.train_set)} images)")
-        self.test_loader = make_loader(self.test_set, self.batch_size, False, d["workers"])
+        self.test_loader = make_loader(self.test_set, self.batch_size // self.world or 1, False, d["workers"],
+                                       sampler=D.ShardSampler(len(self.test_set)), timeout=d["loader_timeout"])
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, t))
@@ -135,7 +187,8 @@ class Trainer:
         self._signal = None
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.out = cfg["out"]
-        os.makedirs(self.out, exist_ok=True)
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
 
     # -- weights
     def _load_init(self, path):
@@ -151,23 +204,29 @@ class Trainer:
 
     def checkpoint(self) -> dict:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict(), "world_size": self.world, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "batch_in_epoch": self.batch_in_epoch,
             "nonfinite_total": self.nonfinite_total,
             "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
             "config": self.cfg, "versions": versions(),
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                    "python": list(random.getstate()[1])},
+                    "python": list(random.getstate()[1]),
+                    **({"torch_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
         }
 
     def save(self, name: str):
-        atomic_save(self.checkpoint(), os.path.join(self.out, name))
+        if self.main:
+            atomic_save(self.checkpoint(), os.path.join(self.out, name))
 
     def resume(self, path: str):
         ckpt = load_checkpoint(path)
         load_into(self.model, ckpt, path)
         check_classes(ckpt, self.train_set.class_names, path, self.train_set.name)
+        diffs = resume_differences(ckpt.get("config", {}), self.cfg)
+        if diffs:
+            raise TrainingError(f"--resume {path}: the run was started with another configuration; resuming it "
+                                f"would not continue the same run:\n  " + "\n  ".join(diffs))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -177,6 +236,8 @@ class Trainer:
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} (step {self.step})")
 
     def _metrics(self, rec: dict):
+        if not self.main:
+            return
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -190,22 +251,33 @@ class Trainer:
         # resume mid-epoch replays the skipped batches' draws and continues exactly where the run stopped
         epoch_seed = t["seed"] * 1000 + self.epoch
         self.train_loader.generator.manual_seed(epoch_seed)
-        seed_everything(epoch_seed)
+        self.sampler.set_epoch(epoch_seed)
+        seed_everything(epoch_seed + 7919 * self.rank)  # per-rank streams; rank 0 = the single-process run
         skip = self.batch_in_epoch
         save_every = int(t.get("save_every_steps") or 0)
         sums, n_img, nsteps, t0 = {}, 0, 0, time.time()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{t['epochs']}",
                    disable=None if self.progress else True, unit="batch", dynamic_ncols=True)
-        for i, (images, targets, _) in enumerate(bar):
+        for i, (images, targets, metas) in enumerate(self._batches(bar)):
             if i < skip:
                 continue
             self.batch_in_epoch = i + 1
             self._check_signal()
-            images = images.to(self.device, non_blocking=True)
-            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            self._note_skipped(metas.skipped)
             self.optimizer.zero_grad(set_to_none=True)
-            logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
-            if not math.isfinite(logs["loss"]):
+            if len(images):
+                images = images.to(self.device, non_blocking=True)
+                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+                with D.sync_normalizers():  # loss denominators over the global batch
+                    logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
+            else:  # every image of this rank's share was skipped
+                logs = {"loss": 0.0}
+            # ranks agree on skipping: a non-finite loss anywhere (or an empty batch) skips the step everywhere
+            bad, empty = D.all_reduce_values([float(not math.isfinite(logs["loss"])), float(len(images) == 0)])
+            if empty and not bad:
+                self.log(f"step {self.step}: every image of the batch was skipped, no update")
+                continue
+            if bad:
                 self.nonfinite_in_row += 1
                 self.nonfinite_total += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -213,9 +285,13 @@ class Trainer:
                 self.log(f"step {self.step}: non-finite loss, step skipped ({logs})")
                 if self.nonfinite_in_row >= self.cfg["train"]["max_nonfinite"]:
                     raise TrainingError(f"{self.nonfinite_in_row} non-finite losses in a row, the last at step "
-                                        f"{self.step}: {logs}; the last good checkpoint is {self.out}/last.pt")
+                                        f"{self.step}: {logs}; {self._last_good()}")
                 continue
             self.nonfinite_in_row = 0
+            D.average_gradients(self.model.parameters())
+            if self.world > 1:  # logged values: the mean over ranks
+                keys = sorted(logs)
+                logs = dict(zip(keys, (v / self.world for v in D.all_reduce_values([logs[k] for k in keys]))))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -224,7 +300,7 @@ class Trainer:
                 self.save("last.pt")
                 self._metrics({"event": "checkpoint", "epoch": self.epoch, "batch": self.batch_in_epoch,
                                "step": self.step})
-            n_img += len(images)
+            n_img += len(images) * self.world
             nsteps += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -239,11 +315,42 @@ class Trainer:
                **{f"train/{k}": v / steps for k, v in sums.items()}}
         return rec
 
+    def _batches(self, loader):
+        """The loader's batches; a worker that dies or hangs becomes a TrainingError that says so."""
+        it = iter(loader)
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader worker" in str(e) or "DataLoader timed out" in str(e):
+                    raise TrainingError(f"data loading failed at epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1}: "
+                                        f"{e}; {self._last_good()}") from e
+                raise
+
+    def _last_good(self) -> str:
+        path = os.path.join(self.out, "last.pt")
+        if os.path.isfile(path):
+            return f"the last good checkpoint is {path} (continue with --resume)"
+        return "no checkpoint had been written yet"
+
+    def _note_skipped(self, skipped):
+        for b in skipped:
+            self.skipped_images.append(b.file)
+            self.log(f"skipped image {b.file}: {b.reason}")
+            self._metrics({"event": "bad_image", "epoch": self.epoch, "file": b.file, "reason": b.reason})
+
     def _check_signal(self):
-        if self._signal is not None:
+        got = self._signal
+        if self.world > 1:  # all ranks stop at the same batch
+            got = int(D.all_reduce_values([float(self._signal or 0)], op="max")[0]) or None
+        if got is not None:
+            self._signal = got
             # the batch in hand has not been trained on: the checkpoint resumes at it
             self.batch_in_epoch -= 1
             self.save("last.pt")
+            D.barrier()  # no rank exits before rank 0 has written the checkpoint
             raise TrainingInterrupted(self._signal, f"stopped by signal {self._signal} at epoch {self.epoch + 1}, "
                                       f"step {self.step}; {self.out}/last.pt written, continue with --resume")
 
@@ -265,13 +372,16 @@ class Trainer:
                 signal.signal(sig, h)
 
     def _fit(self, resume: Optional[str] = None) -> dict:
-        dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+        if self.main:
+            dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
         if resume:
             self.resume(resume)
         t = self.cfg["train"]
         self.log(f"training {self.cfg['model']['name']} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
                  f"parameters) with method {self.cfg['method']['name']} on {self.train_set.name} "
-                 f"({len(self.train_set)} images), device {self.device}, {t['epochs']} epochs")
+                 f"({len(self.train_set)} images), device {self.device}, {t['epochs']} epochs"
+                 + (f", {self.world} processes, {self.batch_size // self.world} images each per step"
+                    if self.world > 1 else ""))
         result = None
         while self.epoch < t["epochs"]:
             rec = self.train_epoch()
@@ -285,11 +395,11 @@ class Trainer:
                 if result["AP50"] > self.best_ap:
                     self.best_ap = result["AP50"]
                     self.save("best.pt")
-                    if t.get("save_safetensors"):
+                    if t.get("save_safetensors") and self.main:
                         save_safetensors(self.model, os.path.join(self.out, "best.safetensors"),
                                          self.train_set.class_names, self.cfg)
             self.save("last.pt")
-            if t.get("save_safetensors"):
+            if t.get("save_safetensors") and self.main:
                 save_safetensors(self.model, os.path.join(self.out, "last.safetensors"), self.train_set.class_names,
                                  self.cfg)
             self._metrics(rec)
@@ -297,6 +407,12 @@ class Trainer:
         if result is None:  # resumed a finished run
             result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
         self.log(format_ap_table(result, f"clean AP50 on {self.test_set.name} (last epoch)"))
-        with open(os.path.join(self.out, "eval.json"), "w") as f:
-            json.dump({"clean": result, "best_AP50": self.best_ap}, f, indent=2)
+        if self.skipped_images:
+            self.log(f"{len(self.skipped_images)} training images were skipped (data.bad_images: skip); "
+                     f"listed in {self.out}/metrics.jsonl")
+        if self.main:
+            with open(os.path.join(self.out, "eval.json"), "w") as f:
+                json.dump({"clean": result, "best_AP50": self.best_ap, "skipped_images": self.skipped_images,
+                           "world_size": self.world}, f, indent=2)
+        D.barrier()
         return result

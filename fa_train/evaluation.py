@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import distributed as D
 from .data.transforms import unletterbox_boxes
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -98,7 +99,11 @@ def evaluate(model, loader, device, image_transform: Optional[Callable] = None, 
         results += detections_to_coco(dets, metas, dataset.label_to_cat_id)
         n += len(images)
         it.set_postfix(img_s=f"{n / max(time.time() - t0, 1e-9):.1f}")
-    out = coco_evaluate(coco_ground_truth(dataset), results, dataset.class_names)
+    # under torchrun each rank evaluated its shard: gather the detections, run pycocotools once on rank 0
+    results = D.gather_list(results)
+    n = int(D.all_reduce_values([n])[0])
+    out = coco_evaluate(coco_ground_truth(dataset), results, dataset.class_names) if D.is_main() else None
+    out = D.broadcast_object(out)
     out["images"] = n
     out["seconds"] = time.time() - t0
     return out
@@ -163,8 +168,13 @@ def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, atta
                                                           dataset.label_to_cat_id)
         n_img += len(images)
         bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
-    gt = coco_ground_truth(dataset)
-    per = {n: coco_evaluate(gt, r, dataset.class_names) for n, r in results.items()}
+    results = {n: D.gather_list(r) for n, r in results.items()}  # shards of every rank, then pycocotools once
+    n_img = int(D.all_reduce_values([n_img])[0])
+    per = None
+    if D.is_main():
+        gt = coco_ground_truth(dataset)
+        per = {n: coco_evaluate(gt, r, dataset.class_names) for n, r in results.items()}
+    per = D.broadcast_object(per)
     row = {n: per[n]["AP50"] for n in names}
     row["advAP"] = sum(row[f"PGD-{k}"] for k in steps) / len(steps)
     row["acAP"] = (row["clean"] + row["advAP"]) / 2

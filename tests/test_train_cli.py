@@ -33,6 +33,13 @@ def test_train_run_folder_and_resume(tmp_path):
     assert ck2["epoch"] == 2 and ck2["step"] == 8
     model, _ = load_model(str(out / "last.pt"))
     assert not torch.equal(model.state_dict()["backbone.stem.conv.weight"], ck["model"]["backbone.stem.conv.weight"])
+    # resuming with settings that change the run is refused, each difference listed
+    r = CliRunner().invoke(main, TINY + ["--epochs", "3", "--lr", "0.01", "--method", "at", "--out", str(out),
+                                         "--resume", str(out / "last.pt")])
+    assert r.exit_code == 2, r.output
+    assert "another configuration" in r.output
+    assert "train.lr: 0.001 (checkpoint) != 0.01 (now)" in r.output
+    assert "method.name: 'standard' (checkpoint) != 'at' (now)" in r.output
 
 
 def test_init_from_checkpoint_of_another_model_is_refused(tmp_path):

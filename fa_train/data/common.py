@@ -88,13 +88,26 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.flip_prob = flip_prob if train else 0.0
         self.name = name
         self.stats = stats or SanitizeStats()
+        self.skip_bad = False  # set by the training loop from `data.bad_images: skip`
         # contiguous label -> category id written in COCO-format results (COCO: the dataset's own ids)
         self.label_to_cat_id = list(label_to_cat_id) if label_to_cat_id else list(range(1, len(class_names) + 1))
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        """`item` is an index, or (index, sample_seed) from GlobalBatchSampler: the sample's augmentation is then
+        drawn from its own seed. With `skip_bad`, a corrupt or inconsistent image gives a BadSample (the collate
+        function drops it and the training loop counts it) instead of raising."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        try:
+            return self._load(i, seed)
+        except DataError as e:
+            if self.skip_bad:
+                return BadSample(self.records[i].file, str(e))
+            raise
+
+    def _load(self, i, seed):
         r = self.records[i]
         img = load_image(r.file)
         h, w = img.shape[:2]
@@ -102,7 +115,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise DataError(f"{r.file}: image is {w}x{h} but its annotation {r.source or '?'} says "
                             f"{r.width}x{r.height}")
         img_t, boxes, meta = letterbox(img, r.boxes, self.img_size)
-        if self.flip_prob and np.random.rand() < self.flip_prob:
+        u = np.random.default_rng(seed).random() if seed is not None else np.random.rand()
+        if self.flip_prob and u < self.flip_prob:
             img_t, boxes = hflip(img_t, boxes)
         target = {
             "boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
@@ -113,6 +127,29 @@ class DetectionDataset(torch.utils.data.Dataset):
         return img_t, target, meta
 
 
+@dataclass
+class BadSample:
+    """A training image that could not be used (`--bad-images skip`): the file and the reason."""
+    file: str
+    reason: str
+
+
+class Metas(list):
+    """Per-image metas of a batch; `skipped` lists the BadSamples the batch left out."""
+    skipped: list
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped = list(skipped)
+
+    def __reduce__(self):  # keep `skipped` across the data-loader workers' queues
+        return (Metas, (list(self), self.skipped))
+
+
 def collate(batch):
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    batch = [b for b in batch if not isinstance(b, BadSample)]
+    if not batch:
+        return torch.zeros(0), [], Metas([], bad)
     images = torch.stack([b[0] for b in batch])
-    return images, [b[1] for b in batch], [b[2] for b in batch]
+    return images, [b[1] for b in batch], Metas([b[2] for b in batch], bad)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ..distributed import normalizer, sync_normalizers
 from . import register_model
 from .base import Detector, Targets
 
@@ -236,8 +237,10 @@ class YoloV3(Detector):
         """[N] total detection loss of each image, from one batched forward (TOD's per-image choice).
         Equal to a forward of each image alone when BatchNorm is frozen (eval), as it is in attacks."""
         preds, _ = self._heads(images)
-        return torch.stack([sum(yolo_loss([p[i:i + 1] for p in preds], targets[i:i + 1], self.anchors, self.strides,
-                                          self.num_classes, self.cfg.loss).values()) for i in range(len(images))])
+        with sync_normalizers(False):  # one image's own loss, never a share of a global batch
+            return torch.stack([sum(yolo_loss([p[i:i + 1] for p in preds], targets[i:i + 1], self.anchors,
+                                              self.strides, self.num_classes, self.cfg.loss).values())
+                                for i in range(len(images))])
 
     def decode(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw head maps -> [N, A, 5 + C]: cx, cy, w, h (input pixels), objectness, class probabilities."""
@@ -344,16 +347,18 @@ def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: 
     # float32 at least (AMP runs the network in float16), float64 when the model is float64 (gradient checks)
     dtype = torch.float64 if preds[0].dtype == torch.float64 else torch.float32
     device = preds[0].device
-    lbox = torch.zeros((), device=device, dtype=dtype)
-    lcls = torch.zeros((), device=device, dtype=dtype)
-    lobj = torch.zeros((), device=device, dtype=dtype)
+    zero = torch.zeros((), device=device, dtype=dtype)
     assigned = build_targets(preds, targets, anchors, strides, cfg.iou_t)
     na = anchors.shape[1]
+    # per level: sums and their denominators (positives, positives x classes, weighted cells); the denominators
+    # go through one `normalizer` call, global over ranks inside a distributed training step
+    box_sums, cls_sums, obj_sums, counts = [], [], [], []
     for l, (p, a) in enumerate(zip(preds, assigned)):
         n, _, h, w = p.shape
         p = p.to(dtype).view(n, na, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
         tobj = torch.zeros(p.shape[:4], device=device, dtype=dtype)
         weight = torch.ones_like(tobj)
+        box_sum, cls_sum, n_pos = zero, zero, zero
         if a is not None and len(a["b"]):
             ps = p[a["b"], a["a"], a["gj"], a["gi"]]
             keep = ~a["ignore"]
@@ -368,15 +373,23 @@ def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: 
                 pb = torchvision.ops.box_convert(pbox, "cxcywh", "xyxy")
                 tb = torchvision.ops.box_convert(tbox, "cxcywh", "xyxy")
                 giou_loss = torchvision.ops.generalized_box_iou_loss(pb, tb, reduction="none")
-                lbox = lbox + giou_loss.mean()
+                box_sum = giou_loss.sum()
+                n_pos = torch.tensor(float(len(giou_loss)), device=device, dtype=dtype)
                 bk, ak, jk, ik = a["b"][keep], a["a"][keep], a["gj"][keep], a["gi"][keep]
                 tobj[bk, ak, jk, ik] = (1.0 - giou_loss.detach()).clamp(0).to(dtype)
                 weight[bk, ak, jk, ik] = 1.0
                 if num_classes > 1:
                     tcls = F.one_hot(a["cls"][keep], num_classes).to(dtype)
-                    lcls = lcls + F.binary_cross_entropy_with_logits(ps_k[:, 5:], tcls)
+                    cls_sum = F.binary_cross_entropy_with_logits(ps_k[:, 5:], tcls, reduction="sum")
         bce = F.binary_cross_entropy_with_logits(p[..., 4], tobj, reduction="none")
-        lobj = lobj + cfg.obj_balance[l] * (bce * weight).sum() / weight.sum().clamp(min=1.0)
+        box_sums.append(box_sum)
+        cls_sums.append(cls_sum)
+        obj_sums.append((bce * weight).sum())
+        counts += [n_pos, n_pos * num_classes, weight.sum().detach()]
+    denom = normalizer(torch.stack(counts)).view(-1, 3)
+    lbox = sum(s / d for s, d in zip(box_sums, denom[:, 0].clamp(min=1e-12)))
+    lcls = sum(s / d for s, d in zip(cls_sums, denom[:, 1].clamp(min=1e-12)))
+    lobj = sum(cfg.obj_balance[l] * s / d for l, (s, d) in enumerate(zip(obj_sums, denom[:, 2].clamp(min=1.0))))
     return {"box": cfg.giou_gain * lbox, "obj": cfg.obj_gain * lobj, "cls": cfg.cls_gain * lcls}
 
 
