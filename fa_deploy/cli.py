@@ -53,9 +53,15 @@ def _steps(value: str):
 @click.option("--max-drop", type=float, default=0.02,
               help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
+@click.option("--visualize", "vis_dir", type=click.Path(file_okay=False),
+              help="write PNGs of the first --num-vis test images: each model (and backend) on the clean image and "
+                   "under PGD-1 at --eps, boxes, ground truth and Grad-CAM of the aligned layer")
+@click.option("--num-vis", type=int, default=4, help="images for --visualize / --report")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="write DIR/report.html (self-contained) and DIR/report.md: the tables, plots and pictures")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers, device,
-         json_path, md_path, backends, max_drop, cache_dir, quiet):
+         json_path, md_path, backends, max_drop, cache_dir, vis_dir, num_vis, report_dir, quiet):
     """Robustness of trained detectors under PGD attacks (the paper's protocol); with --backend, of exported
     models on adversarial images made from the source weights' gradients, with a gate on the drop."""
     from fa_train import distributed as D
@@ -67,7 +73,8 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
         if len(weights) != 1:
             raise click.UsageError("--backend compares exported models with ONE source --weights")
         return _harness_main(weights[0], backends, attack, eps, _steps(steps), data, test_split, img_size,
-                             batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet)
+                             batch_size, max_images, workers, device, json_path, md_path, max_drop, cache_dir, quiet,
+                             vis_dir, num_vis, report_dir)
     from fa_train.checkpoint import CheckpointError, check_classes, load_model
     from fa_train.data import DataError
     from fa_train.engine import eval_loader, resolve_device
@@ -126,14 +133,50 @@ def main(weights, attack, eps, steps, data, test_split, img_size, batch_size, ma
             f.write(f"{title}\n\n{markdown_table(rows, columns)}\n")
     if json_path:
         write_json({"title": title, "columns": columns, "rows": rows, "details": details}, json_path)
+    if vis_dir or report_dir:
+        from fa_train.checkpoint import load_model
+
+        if report_dir:
+            os.makedirs(report_dir, exist_ok=True)
+        sources = []
+        for w, r in zip(weights, rows):
+            m, _ = load_model(w)
+            sources.append((r["model"], m.to(dev).eval()))
+        figs = _pictures(sources, [], ds, dev, vis_dir, num_vis, eps, attack, report_dir)
+        if report_dir:
+            plots = []
+            if attack != "none":
+                from .plots import steps_plot, tradeoff_plot
+
+                plots = [("clean AP50 against advAP, dotted lines of equal acAP",
+                          tradeoff_plot(rows, os.path.join(report_dir, "tradeoff.png"))),
+                         ("AP50 against PGD steps", steps_plot(rows, steps_t, os.path.join(report_dir, "steps.png")))]
+            _write_report(report_dir, "fa-bench: robustness report", [(title, rows, columns)], plots + figs)
 
 
-if __name__ == "__main__":
-    main()
+def _pictures(sources, backends, ds, dev, vis_dir, num_vis, eps, attack, report_dir):
+    """--visualize / --report: the detection PNGs, as (caption, path) figures."""
+    from fa_train.evaluation import attack_loss_keys
+
+    from .visualize import visualize
+
+    out = vis_dir or os.path.join(report_dir, "detections")
+    keys = None if attack in ("pgd", "none") else attack_loss_keys(sources[0][1], attack)
+    paths = visualize(sources, ds, out, dev, num_images=num_vis, eps=eps, backends=backends, attack_keys=keys,
+                      log=lambda m: click.echo(m, err=True))
+    return [(f"{os.path.basename(p)}: clean and PGD-1 (eps {eps:g}); green boxes predicted, white dashed ground "
+             f"truth; heat map: Grad-CAM of the aligned layer through the detection loss", p) for p in paths]
+
+
+def _write_report(report_dir, title, tables, figures, verdict=""):
+    from .html_report import write_report
+
+    paths = write_report(report_dir, title, tables, figures, verdict=verdict)
+    click.echo(f"report: {paths['html']} and {paths['markdown']}", err=True)
 
 
 def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_size, batch_size, max_images, workers,
-                  device, json_path, md_path, max_drop, cache_dir, quiet):
+                  device, json_path, md_path, max_drop, cache_dir, quiet, vis_dir=None, num_vis=4, report_dir=None):
     from fa_train.checkpoint import CheckpointError, check_classes, load_model
     from fa_train.data import DataError
     from fa_train.engine import make_loader, resolve_device
@@ -187,6 +230,23 @@ def _harness_main(weights, backends, attack, eps, steps, data, test_split, img_s
     if json_path:
         write_json({"title": title, "columns": columns, **res, "gate": {"max_drop": max_drop, "failures": failures}},
                    json_path)
+    if vis_dir or report_dir:
+        if report_dir:
+            os.makedirs(report_dir, exist_ok=True)
+        figs = _pictures([("source", model)], [(b.name, b) for b in loaded], ds, dev, vis_dir, num_vis, eps, attack,
+                         report_dir)
+        if report_dir:
+            from .plots import drop_plot, steps_plot, tradeoff_plot
+
+            plots = [("drop of each backend against the source",
+                      drop_plot(res["rows"], os.path.join(report_dir, "deploy_drop.png"), max_drop))]
+            if attack != "none":
+                plots += [("clean AP50 against advAP per backend, dotted lines of equal acAP",
+                           tradeoff_plot(res["rows"], os.path.join(report_dir, "tradeoff.png"), "backend")),
+                          ("AP50 against PGD steps per backend",
+                           steps_plot(res["rows"], steps, os.path.join(report_dir, "steps.png"), "backend"))]
+            _write_report(report_dir, "fa-bench: deployment report", [(title, res["rows"], columns)], plots + figs,
+                          verdict=f"{'PASS' if not failures else 'FAIL'} (max drop {max_drop})")
     if failures:
         sys.exit(1)
 
@@ -332,3 +392,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
         click.echo(f"fa-export: parity outside the tolerances for {', '.join(failed)} (see the table; "
                    f"--no-verify to keep going)", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,17 @@ def main(argv: list[str]) -> int:
     with open(os.path.join(out, "replicate.json"), "w") as f:
         json.dump(agg, f, indent=2)
     md = markdown(agg, title)
+    try:  # the trade-off of the means (needs matplotlib, installed with the package)
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from fa_deploy.plots import tradeoff_plot
+
+        means = [{"method": r["method"], **{k: r[k]["mean"] for k in ("clean", "advAP") if k in r}}
+                 for r in agg["rows"]]
+        if all("advAP" in r for r in means):
+            tradeoff_plot(means, os.path.join(out, "replicate_tradeoff.png"), label_key="method")
+            md += "\n![clean AP50 against advAP, means over seeds](replicate_tradeoff.png)\n"
+    except ImportError as e:
+        print(f"replicate_table.py: no plot ({e})", file=sys.stderr)
     with open(os.path.join(out, "replicate.md"), "w") as f:
         f.write(md)
     print(md)

@@ -162,9 +162,20 @@ def test_harness_table_and_gate(overfit, exported, tmp_path):
         assert row["ms/img"] > 0 and row["img/s"] > 0 and set(row) >= {"PGD-1", "PGD-2", "advAP", "acAP"}
     assert len(os.listdir(tmp_path / "cache")) == 2  # one file per (batch, k)
     # the broken backend (weights perturbed after export) fails the gate with exit code 1
-    r = CliRunner().invoke(bench_main, common + ["--backend", str(broken), "--cache-dir", str(tmp_path / "cache")])
+    rep = tmp_path / "report"
+    r = CliRunner().invoke(bench_main, common + ["--backend", str(broken), "--cache-dir", str(tmp_path / "cache"),
+                                                 "--report", str(rep), "--num-vis", "1"])
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "broken.fp32.onnx: clean lower by" in r.output
+    # the report is written before the exit code: drop plot, trade-off, steps, one picture (source + backend rows)
+    for f in ("report.html", "report.md", "deploy_drop.png", "tradeoff.png", "steps.png"):
+        assert (rep / f).is_file(), f
+    html = (rep / "report.html").read_text()
+    assert "class='fail'" in html and html.count("<img ") == 4 and "broken.fp32.onnx" in html
+    (pic,) = os.listdir(rep / "detections")
+    from PIL import Image
+
+    assert Image.open(rep / "detections" / pic).size == (640, 640)  # 2 rows x 2 columns
 
 
 def test_bench_attack_none_with_backends(overfit, exported):
