@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .export import INPUT_NAME, check_onnx, read_sidecar
+from .export import check_onnx, read_sidecar
 
 
 class BackendError(RuntimeError):
@@ -79,10 +79,11 @@ class OrtBackend(Backend):
         except Exception as e:
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({e})") from e
         self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name  # INPUT_NAME for whole detectors
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def raw(self, images):
-        return self.session.run(self.output_names, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
 
 
 class TrtBackend(Backend):
@@ -167,12 +168,16 @@ class TrtBackend(Backend):
 def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
+    if path.endswith(".pipeline.json"):  # a detector deployed as several networks (fa_deploy/split.py)
+        from .split import PipelineBackend
+
+        return PipelineBackend(path, providers)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         return OrtBackend(path, providers)
     if ext in (".engine", ".plan", ".trt"):
         return TrtBackend(path)
-    raise BackendError(f"--backend {path}: unknown format (expected .onnx or .engine)")
+    raise BackendError(f"--backend {path}: unknown format (expected .onnx, .engine or .pipeline.json)")
 
 
 def measure_latency(backend: Backend, postprocess, images: np.ndarray, warmup: int = 3, iters: int = 10,

@@ -310,6 +310,10 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(weights))[0]
     precisions = sorted(set(onnx_precisions) | set(engine_precisions), key=["fp32", "fp16", "int8"].index)
+    if getattr(model, "export_parts", None):  # deployed as several networks with the model's glue
+        return _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_precisions, img_size, opset,
+                                  calib_data, calib_spec, calib_images, calib_pgd, calib_eps, verify_images, brange,
+                                  dynamic, workspace, timing_cache, no_verify)
     keep = getattr(model, "export_keep_float32", ())
     paths = {}
     try:
@@ -388,6 +392,109 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
             click.echo(f"wrote {eng}: parity {'pass' if rep['passed'] else 'FAIL'}")
             if not rep["passed"]:
                 failed.append(f"{prec} engine")
+    if failed and not no_verify:
+        click.echo(f"fa-export: parity outside the tolerances for {', '.join(failed)} (see the table; "
+                   f"--no-verify to keep going)", err=True)
+        sys.exit(1)
+
+
+def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_precisions, img_size, opset,
+                       calib_data, calib_spec, calib_images, calib_pgd, calib_eps, verify_images, brange, dynamic,
+                       workspace, timing_cache, no_verify):
+    """fa-export for a detector deployed as two networks (Faster R-CNN; fa_deploy/split.py): the ONNX parts and a
+    pipeline manifest per precision, parity of each part against the source, TensorRT engines of each part."""
+    import numpy as np
+
+    from fa_train.data import DataError
+    from fa_train.engine import make_loader
+
+    from . import export as ex
+    from . import split
+    from .backends import OrtBackend
+    from .report import console_table
+    from .tensorrt import tensorrt_available
+
+    def calibration():
+        cal_ds = _dataset_for(ckpt, "train", calib_data, img_size, max_images=calib_images)
+        return ex.calibration_batches(model, make_loader(cal_ds, 4, False, 0), calib_images, calib_pgd, calib_eps)
+
+    calib_info = {"images": calib_images, "pgd": calib_pgd, "eps": calib_eps if calib_pgd else None,
+                  "data": calib_spec, "parts": ["backbone"]}
+    try:
+        manifests = split.export_split(model, weights, ckpt, out_dir, stem, precisions, img_size, opset, calibration,
+                                       calib_info, log=lambda m: click.echo(m, err=True))
+        test_ds = _dataset_for(ckpt, "test", calib_data, img_size, max_images=max(verify_images, 1))
+        verify = np.concatenate([test_ds[i][0][None].numpy() for i in range(min(verify_images, len(test_ds)))])
+    except (DataError, ex.ExportError) as e:
+        click.echo(f"fa-export: error: {e}", err=True)
+        sys.exit(2)
+    rows, failed = [], []
+
+    def record(label, reports, sizes):
+        ok = True
+        for part, rep in reports.items():
+            for name, o in rep["outputs"].items():
+                rows.append({"file": label, "part": part, "output": name, "max_abs": o.get("max_abs"),
+                             "mean_abs": o.get("mean_abs"), "max_rel": o.get("max_rel"),
+                             "fail_frac": o.get("fail_fraction", "-"),
+                             "result": "pass" if o.get("passed", True) else "FAIL", "size_MB": sizes[part]})
+            ok &= rep["passed"]
+        return ok
+
+    for prec in precisions:
+        info = split.read_manifest(manifests[prec])
+        base = os.path.dirname(manifests[prec])
+        part_files = {k: os.path.join(base, v) for k, v in info["parts"].items()}
+        reports = split.part_parity(model, manifests[prec], verify,
+                                    lambda part: OrtBackend(part_files[part], ["CPUExecutionProvider"]).raw)
+        split._write_manifest(manifests[prec], {**info, "parity": reports})
+        if not record(os.path.basename(manifests[prec]), reports,
+                      {k: os.path.getsize(v) / 2**20 for k, v in part_files.items()}):
+            failed.append(prec)
+    click.echo(console_table(rows, ["file", "part", "output", "max_abs", "mean_abs", "max_rel", "fail_frac", "result",
+                                    "size_MB"],
+                             f"parity of each part against {weights} on {len(verify)} images (ONNX Runtime CPU)"))
+    for prec in precisions:
+        click.echo(f"wrote {manifests[prec]} (parts: {', '.join(split.read_manifest(manifests[prec])['parts'].values())})")
+    if engine_precisions:
+        ok, why = tensorrt_available()
+        if not ok:
+            click.echo(f"fa-export: TensorRT engines not built: {why}.\nThe ONNX parts are written; build the "
+                       f"engines on the deployment GPU with:\n  pip install -e '.[gpu]'\n  fa-export {weights} "
+                       + " ".join(f"--engine {p}" for p in engine_precisions) + f" --img-size {img_size}", err=True)
+            sys.exit(2)
+        from .backends import TrtBackend
+        from .tensorrt import build_engine
+
+        h, w = model.transformed_size(img_size)
+        channels = model.detector.backbone.out_channels
+        pool = model.detector.roi_heads.box_roi_pool.output_size
+        pool = (pool, pool) if isinstance(pool, int) else tuple(pool)
+        per_image = int(model.detector.rpn._post_nms_top_n["testing"])
+        shapes = {"backbone": tuple((b, 3, h, w) for b in brange),
+                  "roi_heads": ((1, channels, *pool), (per_image * brange[1], channels, *pool),
+                                (per_image * brange[2], channels, *pool))}
+        for prec in engine_precisions:
+            info = split.read_manifest(manifests[prec])
+            base = os.path.dirname(manifests[prec])
+            engines, metas = {}, {}
+            for part, onnx_name in info["parts"].items():
+                eng = os.path.join(out_dir, f"{stem}.{prec}.{part}.engine")
+                metas[part] = build_engine(os.path.join(base, onnx_name), eng, info["part_io"][part]["input"], img_size,
+                                           brange, workspace, timing_cache, log=lambda m: click.echo(m, err=True),
+                                           profile_shapes=shapes[part])
+                ex.write_sidecar(eng, {**metas[part], "precision": info["part_precisions"][part]})
+                engines[part] = os.path.basename(eng)
+            manifest = os.path.join(out_dir, f"{stem}.{prec}.engine.pipeline.json")
+            split._write_manifest(manifest, {**info, **metas["backbone"], "format": "tensorrt-pipeline",
+                                             "parts": engines})
+            reports = split.part_parity(model, manifest, verify,
+                                        lambda part: TrtBackend(os.path.join(out_dir, engines[part])).raw)
+            split._write_manifest(manifest, {**split.read_manifest(manifest), "parity": reports})
+            passed = all(r["passed"] for r in reports.values())
+            click.echo(f"wrote {manifest}: parity {'pass' if passed else 'FAIL'}")
+            if not passed:
+                failed.append(f"{prec} engines")
     if failed and not no_verify:
         click.echo(f"fa-export: parity outside the tolerances for {', '.join(failed)} (see the table; "
                    f"--no-verify to keep going)", err=True)

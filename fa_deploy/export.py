@@ -136,7 +136,8 @@ def export_fp16(fp32_path: str, path: str, keep_float32_prefixes: Sequence[str])
     import warnings
 
     model = onnx.load(fp32_path)
-    keep = decode_nodes(model, keep_float32_prefixes)
+    keep = decode_nodes(model, keep_float32_prefixes) if keep_float32_prefixes else []
+    _detach_consumed_outputs(model)
     with warnings.catch_warnings():  # one warning per weight below float16's smallest normal; expected
         warnings.simplefilter("ignore", UserWarning)
         model16 = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
@@ -146,6 +147,22 @@ def export_fp16(fp32_path: str, path: str, keep_float32_prefixes: Sequence[str])
     check_onnx(tmp)
     os.replace(tmp, path)
     return keep
+
+
+def _detach_consumed_outputs(model) -> None:
+    """A graph output that other nodes also consume (Faster R-CNN's FPN levels feed the RPN head and leave the
+    backbone part) would stay float32 under keep_io_types while its consumers get float16 weights; give such an
+    output its own Identity node, so the internal tensor converts and only the graph output is cast back."""
+    from onnx import helper
+
+    outputs = {o.name for o in model.graph.output}
+    consumed = {i for n in model.graph.node for i in n.input}
+    for name in sorted(outputs & consumed):
+        inner = name + "_inner"
+        for n in model.graph.node:
+            n.output[:] = [inner if o == name else o for o in n.output]
+            n.input[:] = [inner if i == name else i for i in n.input]
+        model.graph.node.append(helper.make_node("Identity", [inner], [name], name=name + "_output"))
 
 
 def _outputs_to_float32(model) -> None:
@@ -187,7 +204,7 @@ def export_int8(fp32_path: str, path: str, calibration: Iterable[np.ndarray], ke
 
     import onnx
 
-    exclude = decode_nodes(onnx.load(fp32_path), keep_float_prefixes)
+    exclude = decode_nodes(onnx.load(fp32_path), keep_float_prefixes) if keep_float_prefixes else []
     tmp = path + ".tmp.onnx"
     root = logging.getLogger()
     level = root.level

@@ -57,8 +57,10 @@ def tensorrt_available() -> Tuple[bool, str]:
 
 
 def build_engine(onnx_path: str, engine_path: str, input_name: str, img_size: int, batch_range=(1, 1, 1),
-                 workspace_mb: int = 4096, timing_cache: Optional[str] = None, log=print) -> dict:
-    """Build and write the serialized engine; returns metadata for the sidecar."""
+                 workspace_mb: int = 4096, timing_cache: Optional[str] = None, log=print,
+                 profile_shapes: Optional[Tuple[tuple, tuple, tuple]] = None) -> dict:
+    """Build and write the serialized engine; returns metadata for the sidecar. The optimization profile is
+    [batch, 3, img_size, img_size] over `batch_range`, or `profile_shapes` = (min, opt, max) shapes of the input."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -77,8 +79,9 @@ def build_engine(onnx_path: str, engine_path: str, input_name: str, img_size: in
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     bmin, bopt, bmax = batch_range
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, (bmin, 3, img_size, img_size), (bopt, 3, img_size, img_size),
-                      (bmax, 3, img_size, img_size))
+    if profile_shapes is None:
+        profile_shapes = ((bmin, 3, img_size, img_size), (bopt, 3, img_size, img_size), (bmax, 3, img_size, img_size))
+    profile.set_shape(input_name, *profile_shapes)
     config.add_optimization_profile(profile)
     cache_bytes = b""
     if timing_cache and os.path.isfile(timing_cache):
@@ -97,6 +100,7 @@ def build_engine(onnx_path: str, engine_path: str, input_name: str, img_size: in
         with open(timing_cache, "wb") as f:
             f.write(memoryview(cache.serialize()))
     return {"format": "tensorrt", "tensorrt": trt.__version__, "gpu": gpu_name(), "batch_range": list(batch_range),
+            "profile": [list(s) for s in profile_shapes],
             "workspace_mb": workspace_mb, "onnx": os.path.abspath(onnx_path), "strongly_typed": True}
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torchvision
@@ -27,6 +29,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from . import register_model
 from .base import Detector
 
+FPN_LEVELS = ("0", "1", "2", "3", "pool")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -163,11 +166,140 @@ class FasterRCNNFPN(Detector):
             self.detector.train(was)
         return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
 
-    def export_module(self) -> nn.Module:
-        raise NotImplementedError("Faster R-CNN export (ONNX / TensorRT) is not implemented yet (issue 6)")
+    # -- deployment: the raw output is [N, max_det, 6] detections (x1, y1, x2, y2 in input pixels, score, label),
+    # zero rows past each image's detections; deployed as two networks with torchvision's own code as the glue
+    export_parts = ("backbone", "roi_heads")
 
-    def postprocess(self, raw, **kw):
-        raise NotImplementedError("Faster R-CNN export (ONNX / TensorRT) is not implemented yet (issue 6)")
+    @property
+    def max_detections(self) -> int:
+        return int(self.detector.roi_heads.detections_per_img)
+
+    def export_module(self) -> nn.Module:
+        """The source model with the raw output every backend produces (torch's own eval forward, padded)."""
+        return _RawDetections(self)
+
+    def postprocess(self, raw, conf_thres: float = 0.0, **kw):
+        """Shared by every backend: [N, max_det, 6] -> per-image detections (rows with a score above
+        `conf_thres` and above 0: the padding is all zero)."""
+        dets = torch.as_tensor(raw[0] if isinstance(raw, (list, tuple)) else raw).float()
+        out = []
+        for d in dets:
+            keep = d[:, 4] > max(conf_thres, 0.0)
+            d = d[keep]
+            out.append({"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].round().long()})
+        return out
+
+    def part_modules(self) -> dict:
+        """The two deployed networks: `backbone` (normalised, resized images -> FPN features and the RPN head's
+        objectness and box deltas per level) and `roi_heads` (pooled RoI features -> class logits, box deltas).
+        Everything between them (anchors, proposal decoding, NMS, multi-scale RoIAlign) and after them
+        (detection decoding, NMS, rescaling) runs in torchvision's own code: `run_split`."""
+        return {"backbone": _BackbonePart(self), "roi_heads": _BoxPart(self)}
+
+    def transformed_size(self, img_size: int) -> tuple:
+        """(H, W) of the tensor torchvision's transform makes from an img_size x img_size input."""
+        image_list, _ = self.detector.transform([torch.zeros(3, img_size, img_size)])
+        return tuple(image_list.tensors.shape[-2:])
+
+    def run_split(self, images, run_backbone: Callable, run_roi_heads: Callable) -> np.ndarray:
+        """Detections [N, max_det, 6] with the two networks replaced by `run_backbone(x) -> 15 arrays` and
+        `run_roi_heads(x) -> 2 arrays` (numpy in, numpy out: ONNX Runtime sessions, TensorRT engines or the
+        torch parts). The rest is torchvision's eval forward, unchanged."""
+        d = self.detector
+        stash = {}
+
+        def backbone(x):
+            outs = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in run_backbone(x.numpy())]
+            if len(outs) != 3 * len(FPN_LEVELS):
+                raise RuntimeError(f"backbone part returned {len(outs)} outputs, expected {3 * len(FPN_LEVELS)}")
+            stash["rpn"] = (outs[5:10], outs[10:15])
+            return OrderedDict(zip(FPN_LEVELS, outs[:5]))
+
+        def box_head(x):
+            if x.shape[0] == 0:
+                k = self.num_classes + 1
+                return x.new_zeros(0, k), x.new_zeros(0, 4 * k)
+            logits, deltas = run_roi_heads(x.numpy())
+            return (torch.from_numpy(np.asarray(logits, dtype=np.float32)),
+                    torch.from_numpy(np.asarray(deltas, dtype=np.float32)))
+
+        swaps = [(d, "backbone", _Call(backbone)), (d.rpn, "head", _Call(lambda feats: stash["rpn"])),
+                 (d.roi_heads, "box_head", _Call(box_head)), (d.roi_heads, "box_predictor", nn.Identity())]
+        was = d.training
+        d.eval()
+        old = [getattr(m, name) for m, name, _ in swaps]
+        try:
+            for m, name, new in swaps:
+                setattr(m, name, new)
+            with torch.inference_mode():
+                out = d(list(torch.as_tensor(np.asarray(images, dtype=np.float32))))
+        finally:
+            for (m, name, _), o in zip(swaps, old):
+                setattr(m, name, o)
+            d.train(was)
+        return pad_detections(out, self.max_detections).numpy()
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def pad_detections(dets: Sequence[dict], max_det: int) -> torch.Tensor:
+    """torchvision detections -> [N, max_det, 6] (labels 0-based, as floats), zero rows after the last one.
+    Concatenate-then-slice keeps the shape fixed in a traced graph too."""
+    rows = []
+    for o in dets:
+        b = o["boxes"].float()
+        d = torch.cat([b, o["scores"].float()[:, None], (o["labels"] - 1).to(b.dtype)[:, None]], 1)
+        rows.append(torch.cat([d, d.new_zeros(max_det, 6)])[:max_det])
+    return torch.stack(rows)
+
+
+class _RawDetections(nn.Module):
+    def __init__(self, model: FasterRCNNFPN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        d = self.model.detector
+        was = d.training
+        d.eval()
+        try:
+            out = d(list(images))
+        finally:
+            d.train(was)
+        return pad_detections(out, self.model.max_detections)
+
+
+class _BackbonePart(nn.Module):
+    """images as torchvision's transform leaves them [N,3,H,W] -> 5 FPN levels, 5 objectness maps, 5 delta maps."""
+
+    def __init__(self, model: FasterRCNNFPN):
+        super().__init__()
+        self.backbone = model.detector.backbone
+        self.head = model.detector.rpn.head
+
+    def forward(self, x):
+        feats = self.backbone(x)
+        objectness, deltas = self.head(list(feats.values()))
+        return (*feats.values(), *objectness, *deltas)
+
+
+class _BoxPart(nn.Module):
+    """pooled RoI features [R, C, 7, 7] -> class logits [R, K+1], box deltas [R, 4(K+1)]."""
+
+    def __init__(self, model: FasterRCNNFPN):
+        super().__init__()
+        self.box_head = model.detector.roi_heads.box_head
+        self.box_predictor = model.detector.roi_heads.box_predictor
+
+    def forward(self, x):
+        return self.box_predictor(self.box_head(x))
 
 
 @register_model("fasterrcnn_resnet50_fpn")

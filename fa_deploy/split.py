@@ -1,0 +1,184 @@
+"""Two-network deployment of a detector whose whole graph neither converts to float16 nor parses in TensorRT
+(Faster R-CNN: torchvision's graph holds NMS with data-dependent output sizes, multi-scale RoIAlign and the `If`
+and `Loop` nodes they bring; onnxconverter-common's float16 pass fails on those subgraphs, and TensorRT's parser
+has no RoIAlign / dynamic NMS without plugins).
+
+The model names its deployable networks (`Detector.part_modules()`, for Faster R-CNN `backbone` = ResNet + FPN +
+RPN head convolutions, and `roi_heads` = the box head MLP + predictor); each is exported like any network (ONNX
+fp32 / fp16 / int8, TensorRT engines) and a manifest `<stem>.<precision>.pipeline.json` lists the files. At run
+time `PipelineBackend` runs the parts (ONNX Runtime or TensorRT) and the model's `run_split` glue: torchvision's
+own code for the transform, anchors, proposal decoding + NMS, multi-scale RoIAlign, detection decoding + NMS and
+rescaling, on the CPU in PyTorch. int8 quantizes the backbone part (where the compute is); the RoI head part stays
+float32. Parts are exported with the TorchScript-based exporter (`dynamo=False`, opset 17): the dynamo exporter
+fails on torchvision's detection models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import export as ex
+from .backends import Backend, BackendError
+
+BACKBONE_INPUT = "images"
+ROI_INPUT = "box_features"
+
+
+def _part_names(model) -> Dict[str, dict]:
+    from fa_train.models.faster_rcnn import FPN_LEVELS
+
+    lv = [f"p{l}" for l in FPN_LEVELS]
+    return {"backbone": {"input": BACKBONE_INPUT,
+                         "outputs": [f"feat_{l}" for l in lv] + [f"objectness_{l}" for l in lv]
+                         + [f"deltas_{l}" for l in lv]},
+            "roi_heads": {"input": ROI_INPUT, "outputs": ["class_logits", "box_regression"]}}
+
+
+def _export_part(module, dummy, path, input_name, output_names, opset):
+    dyn = {input_name: {0: "n"}, **{o: {0: "n"} for o in output_names}}
+    tmp = path + ".tmp.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False on purpose: see the module docstring
+        torch.onnx.export(module.eval(), (dummy,), tmp, input_names=[input_name], output_names=output_names,
+                          opset_version=opset, dynamic_axes=dyn, dynamo=False, do_constant_folding=True)
+    ex.check_onnx(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def transformed(model, images: np.ndarray) -> np.ndarray:
+    """The backbone part's input: the images after torchvision's transform (normalised, resized, padded)."""
+    image_list, _ = model.detector.transform(list(torch.as_tensor(images)))
+    return image_list.tensors.numpy()
+
+
+def torch_runners(model) -> Dict[str, Callable]:
+    parts = {k: m.eval() for k, m in model.part_modules().items()}
+
+    def runner(m):
+        def run(x):
+            with torch.inference_mode():
+                return [o.numpy() for o in m(torch.from_numpy(np.ascontiguousarray(x)))]
+        return run
+
+    return {k: runner(m) for k, m in parts.items()}
+
+
+def roi_features(model, images: np.ndarray) -> np.ndarray:
+    """The RoI head part's inputs on `images`, as the source model computes them (for parity and calibration)."""
+    runs = torch_runners(model)
+    seen: List[np.ndarray] = []
+
+    def record(x):
+        seen.append(np.array(x))
+        return runs["roi_heads"](x)
+
+    model.run_split(images, runs["backbone"], record)
+    return np.concatenate(seen) if seen else np.zeros((0,), np.float32)
+
+
+def export_split(model, weights: str, ckpt: dict, out_dir: str, stem: str, precisions, img_size: int, opset: int,
+                 calibration: Optional[Callable[[], List[np.ndarray]]], calib_info: dict, log=print) -> Dict[str, str]:
+    """ONNX parts for every precision and one manifest each; returns {precision: manifest path}."""
+    names = _part_names(model)
+    mods = model.part_modules()
+    h, w = model.transformed_size(img_size)
+    channels = model.detector.backbone.out_channels
+    pool = model.detector.roi_heads.box_roi_pool.output_size
+    pool = (pool, pool) if isinstance(pool, int) else tuple(pool)
+    dummies = {"backbone": torch.rand(1, 3, h, w), "roi_heads": torch.rand(16, channels, *pool)}
+    files = {p: {} for p in precisions}
+    for part in ("backbone", "roi_heads"):
+        fp32 = os.path.join(out_dir, f"{stem}.fp32.{part}.onnx")
+        _export_part(mods[part], dummies[part], fp32, names[part]["input"], names[part]["outputs"], opset)
+        files.setdefault("fp32", {})[part] = fp32
+        if "fp16" in precisions:
+            files["fp16"][part] = os.path.join(out_dir, f"{stem}.fp16.{part}.onnx")
+            ex.export_fp16(fp32, files["fp16"][part], ())
+    if "int8" in precisions:
+        cal = calibration() if calibration else []
+        files["int8"]["backbone"] = os.path.join(out_dir, f"{stem}.int8.backbone.onnx")
+        ex.export_int8(files["fp32"]["backbone"], files["int8"]["backbone"], [transformed(model, c) for c in cal], ())
+        files["int8"]["roi_heads"] = os.path.join(out_dir, f"{stem}.int8.roi_heads.onnx")
+        shutil.copyfile(files["fp32"]["roi_heads"], files["int8"]["roi_heads"])
+        log(f"int8: backbone part calibrated on {sum(len(c) for c in cal)} images; the RoI head part stays float32")
+    manifests = {}
+    for prec in precisions:
+        info = ex.sidecar_info(weights, ckpt, model, img_size, prec, opset, "any")
+        info.update(format="onnx-pipeline", outputs=["detections"],
+                    parts={k: os.path.basename(v) for k, v in files[prec].items()},
+                    part_precisions={"backbone": prec, "roi_heads": "fp32" if prec == "int8" else prec},
+                    part_io=names, transformed_size=[h, w],
+                    glue="torchvision (transform, anchors, proposals + NMS, MultiScaleRoIAlign, detections + NMS)")
+        if prec == "int8":
+            info["calibration"] = calib_info
+        manifests[prec] = _write_manifest(os.path.join(out_dir, f"{stem}.{prec}.pipeline.json"), info)
+    return manifests
+
+
+def _write_manifest(path: str, info: dict) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise BackendError(f"{path}: not a readable pipeline manifest ({e})") from e
+    if info.get("format") not in ("onnx-pipeline", "tensorrt-pipeline") or not isinstance(info.get("parts"), dict):
+        raise BackendError(f"{path}: not a fa-export pipeline manifest (format {info.get('format')!r})")
+    return info
+
+
+def part_parity(model, manifest: str, verify: np.ndarray, run_part: Callable[[str], Callable]) -> dict:
+    """Each part against the source's torch part on the same inputs: the backbone on the transformed verify
+    images, the RoI heads on the source's pooled RoI features of those images."""
+    info = read_manifest(manifest)
+    runs = torch_runners(model)
+    inputs = {"backbone": transformed(model, verify), "roi_heads": roi_features(model, verify)}
+    reports = {}
+    for part in ("backbone", "roi_heads"):
+        ref = runs[part](inputs[part])
+        cand = run_part(part)(inputs[part])
+        reports[part] = ex.parity(ref, cand, info["part_precisions"][part], names=info["part_io"][part]["outputs"])
+    return reports
+
+
+class PipelineBackend(Backend):
+    """The parts of a manifest (ONNX Runtime sessions or TensorRT engines) with the model's torchvision glue."""
+
+    def __init__(self, path: str, providers: Optional[List[str]] = None):
+        from fa_train.models import create_model
+
+        from .backends import load_backend
+
+        info = read_manifest(path)
+        self.path, self.sidecar, self.manifest = path, info, info
+        self.name = os.path.basename(path)
+        self.precision = info.get("precision", "?")
+        self.format = "tensorrt" if info["format"] == "tensorrt-pipeline" else "onnx"
+        base = os.path.dirname(os.path.abspath(path))
+        self.part_paths = {k: os.path.join(base, v) for k, v in info["parts"].items()}
+        self.parts = {k: load_backend(p, providers) for k, p in self.part_paths.items()}
+        arch = dict(info["model"])
+        name, num_classes = arch.pop("name"), arch.pop("num_classes")
+        self.glue = create_model(name, num_classes, **arch).eval()  # parameter-free pieces only are used
+
+    @property
+    def size_mb(self) -> float:
+        return sum(os.path.getsize(p) for p in self.part_paths.values()) / 2**20
+
+    def raw(self, images):
+        return [self.glue.run_split(images, self.parts["backbone"].raw, self.parts["roi_heads"].raw)]

@@ -1,0 +1,162 @@
+"""Faster R-CNN deployment: the raw output against torchvision's own eval forward, the two-network split with
+torchvision's glue, fa-export to ONNX fp32 / fp16 / int8 parts with per-part parity, the pipeline backend, and
+fa-bench --backend over the exported files; TensorRT engines of the parts on a GPU."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fa_deploy.backends import BackendError, TorchBackend, load_backend
+from fa_deploy.cli import export_main, main as bench_main
+from fa_deploy.split import PipelineBackend, torch_runners
+from fa_deploy.tensorrt import tensorrt_available
+from fa_train.cli import main as train_main
+from fa_train.models import create_model
+
+TINY = dict(backbone="resnet18", fpn_channels=32, min_size=64, max_size=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("fasterrcnn_resnet50_fpn", 4, **TINY).eval()
+
+
+def test_raw_output_is_torchvisions_eval_forward_padded(model):
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.detector(list(x))  # torchvision's own eval-mode output
+        raw = model.export_module()(x)
+    assert raw.shape == (2, model.max_detections, 6)
+    for r, o in zip(raw, ref):
+        k = len(o["scores"])
+        assert k > 0  # an untrained predictor still scores every class above box_score_thresh
+        torch.testing.assert_close(r[:k, :4], o["boxes"])
+        torch.testing.assert_close(r[:k, 4], o["scores"])
+        assert torch.equal(r[:k, 5].long(), o["labels"] - 1)
+        assert (r[k:] == 0).all()
+    back = model.postprocess([raw.numpy()])
+    pred = model.predict(x)
+    for a, b in zip(back, pred):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        assert torch.equal(a["labels"], b["labels"])
+
+
+def test_split_with_the_torch_parts_equals_the_whole_model(model):
+    torch.manual_seed(2)
+    x = torch.rand(3, 3, 64, 64)
+    runs = torch_runners(model)
+    split = model.run_split(x.numpy(), runs["backbone"], runs["roi_heads"])
+    with torch.no_grad():
+        whole = model.export_module()(x).numpy()
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-5)
+    # the glue leaves the model as it was
+    assert type(model.detector.backbone).__name__ == "BackboneWithFPN"
+    assert type(model.detector.roi_heads.box_predictor).__name__ == "FastRCNNPredictor"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frcnn")
+    cfg = d / "frcnn.yaml"
+    cfg.write_text("model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, "
+                   "max_size: 64}\n")
+    r = CliRunner().invoke(train_main, ["--config", str(cfg), "--data", "synth:60", "--img-size", "64",
+                                        "--batch-size", "2", "--workers", "0", "--max-images", "4",
+                                        "--max-test-images", "2", "--epochs", "1", "--eval-every", "0", "--quiet",
+                                        "--lr", "0.001", "--out", str(d / "run")])
+    assert r.exit_code == 0, r.output
+    w = d / "run" / "last.pt"
+    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--calib-images", "8", "--calib-pgd", "--verify-images", "4"])
+    assert r.exit_code == 0, r.output
+    return w, d / "run" / "export", r.output
+
+
+def test_fa_export_writes_parts_and_manifests_with_parity(exported):
+    w, out, output = exported
+    for prec in ("fp32", "fp16", "int8"):
+        m = json.loads((out / f"last.{prec}.pipeline.json").read_text())
+        assert m["format"] == "onnx-pipeline" and m["precision"] == prec and m["classes"] == \
+            ["circle", "square", "triangle", "star"]
+        for part, f in m["parts"].items():
+            assert (out / f).is_file()
+        assert m["part_precisions"]["roi_heads"] == ("fp32" if prec == "int8" else prec)
+        assert set(m["parity"]) == {"backbone", "roi_heads"}
+        if prec != "int8":
+            assert all(r["passed"] for r in m["parity"].values())
+    assert "parity of each part" in output and "FAIL" not in output
+    # fp16 halves the parts; int8 quantizes the backbone part (Q/DQ with int8 weights)
+    size = lambda p, part: os.path.getsize(out / f"last.{p}.{part}.onnx")
+    assert size("fp16", "backbone") < 0.6 * size("fp32", "backbone")
+    assert size("int8", "backbone") < 0.4 * size("fp32", "backbone")
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "last.int8.backbone.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_pipeline_backend_matches_the_source(exported):
+    w, out, _ = exported
+    from fa_train.checkpoint import load_model
+
+    model, _ = load_model(str(w))
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    ref = TorchBackend(model).raw(x)[0]
+    fp32 = load_backend(str(out / "last.fp32.pipeline.json"))
+    assert isinstance(fp32, PipelineBackend) and fp32.precision == "fp32"
+    np.testing.assert_allclose(fp32.raw(x)[0], ref, atol=1e-3, rtol=1e-3)
+    fp16 = load_backend(str(out / "last.fp16.pipeline.json"))
+    dets16, dets32 = model.postprocess(fp16.raw(x)), model.postprocess([ref])
+    top16, top32 = dets16[0]["boxes"][:5], dets32[0]["boxes"][:5]
+    assert torch.allclose(top16, top32, atol=1.0)  # the strongest boxes agree within a pixel at float16
+    assert fp32.size_mb > fp16.size_mb > 0
+
+
+def test_fa_bench_harness_over_the_exported_files(exported, tmp_path):
+    w, out, _ = exported
+    js = tmp_path / "h.json"
+    r = CliRunner().invoke(bench_main, ["--weights", str(w), "--backend", str(out / "last.fp32.pipeline.json"),
+                                        "--backend", str(out / "last.fp16.pipeline.json"), "--backend",
+                                        str(out / "last.int8.pipeline.json"), "--max-images", "4", "--steps", "1",
+                                        "--workers", "0", "--json", str(js), "--quiet", "--max-drop", "1"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert [row["backend"] for row in rows] == ["source", "last.fp32.pipeline.json", "last.fp16.pipeline.json",
+                                                "last.int8.pipeline.json"]
+    src, fp32 = rows[0], rows[1]
+    assert fp32["clean"] == pytest.approx(src["clean"], abs=1e-6) and fp32["drift_clean"] < 1e-3
+    assert all(row["ms/img"] > 0 and "PGD-1" in row for row in rows)
+
+
+def test_bad_manifest_and_engine_without_tensorrt(exported, tmp_path):
+    w, out, _ = exported
+    bad = tmp_path / "x.pipeline.json"
+    bad.write_text(json.dumps({"format": "something"}))
+    with pytest.raises(BackendError, match="not a fa-export pipeline manifest"):
+        load_backend(str(bad))
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is available here: the GPU test covers engines")
+    r = CliRunner().invoke(export_main, [str(w), "--engine", "fp16", "--out", str(tmp_path / "e"),
+                                         "--verify-images", "2"])
+    assert r.exit_code == 2
+    assert "TensorRT engines not built" in r.output and "--engine fp16" in r.output
+    assert (tmp_path / "e" / "last.fp16.pipeline.json").is_file()  # the ONNX parts are written for the GPU
+
+
+@pytest.mark.skipif(not tensorrt_available()[0], reason="needs TensorRT and an NVIDIA GPU (pip install -e '.[gpu]')")
+def test_tensorrt_engines_of_the_parts(exported, tmp_path):
+    w, _, _ = exported
+    r = CliRunner().invoke(export_main, [str(w), "--engine", "fp16", "--out", str(tmp_path), "--verify-images", "4",
+                                         "--dynamic-batch", "1:2:4"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "last.fp16.engine.pipeline.json").read_text())
+    assert m["format"] == "tensorrt-pipeline" and all(p["passed"] for p in m["parity"].values())
+    be = load_backend(str(tmp_path / "last.fp16.engine.pipeline.json"))
+    assert be.format == "tensorrt"
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    assert be.raw(x)[0].shape == (2, 100, 6)
