@@ -105,6 +105,118 @@ void cosine_rows(const acc_t* s, const acc_t* t, int64_t J, int64_t N, int64_t C
   }
 }
 
+// ---- float32 fast path of the forward: one parallel pass in which each batch row n pools the student and every
+// target and computes its cosines, with no intermediate ATen reductions or extra thread-pool wake-ups (on the
+// small maps of a stride-32 layer those fixed costs were most of the op).
+enum class PoolLayout { Pooled, Nchw, ChannelsLast };
+
+inline bool fast_layout(const at::Tensor& x, PoolLayout* layout) {
+  if (x.scalar_type() != at::kFloat) return false;
+  if (x.dim() == 2) {
+    *layout = PoolLayout::Pooled;
+    return x.is_contiguous();
+  }
+  if (x.is_contiguous()) {
+    *layout = PoolLayout::Nchw;
+    return true;
+  }
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    *layout = PoolLayout::ChannelsLast;
+    return true;
+  }
+  return false;
+}
+
+// means of `rows` contiguous rows of HW floats
+inline void pool_rows_contiguous(const float* p, int64_t rows, int64_t HW, float inv, float* out) {
+  int64_t r = 0;
+#ifdef FA_AVX2
+  if (HW % 8 == 0) {
+    // eight rows at a time: vertical adds within each row, then one hadd tree turns the eight row vectors into
+    // one vector of eight row sums (a horizontal sum per row would cost as much as the loads)
+    for (; r + 8 <= rows; r += 8) {
+      __m256 a[8];
+      for (int k = 0; k < 8; ++k) {
+        const float* q = p + (r + k) * HW;
+        a[k] = _mm256_loadu_ps(q);
+        for (int64_t v = 8; v < HW; v += 8) a[k] = _mm256_add_ps(a[k], _mm256_loadu_ps(q + v));
+      }
+      const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+      const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+      const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+      _mm256_storeu_ps(out + r, _mm256_mul_ps(sum, _mm256_set1_ps(inv)));
+    }
+  }
+#endif
+  for (; r < rows; ++r) {
+    const float* q = p + r * HW;
+    float acc = 0.f;
+    for (int64_t i = 0; i < HW; ++i) acc += q[i];
+    out[r] = acc * inv;
+  }
+}
+
+// row n of a [N,C,H,W] (either layout) or pooled [N,C] float tensor, averaged over H, W into out[0..C)
+inline void pool_row(const float* x, PoolLayout layout, int64_t n, int64_t C, int64_t HW, float* out) {
+  const float inv = 1.0f / static_cast<float>(HW);
+  switch (layout) {
+    case PoolLayout::Pooled:
+      std::copy(x + n * C, x + (n + 1) * C, out);
+      return;
+    case PoolLayout::Nchw:
+      pool_rows_contiguous(x + n * C * HW, C, HW, inv, out);
+      return;
+    case PoolLayout::ChannelsLast: {
+      const float* p = x + n * HW * C;
+      std::fill(out, out + C, 0.f);
+      for (int64_t i = 0; i < HW; ++i)
+        for (int64_t c = 0; c < C; ++c) out[c] += p[i * C + c];  // contiguous over c: vectorised
+      for (int64_t c = 0; c < C; ++c) out[c] *= inv;
+      return;
+    }
+  }
+}
+
+bool pooled_cosine_forward_f32(const at::Tensor& student, at::TensorList targets, at::ArrayRef<double> weights,
+                               double eps, at::Tensor& ps, at::Tensor& pt, at::Tensor& loss) {
+  const int64_t J = targets.size();
+  PoolLayout layouts[kMaxTargets + 1];
+  if (ps.scalar_type() != at::kFloat || !fast_layout(student, &layouts[0])) return false;
+  for (int64_t j = 0; j < J; ++j)
+    if (!fast_layout(targets[j], &layouts[j + 1])) return false;
+  const int64_t N = student.size(0), C = student.size(1), HW = student.size(2) * student.size(3);
+  const float* src[kMaxTargets + 1];
+  int64_t hw[kMaxTargets + 1];
+  src[0] = student.data_ptr<float>();
+  hw[0] = HW;
+  int64_t work = C * HW;
+  for (int64_t j = 0; j < J; ++j) {
+    src[j + 1] = targets[j].data_ptr<float>();
+    hw[j + 1] = targets[j].dim() == 2 ? 1 : targets[j].size(2) * targets[j].size(3);
+    work += C * hw[j + 1];
+  }
+  float* s = ps.data_ptr<float>();
+  float* t = pt.data_ptr<float>();
+  std::vector<float> per_row(N);
+  at::parallel_for(0, N, grain_for(work), [&](int64_t b, int64_t e) {
+    CosineRow<float> rows[kMaxTargets];
+    for (int64_t n = b; n < e; ++n) {
+      pool_row(src[0], layouts[0], n, C, hw[0], s + n * C);
+      for (int64_t j = 0; j < J; ++j) pool_row(src[j + 1], layouts[j + 1], n, C, hw[j + 1], t + (j * N + n) * C);
+      cosine_rows<float>(s, t, J, N, C, n, static_cast<float>(eps), rows);
+      float l = 0.f;
+      for (int64_t j = 0; j < J; ++j) l += static_cast<float>(weights[j]) * (1.f - rows[j].cos);
+      per_row[n] = l;
+    }
+  });
+  float total = 0.f;
+  for (int64_t n = 0; n < N; ++n) total += per_row[n];
+  loss.fill_(total / static_cast<float>(N));
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::Tensor& student,
                                                                       at::TensorList targets,
                                                                       at::ArrayRef<double> weights, double eps) {
@@ -113,12 +225,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::
   const int64_t N = student.size(0), C = student.size(1), J = targets.size();
   auto ps = at::empty({N, C}, student.options().dtype(acc_type));
   auto pt = at::empty({J, N, C}, student.options().dtype(acc_type));
+  auto loss = at::empty({}, ps.options());
+  if (pooled_cosine_forward_f32(student, targets, weights, eps, ps, pt, loss)) return {loss, ps, pt};
   pool_cpu_into(student, ps);
   for (int64_t j = 0; j < J; ++j) {
     auto slot = pt.select(0, j);
     pool_cpu_into(targets[j], slot);
   }
-  auto loss = at::empty({}, ps.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "fa_cosine_cpu", [&] {
     const scalar_t* s = ps.data_ptr<scalar_t>();
     const scalar_t* t = pt.data_ptr<scalar_t>();
@@ -151,15 +264,23 @@ at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Ten
     const acc_t* t = pt.data_ptr<acc_t>();
     acc_t* g = coef.data_ptr<acc_t>();
     const acc_t scale = grad.item<acc_t>() / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
+    acc_t w[kMaxTargets];
+    for (int64_t j = 0; j < J; ++j) w[j] = static_cast<acc_t>(weights[j]);
     at::parallel_for(0, N, grain_for(C * (J + 1)), [&](int64_t b, int64_t e) {
       CosineRow<acc_t> rows[kMaxTargets];
       for (int64_t n = b; n < e; ++n) {
         cosine_rows<acc_t>(s, t, J, N, C, n, static_cast<acc_t>(eps), rows);
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t v = 0;
-          for (int64_t j = 0; j < J; ++j)
-            v += static_cast<acc_t>(weights[j]) * (rows[j].beta * s[n * C + c] - rows[j].alpha * t[(j * N + n) * C + c]);
-          g[n * C + c] = v * scale;
+        // g = scale * (sum_j w_j beta_j * s - sum_j w_j alpha_j * t_j): one contiguous, vectorised loop per term
+        acc_t bsum = 0;
+        for (int64_t j = 0; j < J; ++j) bsum += w[j] * rows[j].beta;
+        const acc_t* sn = s + n * C;
+        acc_t* gn = g + n * C;
+        const acc_t bs = bsum * scale;
+        for (int64_t c = 0; c < C; ++c) gn[c] = bs * sn[c];
+        for (int64_t j = 0; j < J; ++j) {
+          const acc_t a = w[j] * rows[j].alpha * scale;
+          const acc_t* tj = t + (j * N + n) * C;
+          for (int64_t c = 0; c < C; ++c) gn[c] -= a * tj[c];
         }
       }
     });
