@@ -294,7 +294,6 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
     from . import export as ex
     from .backends import OrtBackend, TorchBackend
     from .report import console_table
-    from .tensorrt import tensorrt_available
 
     if not onnx_precisions and not engine_precisions:
         raise click.UsageError("nothing to do: give --onnx and/or --engine")
@@ -372,13 +371,7 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
     for prec in precisions:
         click.echo(f"wrote {paths[prec]} (+ .json sidecar)")
     if engine_precisions:
-        ok, why = tensorrt_available()
-        if not ok:
-            click.echo(f"fa-export: TensorRT engines not built: {why}.\nThe ONNX files are written; build the "
-                       f"engine on the deployment GPU with:\n  pip install -e '.[gpu]'\n  fa-export {weights} "
-                       + " ".join(f"--engine {p}" for p in engine_precisions)
-                       + (f" --dynamic-batch {dynamic}" if dynamic else "") + f" --img-size {img_size}", err=True)
-            sys.exit(2)
+        _require_tensorrt(weights, engine_precisions, dynamic, img_size)
         from .backends import TrtBackend
         from .tensorrt import build_engine
 
@@ -398,6 +391,19 @@ def export_main(weights, onnx_precisions, engine_precisions, out_dir, img_size, 
         sys.exit(1)
 
 
+def _require_tensorrt(weights, engine_precisions, dynamic, img_size):
+    """--engine without TensorRT or a GPU: the ONNX files are written; exit 2 with the command for the GPU."""
+    from .tensorrt import tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        click.echo(f"fa-export: TensorRT engines not built: {why}.\nThe ONNX files are written; build the "
+                   f"engines on the deployment GPU with:\n  pip install -e '.[gpu]'\n  fa-export {weights} "
+                   + " ".join(f"--engine {p}" for p in engine_precisions)
+                   + (f" --dynamic-batch {dynamic}" if dynamic else "") + f" --img-size {img_size}", err=True)
+        sys.exit(2)
+
+
 def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_precisions, img_size, opset,
                        calib_data, calib_spec, calib_images, calib_pgd, calib_eps, verify_images, brange, dynamic,
                        workspace, timing_cache, no_verify):
@@ -412,7 +418,6 @@ def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_p
     from . import split
     from .backends import OrtBackend
     from .report import console_table
-    from .tensorrt import tensorrt_available
 
     def calibration():
         cal_ds = _dataset_for(ckpt, "train", calib_data, img_size, max_images=calib_images)
@@ -457,12 +462,7 @@ def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_p
     for prec in precisions:
         click.echo(f"wrote {manifests[prec]} (parts: {', '.join(split.read_manifest(manifests[prec])['parts'].values())})")
     if engine_precisions:
-        ok, why = tensorrt_available()
-        if not ok:
-            click.echo(f"fa-export: TensorRT engines not built: {why}.\nThe ONNX parts are written; build the "
-                       f"engines on the deployment GPU with:\n  pip install -e '.[gpu]'\n  fa-export {weights} "
-                       + " ".join(f"--engine {p}" for p in engine_precisions) + f" --img-size {img_size}", err=True)
-            sys.exit(2)
+        _require_tensorrt(weights, engine_precisions, dynamic, img_size)
         from .backends import TrtBackend
         from .tensorrt import build_engine
 

@@ -16,6 +16,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
     """Clean AP50 (x) against advAP (y), one point per row; dotted lines of equal acAP = (clean + advAP) / 2."""
     plt = _plt()
@@ -41,10 +48,7 @@ def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
     ax.set_ylabel("advAP (mean AP50 over PGD steps)")
     ax.set_title("clean against adversarial AP50 (dotted: equal acAP)", fontsize=9)
     ax.grid(alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def steps_plot(rows: List[Dict], steps: Sequence[int], path: str, label_key: str = "model") -> str:
@@ -62,10 +66,7 @@ def steps_plot(rows: List[Dict], steps: Sequence[int], path: str, label_key: str
     ax.set_title("AP50 under PGD-k attacks", fontsize=9)
     ax.grid(alpha=0.2)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
@@ -86,7 +87,4 @@ def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
     ax.set_ylabel("source minus backend (AP50)")
     ax.set_title("robustness a deployment loses", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

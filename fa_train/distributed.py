@@ -27,7 +27,6 @@ from typing import Any, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def env_world_size() -> int:

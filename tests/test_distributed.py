@@ -115,19 +115,24 @@ def test_augmentation_depends_on_the_sample_seed_only(shapes_devkit):
     assert images == {True, False}  # some seeds flip, some do not
 
 
+def _bn_case():
+    """8 images, a BatchNorm with non-trivial affine parameters, per-channel loss weights (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return x, bn, torch.arange(1.0, 4.0, dtype=torch.float64).view(1, 3, 1, 1)
+
+
 def _worker_avg(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
-        bn = torch.nn.BatchNorm2d(3).double()
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-1, 1)
+        x, bn, w = _bn_case()
         sync = D.convert_sync_batchnorm(torch.nn.Sequential(bn), torch.device("cpu"))
         mine = x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
-        w = torch.arange(1.0, 4.0, dtype=torch.float64).view(1, 3, 1, 1)
         (sync(mine) * w).pow(2).sum().backward()
         D.average_gradients(sync.parameters())
         q.put((rank, mine.grad, sync[0].weight.grad, sync[0].running_mean, sync[0].running_var))
@@ -150,14 +155,8 @@ def test_cpu_sync_batchnorm_and_gradient_averaging_match_one_batch():
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(3).double()
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
+    x, bn, w = _bn_case()
     x.requires_grad_(True)
-    w = torch.arange(1.0, 4.0, dtype=torch.float64).view(1, 3, 1, 1)
     (bn(x) * w).pow(2).sum().backward()
     torch.testing.assert_close(torch.cat([got[0][0], got[1][0]]), x.grad)
     torch.testing.assert_close(got[0][1], bn.weight.grad / 2)  # the mean over ranks of the per-rank losses

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
