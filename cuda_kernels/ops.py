@@ -2,9 +2,10 @@
 
     pooled_cosine_loss(student, targets, weights, eps=1e-8) -> scalar
         mean over the batch of sum_j w_j * (1 - cos(avgpool_hw(student), pool(target_j))); targets are
-        [N,C,H',W'] maps or pooled [N,C]; they receive no gradient. One pass over the student forward; backward
-        computes the [N,C] gradient coefficients and returns their broadcast over H, W as a view (no pass). Zero vectors: norms are clamped to eps, so
-        cos = 0 and the gradient stays finite.
+        [N,C,H',W'] maps or pooled [N,C]; they receive no gradient. One pass over the student: the forward also
+        computes the [N,C] gradient coefficients (the gradient is constant over H, W), so the backward is a scale
+        and a broadcast view (no pass, no second kernel). Zero vectors: norms are clamped to eps, so cos = 0 and
+        the gradient stays finite.
     sign_step_(x, grad, x_clean, step, eps, lo=0, hi=1) -> x   (in place, one pass)
     sign_step(x, grad, x_clean, step, eps, lo=0, hi=1) -> new tensor
         clamp(clamp(x + step * sign(grad), x_clean - eps, x_clean + eps), lo, hi)
@@ -62,11 +63,7 @@ def _register_python_side():
         n, c = student.shape[:2]
         acc = _acc_dtype(student)
         return (student.new_empty((), dtype=acc), student.new_empty((n, c), dtype=acc),
-                student.new_empty((len(targets), n, c), dtype=acc))
-
-    @torch.library.register_fake("fa_kernels::pooled_cosine_loss_backward")
-    def _(grad, student, pooled_student, pooled_targets, weights, eps):
-        return pooled_student.new_empty(pooled_student.shape)
+                student.new_empty((len(targets), n, c), dtype=acc), student.new_empty((n, c), dtype=acc))
 
     @torch.library.register_fake("fa_kernels::sign_step_")
     def _(x, grad, x_clean, step, eps, lo, hi):
@@ -78,38 +75,35 @@ def _register_python_side():
 
     def setup_context(ctx, inputs, output):
         student, targets, weights, eps = inputs
-        _, ps, pt = output
-        ctx.save_for_backward(student, ps, pt)
-        ctx.weights, ctx.eps, ctx.n_targets = weights, eps, len(targets)
+        ctx.save_for_backward(output[3])
+        ctx.shape, ctx.dtype, ctx.n_targets = student.shape, student.dtype, len(targets)
 
-    def backward(ctx, grad_loss, _grad_ps, _grad_pt):
-        student, ps, pt = ctx.saved_tensors
-        coef = torch.ops.fa_kernels.pooled_cosine_loss_backward(grad_loss, student, ps, pt, ctx.weights, ctx.eps)
+    def backward(ctx, grad_loss, _grad_ps, _grad_pt, _grad_coef):
+        (coef,) = ctx.saved_tensors
         # the gradient is constant over H, W: a broadcast view, materialised only if a consumer needs it
-        g = coef.to(student.dtype)[:, :, None, None].expand(student.shape)
+        g = (coef * grad_loss).to(ctx.dtype)[:, :, None, None].expand(ctx.shape)
         return g, [None] * ctx.n_targets, None, None
 
     torch.library.register_autograd("fa_kernels::pooled_cosine_loss", backward, setup_context=setup_context)
 
 
 class _PooledCosineFn(torch.autograd.Function):
-    """Eager-mode autograd of the op: the same two kernels as the op's registered autograd, without the
+    """Eager-mode autograd of the op: the same computation as the op's registered autograd, without the
     per-call cost of torch.library's generic Python wrapper (about 0.1 ms, a third of the whole op on the
     small [64,256,4,4] feature maps of a stride-32 backbone). torch.compile traces the registered path."""
 
     @staticmethod
     def forward(ctx, student, weights, eps, *targets):
-        loss, ps, pt = torch.ops.fa_kernels.pooled_cosine_loss(student, list(targets), weights, eps)
-        ctx.save_for_backward(student, ps, pt)
-        ctx.weights, ctx.eps = weights, eps
+        loss, _, _, coef = torch.ops.fa_kernels.pooled_cosine_loss(student, list(targets), weights, eps)
+        ctx.save_for_backward(coef)
+        ctx.shape, ctx.dtype, ctx.n_targets = student.shape, student.dtype, len(targets)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        student, ps, pt = ctx.saved_tensors
-        coef = torch.ops.fa_kernels.pooled_cosine_loss_backward(grad, student, ps, pt, ctx.weights, ctx.eps)
-        return (coef.to(student.dtype)[:, :, None, None].expand(student.shape), None, None,
-                *([None] * pt.shape[0]))
+        (coef,) = ctx.saved_tensors
+        return ((coef * grad).to(ctx.dtype)[:, :, None, None].expand(ctx.shape), None, None,
+                *([None] * ctx.n_targets))
 
 
 def pooled_cosine_loss(student: torch.Tensor, targets: Sequence[torch.Tensor], weights: Sequence[float],

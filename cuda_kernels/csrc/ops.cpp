@@ -1,8 +1,8 @@
 // Op schemas (declared once) and the CPU kernels of the fused ops.
 //
-//   fa_kernels::pooled_cosine_loss(student, targets, weights, eps) -> (loss, pooled_student, pooled_targets)
+//   fa_kernels::pooled_cosine_loss(student, targets, weights, eps) -> (loss, pooled_student, pooled_targets, coef)
 //       loss = mean_n sum_j w_j (1 - cos(avgpool_hw(student[n]), pool(target_j[n])))
-//   fa_kernels::pooled_cosine_loss_backward(grad, student, pooled_student, pooled_targets, weights, eps)
+//       coef = d loss / d student[n,c,h,w] (the same for every h, w): [N,C]; the backward scales and broadcasts it
 //   fa_kernels::sign_step_(x!, grad, x_clean, step, eps, lo, hi)   x <- clamp(clamp(x + step sign(g), c +- eps), lo, hi)
 //   fa_kernels::sign_step(x, grad, x_clean, step, eps, lo, hi) -> y
 #include <ATen/OpMathType.h>
@@ -127,35 +127,48 @@ inline bool fast_layout(const at::Tensor& x, PoolLayout* layout) {
   return false;
 }
 
+// sum of n floats with 8 independent partial sums (a single chain would be latency-bound; vectorised by the compiler)
+inline float sum8(const float* a, int64_t n) {
+  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) p[k] += a[i + k];
+  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
 // means of `rows` contiguous rows of HW floats
 inline void pool_rows_contiguous(const float* p, int64_t rows, int64_t HW, float inv, float* out) {
   int64_t r = 0;
 #ifdef FA_AVX2
-  if (HW % 8 == 0) {
+  const int64_t HW8 = HW & ~int64_t(7);
+  if (HW8 > 0) {
     // eight rows at a time: vertical adds within each row, then one hadd tree turns the eight row vectors into
-    // one vector of eight row sums (a horizontal sum per row would cost as much as the loads)
+    // one vector of eight row sums (a horizontal sum per row would cost as much as the loads); the last
+    // HW - HW8 elements of each row are added as scalars
     for (; r + 8 <= rows; r += 8) {
       __m256 a[8];
+      float tail[8];
       for (int k = 0; k < 8; ++k) {
         const float* q = p + (r + k) * HW;
         a[k] = _mm256_loadu_ps(q);
-        for (int64_t v = 8; v < HW; v += 8) a[k] = _mm256_add_ps(a[k], _mm256_loadu_ps(q + v));
+        for (int64_t v = 8; v < HW8; v += 8) a[k] = _mm256_add_ps(a[k], _mm256_loadu_ps(q + v));
+        float t = 0.f;
+        for (int64_t v = HW8; v < HW; ++v) t += q[v];
+        tail[k] = t;
       }
       const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
       const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
       const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
-      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+      __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                 _mm256_permute2f128_ps(h0123, h4567, 0x31));
+      sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
       _mm256_storeu_ps(out + r, _mm256_mul_ps(sum, _mm256_set1_ps(inv)));
     }
   }
 #endif
-  for (; r < rows; ++r) {
-    const float* q = p + r * HW;
-    float acc = 0.f;
-    for (int64_t i = 0; i < HW; ++i) acc += q[i];
-    out[r] = acc * inv;
-  }
+  for (; r < rows; ++r) out[r] = sum8(p + r * HW, HW) * inv;
 }
 
 // row n of a [N,C,H,W] (either layout) or pooled [N,C] float tensor, averaged over H, W into out[0..C)
@@ -179,8 +192,26 @@ inline void pool_row(const float* x, PoolLayout layout, int64_t n, int64_t C, in
   }
 }
 
+// d loss / d student of row n for an upstream gradient of 1, constant over H, W:
+// scale * (sum_j w_j beta_j * s - sum_j w_j alpha_j * t_j), one contiguous, vectorised loop per term
+template <typename acc_t>
+inline void coef_row(const acc_t* s, const acc_t* t, const CosineRow<acc_t>* rows, const acc_t* w, int64_t J,
+                     int64_t N, int64_t C, int64_t n, acc_t scale, acc_t* g) {
+  acc_t bsum = 0;
+  for (int64_t j = 0; j < J; ++j) bsum += w[j] * rows[j].beta;
+  const acc_t* sn = s + n * C;
+  acc_t* gn = g + n * C;
+  const acc_t bs = bsum * scale;
+  for (int64_t c = 0; c < C; ++c) gn[c] = bs * sn[c];
+  for (int64_t j = 0; j < J; ++j) {
+    const acc_t a = w[j] * rows[j].alpha * scale;
+    const acc_t* tj = t + (j * N + n) * C;
+    for (int64_t c = 0; c < C; ++c) gn[c] -= a * tj[c];
+  }
+}
+
 bool pooled_cosine_forward_f32(const at::Tensor& student, at::TensorList targets, at::ArrayRef<double> weights,
-                               double eps, at::Tensor& ps, at::Tensor& pt, at::Tensor& loss) {
+                               double eps, at::Tensor& ps, at::Tensor& pt, at::Tensor& loss, at::Tensor& coef) {
   const int64_t J = targets.size();
   PoolLayout layouts[kMaxTargets + 1];
   if (ps.scalar_type() != at::kFloat || !fast_layout(student, &layouts[0])) return false;
@@ -199,6 +230,10 @@ bool pooled_cosine_forward_f32(const at::Tensor& student, at::TensorList targets
   }
   float* s = ps.data_ptr<float>();
   float* t = pt.data_ptr<float>();
+  float* g = coef.data_ptr<float>();
+  float w[kMaxTargets];
+  for (int64_t j = 0; j < J; ++j) w[j] = static_cast<float>(weights[j]);
+  const float scale = 1.f / (static_cast<float>(N) * static_cast<float>(HW));
   std::vector<float> per_row(N);
   at::parallel_for(0, N, grain_for(work), [&](int64_t b, int64_t e) {
     CosineRow<float> rows[kMaxTargets];
@@ -207,8 +242,9 @@ bool pooled_cosine_forward_f32(const at::Tensor& student, at::TensorList targets
       for (int64_t j = 0; j < J; ++j) pool_row(src[j + 1], layouts[j + 1], n, C, hw[j + 1], t + (j * N + n) * C);
       cosine_rows<float>(s, t, J, N, C, n, static_cast<float>(eps), rows);
       float l = 0.f;
-      for (int64_t j = 0; j < J; ++j) l += static_cast<float>(weights[j]) * (1.f - rows[j].cos);
+      for (int64_t j = 0; j < J; ++j) l += w[j] * (1.f - rows[j].cos);
       per_row[n] = l;
+      coef_row<float>(s, t, rows, w, J, N, C, n, scale, g);
     }
   });
   float total = 0.f;
@@ -217,7 +253,7 @@ bool pooled_cosine_forward_f32(const at::Tensor& student, at::TensorList targets
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::Tensor& student,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::Tensor& student,
                                                                       at::TensorList targets,
                                                                       at::ArrayRef<double> weights, double eps) {
   check_pooled_cosine_args(student, targets, weights);
@@ -226,66 +262,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cpu(const at::
   auto ps = at::empty({N, C}, student.options().dtype(acc_type));
   auto pt = at::empty({J, N, C}, student.options().dtype(acc_type));
   auto loss = at::empty({}, ps.options());
-  if (pooled_cosine_forward_f32(student, targets, weights, eps, ps, pt, loss)) return {loss, ps, pt};
+  auto coef = at::empty({N, C}, ps.options());
+  if (pooled_cosine_forward_f32(student, targets, weights, eps, ps, pt, loss, coef)) return {loss, ps, pt, coef};
   pool_cpu_into(student, ps);
   for (int64_t j = 0; j < J; ++j) {
     auto slot = pt.select(0, j);
     pool_cpu_into(targets[j], slot);
   }
+  const int64_t HW = student.size(2) * student.size(3);
   AT_DISPATCH_FLOATING_TYPES(acc_type, "fa_cosine_cpu", [&] {
     const scalar_t* s = ps.data_ptr<scalar_t>();
     const scalar_t* t = pt.data_ptr<scalar_t>();
+    scalar_t* g = coef.data_ptr<scalar_t>();
+    scalar_t w[kMaxTargets];
+    for (int64_t j = 0; j < J; ++j) w[j] = static_cast<scalar_t>(weights[j]);
+    const scalar_t scale = scalar_t(1) / (static_cast<scalar_t>(N) * static_cast<scalar_t>(HW));
     std::vector<scalar_t> per_row(N);
     at::parallel_for(0, N, grain_for(C * (J + 1)), [&](int64_t b, int64_t e) {
       CosineRow<scalar_t> rows[kMaxTargets];
       for (int64_t n = b; n < e; ++n) {
         cosine_rows<scalar_t>(s, t, J, N, C, n, static_cast<scalar_t>(eps), rows);
         scalar_t l = 0;
-        for (int64_t j = 0; j < J; ++j) l += static_cast<scalar_t>(weights[j]) * (scalar_t(1) - rows[j].cos);
+        for (int64_t j = 0; j < J; ++j) l += w[j] * (scalar_t(1) - rows[j].cos);
         per_row[n] = l;
+        coef_row<scalar_t>(s, t, rows, w, J, N, C, n, scale, g);
       }
     });
     scalar_t total = 0;
     for (int64_t n = 0; n < N; ++n) total += per_row[n];
     loss.fill_(total / static_cast<scalar_t>(N));
   });
-  return {loss, ps, pt};
-}
-
-// d loss / d pooled_student[n,c] / HW, scaled by the upstream gradient: the student gradient is constant over
-// H, W, so it is returned as [N,C] and broadcast by the caller (an expand, no memory pass).
-at::Tensor pooled_cosine_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& ps,
-                                           const at::Tensor& pt, at::ArrayRef<double> weights, double eps) {
-  const int64_t N = student.size(0), C = student.size(1), HW = student.size(2) * student.size(3), J = pt.size(0);
-  auto coef = at::empty({N, C}, ps.options());
-  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_bwd_cpu", [&] {
-    using acc_t = scalar_t;
-    const acc_t* s = ps.data_ptr<acc_t>();
-    const acc_t* t = pt.data_ptr<acc_t>();
-    acc_t* g = coef.data_ptr<acc_t>();
-    const acc_t scale = grad.item<acc_t>() / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
-    acc_t w[kMaxTargets];
-    for (int64_t j = 0; j < J; ++j) w[j] = static_cast<acc_t>(weights[j]);
-    at::parallel_for(0, N, grain_for(C * (J + 1)), [&](int64_t b, int64_t e) {
-      CosineRow<acc_t> rows[kMaxTargets];
-      for (int64_t n = b; n < e; ++n) {
-        cosine_rows<acc_t>(s, t, J, N, C, n, static_cast<acc_t>(eps), rows);
-        // g = scale * (sum_j w_j beta_j * s - sum_j w_j alpha_j * t_j): one contiguous, vectorised loop per term
-        acc_t bsum = 0;
-        for (int64_t j = 0; j < J; ++j) bsum += w[j] * rows[j].beta;
-        const acc_t* sn = s + n * C;
-        acc_t* gn = g + n * C;
-        const acc_t bs = bsum * scale;
-        for (int64_t c = 0; c < C; ++c) gn[c] = bs * sn[c];
-        for (int64_t j = 0; j < J; ++j) {
-          const acc_t a = w[j] * rows[j].alpha * scale;
-          const acc_t* tj = t + (j * N + n) * C;
-          for (int64_t c = 0; c < C; ++c) gn[c] -= a * tj[c];
-        }
-      }
-    });
-  });
-  return coef;
+  return {loss, ps, pt, coef};
 }
 
 #ifdef FA_AVX2
@@ -370,16 +377,15 @@ at::Tensor sign_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::
 }  // namespace fa
 
 TORCH_LIBRARY(fa_kernels, m) {
-  m.def("pooled_cosine_loss(Tensor student, Tensor[] targets, float[] weights, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("pooled_cosine_loss_backward(Tensor grad, Tensor student, Tensor pooled_student, Tensor pooled_targets, "
-        "float[] weights, float eps) -> Tensor");  // [N,C]: the gradient per H,W position
+  // outputs: loss, pooled student [N,C], pooled targets [J,N,C], d loss / d student per H,W position [N,C]
+  m.def("pooled_cosine_loss(Tensor student, Tensor[] targets, float[] weights, float eps) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("sign_step_(Tensor(a!) x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> ()");
   m.def("sign_step(Tensor x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fa_kernels, CPU, m) {
   m.impl("pooled_cosine_loss", &fa::pooled_cosine_loss_cpu);
-  m.impl("pooled_cosine_loss_backward", &fa::pooled_cosine_loss_backward_cpu);
   m.impl("sign_step_", &fa::sign_step_inplace_cpu);
   m.impl("sign_step", &fa::sign_step_cpu);
 }

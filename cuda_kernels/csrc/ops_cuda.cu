@@ -201,7 +201,7 @@ Weights pack(at::ArrayRef<double> weights) {
   return w;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cuda(const at::Tensor& student,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cuda(const at::Tensor& student,
                                                                        at::TensorList targets,
                                                                        at::ArrayRef<double> weights, double eps) {
   check_pooled_cosine_args(student, targets, weights);
@@ -215,41 +215,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cuda(const at:
   auto row_loss = at::empty({N}, ps.options());
   auto alpha = at::empty({J, N}, ps.options());
   auto beta = at::empty({J, N}, ps.options());
+  // d loss / d student per H,W position for an upstream gradient of 1: [N,C], computed here from alpha / beta so
+  // that the backward is a scale and a broadcast view
+  auto coef = at::empty({N, C}, ps.options());
+  auto one = at::ones({1}, ps.options());
+  const int64_t HW = student.size(2) * student.size(3);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((N * C + kThreads - 1) / kThreads, 65535));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc_type, "fa_cosine_cuda", [&] {
     cosine_rows_kernel<scalar_t><<<N, kThreads, 0, stream>>>(
         ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), J, N, C, static_cast<scalar_t>(eps), pack(weights),
         row_loss.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (N * C > 0) {
+      grad_coef_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          coef.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+          beta.data_ptr<scalar_t>(), one.data_ptr<scalar_t>(), pack(weights), J, N, C, HW);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  return {row_loss.mean(), ps, pt};
-}
-
-// Returns the [N,C] gradient coefficient (constant over H, W); the caller broadcasts it as a view.
-at::Tensor pooled_cosine_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& ps,
-                                            const at::Tensor& pt, at::ArrayRef<double> weights, double eps) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t N = student.size(0), C = student.size(1), HW = student.size(2) * student.size(3), J = pt.size(0);
-  auto coef = at::empty({N, C}, ps.options());
-  if (N * C == 0) return coef;
-  // alpha / beta are recomputed here (a tiny [J,N] pass) instead of being saved by the forward
-  auto row_loss = at::empty({N}, ps.options());
-  auto alpha = at::empty({J, N}, ps.options());
-  auto beta = at::empty({J, N}, ps.options());
-  auto g = grad.to(ps.scalar_type()).reshape({1}).contiguous();  // read on the device: no host sync
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::min<int64_t>((N * C + kThreads - 1) / kThreads, 65535);
-  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "fa_cosine_bwd_cuda", [&] {
-    cosine_rows_kernel<scalar_t><<<N, kThreads, 0, stream>>>(
-        ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), J, N, C, static_cast<scalar_t>(eps), pack(weights),
-        row_loss.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_coef_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        coef.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-        beta.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), pack(weights), J, N, C, HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return coef;
+  return {row_loss.mean(), ps, pt, coef};
 }
 
 }  // namespace
@@ -257,7 +242,6 @@ at::Tensor pooled_cosine_loss_backward_cuda(const at::Tensor& grad, const at::Te
 
 TORCH_LIBRARY_IMPL(fa_kernels, CUDA, m) {
   m.impl("pooled_cosine_loss", &fa::pooled_cosine_loss_cuda);
-  m.impl("pooled_cosine_loss_backward", &fa::pooled_cosine_loss_backward_cuda);
   m.impl("sign_step_", &fa::sign_step_inplace_cuda);
   m.impl("sign_step", &fa::sign_step_cuda);
 }
