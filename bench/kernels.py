@@ -1,6 +1,6 @@
 """Fused ops against the eager PyTorch composition of the same formula and a plain copy of the same bytes.
 
-    python bench/kernels.py [--repeat 20]
+    python bench/kernels.py [--repeat 200]
 
 Prints a table per device: shape, dtype, eager ms, fused ms, speed-up, GB/s, % of copy bandwidth.
 Not a test: figures depend on the machine; the README records the ones measured.
@@ -94,7 +94,7 @@ def print_table(title, rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=200)
     args = ap.parse_args()
     ck.load(require=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

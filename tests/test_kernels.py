@@ -56,12 +56,12 @@ def test_pooled_cosine_forward_backward_matches_reference(dtype):
             assert s1.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("shape", [(5, 27, 4, 4), (3, 8, 2, 4), (2, 16, 8, 8), (64, 256, 4, 4), (2, 19, 13, 13),
-                                   (3, 9, 3, 5), (2, 11, 1, 7)])
+@pytest.mark.parametrize("shape", [(5, 27, 4, 4), (3, 8, 2, 4), (2, 16, 8, 8), (64, 256, 4, 4), (2, 19, 7, 9),
+                                   (3, 9, 3, 5), (2, 11, 1, 7), (2, 19, 13, 13)])
 def test_pooled_cosine_float32_fast_path_matches_reference(shape):
-    """The float32 path: eight rows at a time with vector loads (H*W a multiple of 8 or not: scalar tails), C not
-    a multiple of 8 (tail rows), H*W below 8, student and same-shape targets, both layouts, against the
-    pure-PyTorch twin."""
+    """The float32 path for small maps: eight rows at a time with vector loads (H*W a multiple of 8 or not: scalar
+    tails), C not a multiple of 8 (tail rows), H*W below 8, and a larger map (ATen pooling), student and
+    same-shape targets, both layouts, against the pure-PyTorch twin."""
     g = torch.Generator().manual_seed(3)
     for layout in ("contiguous", "channels_last"):
         s = _layout(torch.randn(shape, generator=g), layout)
