@@ -23,27 +23,46 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _nice_step(span: float) -> float:
+    for step in (0.005, 0.01, 0.02, 0.05, 0.1):
+        if span / step <= 10:
+            return step
+    return 0.1
+
+
 def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
-    """Clean AP50 (x) against advAP (y), one point per row; dotted lines of equal acAP = (clean + advAP) / 2."""
+    """Clean AP50 (x) against advAP (y), one point per row (with error bars where rows carry `clean_std` /
+    `advAP_std`), zoomed on the points; dotted lines of equal acAP = (clean + advAP) / 2."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
     xs = [r["clean"] for r in rows]
     ys = [r["advAP"] for r in rows]
-    hi = max(xs + ys + [0.1]) * 1.15
-    for level in np.arange(0.1, 1.01, 0.1):
-        if level * 2 > 2 * hi:
-            break
-        xx = np.linspace(0, hi, 50)
+    dx = [r.get("clean_std", 0.0) for r in rows]
+    dy = [r.get("advAP_std", 0.0) for r in rows]
+    x0, x1 = min(x - d for x, d in zip(xs, dx)), max(x + d for x, d in zip(xs, dx))
+    y0, y1 = min(y - d for y, d in zip(ys, dy)), max(y + d for y, d in zip(ys, dy))
+    padx, pady = max(0.02, 0.1 * (x1 - x0)), max(0.02, 0.1 * (y1 - y0))
+    xlim = (max(0.0, x0 - padx), min(1.0, x1 + padx))
+    ylim = (max(0.0, y0 - pady), min(1.0, y1 + pady))
+    lo, hi = (xlim[0] + ylim[0]) / 2, (xlim[1] + ylim[1]) / 2
+    step = _nice_step(hi - lo)
+    xx = np.linspace(*xlim, 50)
+    for level in np.arange(np.ceil(lo / step) * step, hi, step):
         ax.plot(xx, 2 * level - xx, ":", color="grey", linewidth=0.7)
-        if 0 < 2 * level - hi * 0.98 < hi:
-            ax.text(hi * 0.98, 2 * level - hi * 0.98, f"acAP {level:.2f}", fontsize=6, color="grey", ha="right")
-        elif 2 * level < hi:
-            ax.text(0.01 * hi, 2 * level - 0.01 * hi, f"acAP {level:.2f}", fontsize=6, color="grey")
-    for r, x, y in zip(rows, xs, ys):
-        ax.scatter([x], [y], s=40, zorder=3)
-        ax.annotate(str(r.get(label_key, "?")), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlim(0, hi)
-    ax.set_ylim(0, hi)
+        y_at_right = 2 * level - xlim[1]
+        if ylim[0] <= y_at_right <= ylim[1]:
+            ax.text(xlim[1], y_at_right, f"acAP {level:.3g} ", fontsize=6, color="grey", va="bottom", ha="right")
+    offsets = [(5, 4), (5, -10), (-40, 4), (-40, -10)]
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+        if "clean_std" in r or "advAP_std" in r:
+            ax.errorbar([x], [y], xerr=[r.get("clean_std", 0.0)], yerr=[r.get("advAP_std", 0.0)], fmt="o",
+                        capsize=3, zorder=3)
+        else:
+            ax.scatter([x], [y], s=40, zorder=3)
+        ax.annotate(str(r.get(label_key, "?")), (x, y), textcoords="offset points", xytext=offsets[i % 4],
+                    fontsize=8)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
     ax.set_xlabel("clean AP50")
     ax.set_ylabel("advAP (mean AP50 over PGD steps)")
     ax.set_title("clean against adversarial AP50 (dotted: equal acAP)", fontsize=9)

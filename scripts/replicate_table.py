@@ -59,11 +59,11 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from fa_deploy.plots import tradeoff_plot
 
-        means = [{"method": r["method"], **{k: r[k]["mean"] for k in ("clean", "advAP") if k in r}}
-                 for r in agg["rows"]]
+        means = [{"method": r["method"], **{k: r[k]["mean"] for k in ("clean", "advAP") if k in r},
+                  **{f"{k}_std": r[k]["std"] for k in ("clean", "advAP") if k in r}} for r in agg["rows"]]
         if all("advAP" in r for r in means):
             tradeoff_plot(means, os.path.join(out, "replicate_tradeoff.png"), label_key="method")
-            md += "\n![clean AP50 against advAP, means over seeds](replicate_tradeoff.png)\n"
+            md += "\n![clean AP50 against advAP, means and standard deviations over seeds](replicate_tradeoff.png)\n"
     except ImportError as e:
         print(f"replicate_table.py: no plot ({e})", file=sys.stderr)
     with open(os.path.join(out, "replicate.md"), "w") as f:
