@@ -376,6 +376,10 @@ class Trainer:
             dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
         if resume:
             self.resume(resume)
+        elif self.main and os.path.isfile(os.path.join(self.out, "metrics.jsonl")):
+            # a new run in an existing folder starts a new record (a resumed run continues its own)
+            os.replace(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "metrics.previous.jsonl"))
+            self.log(f"{self.out}/metrics.jsonl of an earlier run moved to metrics.previous.jsonl")
         t = self.cfg["train"]
         self.log(f"training {self.cfg['model']['name']} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
                  f"parameters) with method {self.cfg['method']['name']} on {self.train_set.name} "

@@ -33,6 +33,15 @@ def test_train_run_folder_and_resume(tmp_path):
     assert ck2["epoch"] == 2 and ck2["step"] == 8
     model, _ = load_model(str(out / "last.pt"))
     assert not torch.equal(model.state_dict()["backbone.stem.conv.weight"], ck["model"]["backbone.stem.conv.weight"])
+    # a new run in the same folder starts a new metrics record; the earlier one is kept aside
+    before = (out / "metrics.jsonl").read_text()
+    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(out / "again")])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(out / "again")])
+    assert r.exit_code == 0 and "moved to metrics.previous.jsonl" in r.output
+    assert len((out / "again" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((out / "again" / "metrics.previous.jsonl").read_text().splitlines()) == 1
+    assert (out / "metrics.jsonl").read_text() == before
     # resuming with settings that change the run is refused, each difference listed
     r = CliRunner().invoke(main, TINY + ["--epochs", "3", "--lr", "0.01", "--method", "at", "--out", str(out),
                                          "--resume", str(out / "last.pt")])
