@@ -36,6 +36,24 @@ def tiny_yolo():
     return create_model("yolov3", 4, width_mult=0.125, depth_mult=0.2)
 
 
+FRCNN_TINY_YAML = ("model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, "
+                   "max_size: 64}\n")
+
+
+def train_tiny_frcnn(folder, *extra):
+    """fa-train of a tiny Faster R-CNN (ResNet-18, 64 px, 4 images, 1 epoch) into folder/run; the CliRunner result."""
+    from click.testing import CliRunner
+
+    from fa_train.cli import main
+
+    cfg = folder / "frcnn.yaml"
+    cfg.write_text(FRCNN_TINY_YAML)
+    return CliRunner().invoke(main, ["--config", str(cfg), "--data", "synth:60", "--img-size", "64", "--batch-size",
+                                     "2", "--workers", "0", "--max-images", "4", "--max-test-images", "2", "--epochs",
+                                     "1", "--eval-every", "0", "--quiet", "--lr", "0.001", "--out", str(folder / "run"),
+                                     *extra])
+
+
 def make_targets(n, size=64):
     g = torch.Generator().manual_seed(1)
     out = []

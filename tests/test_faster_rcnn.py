@@ -2,13 +2,11 @@
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from conftest import make_targets
+from conftest import make_targets, train_tiny_frcnn
 from fa_train.adversarial.attacks import pgd_attack
-from fa_train.cli import main as train_main
 from fa_train.models import create_model
 from fa_train.models.faster_rcnn import IMAGENET_MEAN, IMAGENET_STD, WeightsFileError
 
@@ -83,13 +81,7 @@ def test_pgd_stays_in_eps_ball_and_frozen_bn(tiny):
 
 
 def test_fa_training_steps_through_the_cli(tmp_path):
-    cfg = tmp_path / "frcnn.yaml"
-    cfg.write_text("model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, "
-                   "max_size: 64}\n")
-    r = CliRunner().invoke(train_main, ["--config", str(cfg), "--data", "synth:60", "--img-size", "64",
-                                        "--batch-size", "2", "--workers", "0", "--max-images", "4",
-                                        "--max-test-images", "2", "--epochs", "1", "--eval-every", "0", "--quiet",
-                                        "--method", "fa", "--lr", "0.001", "--out", str(tmp_path / "run")])
+    r = train_tiny_frcnn(tmp_path, "--method", "fa")
     assert r.exit_code == 0, r.output
     assert "KDFA teacher" in r.output
     import json

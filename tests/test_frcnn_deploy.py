@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import train_tiny_frcnn
 from fa_deploy.backends import BackendError, TorchBackend, load_backend
 from fa_deploy.cli import export_main, main as bench_main
 from fa_deploy.split import PipelineBackend, torch_runners
 from fa_deploy.tensorrt import tensorrt_available
-from fa_train.cli import main as train_main
 from fa_train.models import create_model
 
 TINY = dict(backbone="resnet18", fpn_channels=32, min_size=64, max_size=64)
@@ -62,13 +62,7 @@ def test_split_with_the_torch_parts_equals_the_whole_model(model):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("frcnn")
-    cfg = d / "frcnn.yaml"
-    cfg.write_text("model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, "
-                   "max_size: 64}\n")
-    r = CliRunner().invoke(train_main, ["--config", str(cfg), "--data", "synth:60", "--img-size", "64",
-                                        "--batch-size", "2", "--workers", "0", "--max-images", "4",
-                                        "--max-test-images", "2", "--epochs", "1", "--eval-every", "0", "--quiet",
-                                        "--lr", "0.001", "--out", str(d / "run")])
+    r = train_tiny_frcnn(d)
     assert r.exit_code == 0, r.output
     w = d / "run" / "last.pt"
     r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
