@@ -452,7 +452,7 @@ def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_p
         part_files = {k: os.path.join(base, v) for k, v in info["parts"].items()}
         reports = split.part_parity(model, manifests[prec], verify,
                                     lambda part: OrtBackend(part_files[part], ["CPUExecutionProvider"]).raw)
-        split._write_manifest(manifests[prec], {**info, "parity": reports})
+        split.write_manifest(manifests[prec], {**info, "parity": reports})
         if not record(os.path.basename(manifests[prec]), reports,
                       {k: os.path.getsize(v) / 2**20 for k, v in part_files.items()}):
             failed.append(prec)
@@ -486,11 +486,11 @@ def _export_split_main(model, ckpt, weights, out_dir, stem, precisions, engine_p
                 ex.write_sidecar(eng, {**metas[part], "precision": info["part_precisions"][part]})
                 engines[part] = os.path.basename(eng)
             manifest = os.path.join(out_dir, f"{stem}.{prec}.engine.pipeline.json")
-            split._write_manifest(manifest, {**info, **metas["backbone"], "format": "tensorrt-pipeline",
+            split.write_manifest(manifest, {**info, **metas["backbone"], "format": "tensorrt-pipeline",
                                              "parts": engines})
             reports = split.part_parity(model, manifest, verify,
                                         lambda part: TrtBackend(os.path.join(out_dir, engines[part])).raw)
-            split._write_manifest(manifest, {**split.read_manifest(manifest), "parity": reports})
+            split.write_manifest(manifest, {**split.read_manifest(manifest), "parity": reports})
             passed = all(r["passed"] for r in reports.values())
             click.echo(f"wrote {manifest}: parity {'pass' if passed else 'FAIL'}")
             if not passed:

@@ -25,6 +25,7 @@ import torch
 
 from . import export as ex
 from .backends import Backend, BackendError
+from .report import write_json
 
 BACKBONE_INPUT = "images"
 ROI_INPUT = "box_features"
@@ -119,15 +120,12 @@ def export_split(model, weights: str, ckpt: dict, out_dir: str, stem: str, preci
                     glue="torchvision (transform, anchors, proposals + NMS, MultiScaleRoIAlign, detections + NMS)")
         if prec == "int8":
             info["calibration"] = calib_info
-        manifests[prec] = _write_manifest(os.path.join(out_dir, f"{stem}.{prec}.pipeline.json"), info)
+        manifests[prec] = write_manifest(os.path.join(out_dir, f"{stem}.{prec}.pipeline.json"), info)
     return manifests
 
 
-def _write_manifest(path: str, info: dict) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, path)
+def write_manifest(path: str, info: dict) -> str:
+    write_json(info, path)  # atomic: temporary file, then rename
     return path
 
 
