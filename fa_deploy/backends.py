@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from .export import check_onnx, read_sidecar
 
 class BackendError(RuntimeError):
     pass
+
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 class Backend:
@@ -165,19 +168,34 @@ class TrtBackend(Backend):
         return [np.array(h) for h in hosts]
 
 
-def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
-    if not os.path.isfile(path):
-        raise BackendError(f"--backend {path}: file not found")
-    if path.endswith(".pipeline.json"):  # a detector deployed as several networks (fa_deploy/split.py)
-        from .split import PipelineBackend
-
-        return PipelineBackend(path, providers)
+def open_network(path: str, providers: Optional[List[str]] = None) -> Backend:
+    """One network file: an ONNX file (ONNX Runtime) or a serialized TensorRT engine. Whole deployments, pipeline
+    manifests included, are opened by `fa_deploy.loading.load_backend`."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         return OrtBackend(path, providers)
-    if ext in (".engine", ".plan", ".trt"):
+    if ext in ENGINE_SUFFIXES:
         return TrtBackend(path)
     raise BackendError(f"--backend {path}: unknown format (expected .onnx, .engine or .pipeline.json)")
+
+
+def run_batched(raw: Callable[[np.ndarray], List[np.ndarray]], images: np.ndarray,
+                batch_range: Sequence[int]) -> List[np.ndarray]:
+    """`raw` over `images` in chunks the network accepts: at most MAX of its batch range (MIN:OPT:MAX); a chunk
+    smaller than MIN (a static batch's remainder) is padded with copies of its last image and the padding's
+    outputs are dropped. Outputs are concatenated along the batch axis."""
+    lo, _, hi = (int(b) for b in batch_range)
+    if len(images) == 0:
+        raise BackendError("no images to run")
+    parts = []
+    for i in range(0, len(images), hi):
+        chunk = images[i:i + hi]
+        n = len(chunk)
+        if n < lo:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - n, axis=0)])
+        outs = raw(chunk)
+        parts.append([np.asarray(o)[:n] for o in outs])
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def measure_latency(backend: Backend, postprocess, images: np.ndarray, warmup: int = 3, iters: int = 10,

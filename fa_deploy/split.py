@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import export as ex
-from .backends import Backend, BackendError
+from .backends import Backend, BackendError, open_network
 from .report import write_json
 
 BACKBONE_INPUT = "images"
@@ -160,8 +160,6 @@ class PipelineBackend(Backend):
     def __init__(self, path: str, providers: Optional[List[str]] = None):
         from fa_train.models import create_model
 
-        from .backends import load_backend
-
         info = read_manifest(path)
         self.path, self.sidecar, self.manifest = path, info, info
         self.name = os.path.basename(path)
@@ -169,7 +167,7 @@ class PipelineBackend(Backend):
         self.format = "tensorrt" if info["format"] == "tensorrt-pipeline" else "onnx"
         base = os.path.dirname(os.path.abspath(path))
         self.part_paths = {k: os.path.join(base, v) for k, v in info["parts"].items()}
-        self.parts = {k: load_backend(p, providers) for k, p in self.part_paths.items()}
+        self.parts = {k: open_network(p, providers) for k, p in self.part_paths.items()}
         arch = dict(info["model"])
         name, num_classes = arch.pop("name"), arch.pop("num_classes")
         self.glue = create_model(name, num_classes, **arch).eval()  # parameter-free pieces only are used

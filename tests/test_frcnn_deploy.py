@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import train_tiny_frcnn
-from fa_deploy.backends import BackendError, TorchBackend, load_backend
+from fa_deploy.backends import BackendError, TorchBackend
+from fa_deploy.loading import load_backend
 from fa_deploy.cli import export_main, main as bench_main
 from fa_deploy.split import PipelineBackend, torch_runners
 from fa_deploy.tensorrt import tensorrt_available

@@ -1,0 +1,83 @@
+"""`fa-bench`: the paper's robustness table (clean AP50, PGD-1/3/5/10 AP50, advAP, acAP) for one or more
+checkpoints; with --backend, the deployment harness and its gate. The work is `fa_deploy.bench.run_bench`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fa_train.errors import EXIT_GATE, run_cli
+
+from .settings import PAPER_STEPS, BenchSettings
+
+
+def _steps(ctx, param, value: str):
+    try:
+        steps = tuple(int(s) for s in value.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers like 1,3,5,10") from None
+    if not steps or min(steps) < 1:
+        raise click.BadParameter(f"{value!r}: steps must be >= 1")
+    return steps
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--weights", "weights", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="fa-train checkpoint (repeat for several rows)")
+@click.option("--attack", type=click.Choice(["pgd", "cls", "loc", "none"]), default="pgd",
+              help="pgd: the whole detection loss; cls / loc: one TOD domain; none: clean AP and speed only")
+@click.option("--eps", type=float, default=0.03, help="attack budget in [0,1] pixel units")
+@click.option("--steps", default=",".join(map(str, PAPER_STEPS)), callback=_steps,
+              help="PGD step counts; step size eps/k")
+@click.option("--data", help="voc:PATH | coco:PATH | synth[:N] (default: the first checkpoint's training data)")
+@click.option("--test-split", help="split to evaluate (default by dataset)")
+@click.option("--img-size", type=int, help="default: the checkpoint's training size")
+@click.option("--batch-size", type=int, default=16)
+@click.option("--max-images", type=int, help="evaluate the first N test images only")
+@click.option("--workers", type=int, default=1)
+@click.option("--device", default="auto")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the table and details as JSON")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="write the table as Markdown")
+@click.option("--backend", "backends", multiple=True, type=click.Path(dir_okay=False),
+              help="exported model (.onnx, .engine or .pipeline.json) to evaluate on the same images as the source "
+                   "--weights")
+@click.option("--max-drop", type=float, default=0.02,
+              help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
+@click.option("--visualize", "vis_dir", type=click.Path(file_okay=False),
+              help="write PNGs of the first --num-vis test images: each model (and backend) on the clean image and "
+                   "under PGD-1 at --eps, boxes, ground truth and Grad-CAM of the aligned layer")
+@click.option("--num-vis", type=int, default=4, help="images for --visualize / --report")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="write DIR/report.html (self-contained) and DIR/report.md: the tables, plots and pictures")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def main(**flags):
+    """Robustness of trained detectors under PGD attacks (the paper's protocol); with --backend, of exported
+    models on adversarial images made from the source weights' gradients, with a gate on the drop."""
+    from fa_train import distributed as D
+
+    code = run_cli("fa-bench", _run, BenchSettings(**flags), on_exit=D.shutdown)
+    if code:
+        sys.exit(code)
+
+
+def _run(s: BenchSettings) -> int:
+    from .bench import run_bench, write_outputs
+    from .report import console_table
+
+    def log(m):
+        click.echo(m, err=True)
+
+    result = run_bench(s, log)
+    if not result.context.get("main", True):  # another rank of a torchrun: rank 0 reports
+        return 0
+    click.echo(console_table(result.rows, result.columns, result.title))
+    if result.failures is not None:
+        verdict = "PASS" if not result.failures else "FAIL:\n  " + "\n  ".join(result.failures)
+        click.echo(f"gate (max drop {s.max_drop}): {verdict}")
+    write_outputs(result, s, log)
+    return EXIT_GATE if result.gate_failed else 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The settings of `fa-bench` and `fa-export`: one object each, built from the command line (or the Python API)
+and passed down whole. `validate()` checks every value before any work starts and names the flag at fault."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple
+
+from fa_train.errors import SettingsError, check_output_dir, check_output_file
+
+PAPER_STEPS = (1, 3, 5, 10)
+
+
+def flag_of(name: str) -> str:
+    return "--" + {"json_path": "json", "md_path": "markdown", "vis_dir": "visualize", "report_dir": "report",
+                   "out_dir": "out", "dynamic": "dynamic-batch"}.get(name, name).replace("_", "-")
+
+
+def _positive_int(obj, name, minimum=1, optional=False):
+    v = getattr(obj, name)
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise SettingsError(f"{flag_of(name)} {v}: must be an integer >= {minimum}")
+
+
+def _img_size(v):
+    if v is not None and (not isinstance(v, int) or v < 32 or v % 32):
+        raise SettingsError(f"--img-size {v}: must be a positive multiple of 32")
+
+
+def _data_spec(v, flag="--data"):
+    if v is None:
+        return
+    from fa_train.data import DataError, parse_data_spec
+
+    try:
+        parse_data_spec(v)
+    except DataError as e:
+        raise SettingsError(str(e).replace("--data", flag, 1)) from None
+
+
+@dataclass
+class BenchSettings:
+    """fa-bench: robustness rows for `weights`, or with `backends` the deployment harness against one source."""
+
+    weights: Tuple[str, ...]
+    backends: Tuple[str, ...] = ()
+    attack: str = "pgd"
+    eps: float = 0.03
+    steps: Tuple[int, ...] = PAPER_STEPS
+    data: Optional[str] = None
+    test_split: Optional[str] = None
+    img_size: Optional[int] = None
+    batch_size: int = 16
+    max_images: Optional[int] = None
+    workers: int = 1
+    device: str = "auto"
+    json_path: Optional[str] = None
+    md_path: Optional[str] = None
+    max_drop: float = 0.02
+    cache_dir: Optional[str] = None
+    vis_dir: Optional[str] = None
+    num_vis: int = 4
+    report_dir: Optional[str] = None
+    quiet: bool = False
+
+    def validate(self) -> "BenchSettings":
+        self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
+        if not self.weights:
+            raise SettingsError("--weights: at least one checkpoint is needed")
+        if self.backends and len(self.weights) != 1:
+            raise SettingsError("--backend compares exported models with ONE source --weights")
+        if not (0.0 <= self.eps <= 1.0) or self.eps != self.eps:
+            raise SettingsError(f"--eps {self.eps}: must be in [0, 1] (pixel units of images in [0, 1])")
+        if self.attack != "none" and self.eps == 0:
+            raise SettingsError("--eps 0: an attack needs a budget > 0 (or use --attack none)")
+        if not self.steps or min(self.steps) < 1:
+            raise SettingsError(f"--steps {','.join(map(str, self.steps))}: steps must be >= 1")
+        _positive_int(self, "batch_size")
+        _positive_int(self, "max_images", optional=True)
+        _positive_int(self, "workers", minimum=0)
+        _positive_int(self, "num_vis")
+        _img_size(self.img_size)
+        _data_spec(self.data)
+        if not (self.max_drop >= 0):
+            raise SettingsError(f"--max-drop {self.max_drop}: must be >= 0")
+        for name in ("json_path", "md_path"):
+            if getattr(self, name):
+                check_output_file(getattr(self, name), flag_of(name))
+        for name in ("cache_dir", "vis_dir", "report_dir"):
+            if getattr(self, name):
+                check_output_dir(getattr(self, name), flag_of(name))
+        return self
+
+
+@dataclass
+class ExportSettings:
+    """fa-export: ONNX files and TensorRT engines of one checkpoint, with their parity."""
+
+    weights: str
+    onnx: Tuple[str, ...] = ()
+    engine: Tuple[str, ...] = ()
+    out_dir: Optional[str] = None
+    img_size: Optional[int] = None
+    batch: int = 1
+    dynamic: Optional[Tuple[int, int, int]] = None
+    opset: int = 17
+    calib_data: Optional[str] = None
+    calib_images: int = 64
+    calib_pgd: bool = False
+    calib_eps: float = 0.03
+    workspace: int = 4096
+    timing_cache: Optional[str] = None
+    verify_images: int = 8
+    no_verify: bool = False
+    extra: dict = field(default_factory=dict)
+
+    PRECISIONS = ("fp32", "fp16", "int8")
+
+    @property
+    def precisions(self) -> Tuple[str, ...]:
+        return tuple(p for p in self.PRECISIONS if p in set(self.onnx) | set(self.engine))
+
+    @property
+    def batch_range(self) -> Tuple[int, int, int]:
+        return tuple(self.dynamic) if self.dynamic else (self.batch, self.batch, self.batch)
+
+    def validate(self) -> "ExportSettings":
+        self.onnx, self.engine = tuple(self.onnx), tuple(self.engine)
+        if not self.onnx and not self.engine:
+            raise SettingsError("nothing to do: give --onnx and/or --engine")
+        for p in (*self.onnx, *self.engine):
+            if p not in self.PRECISIONS:
+                raise SettingsError(f"precision {p!r}: expected one of {', '.join(self.PRECISIONS)}")
+        _positive_int(self, "batch")
+        _positive_int(self, "verify_images")
+        _positive_int(self, "calib_images")
+        _positive_int(self, "workspace")
+        _img_size(self.img_size)
+        _data_spec(self.calib_data, "--calib-data")
+        if self.dynamic is not None:
+            lo, opt, hi = self.dynamic
+            if not 1 <= lo <= opt <= hi:
+                raise SettingsError(f"--dynamic-batch {lo}:{opt}:{hi}: expected MIN:OPT:MAX with "
+                                    f"1 <= MIN <= OPT <= MAX")
+        if not 7 <= self.opset <= 23:
+            raise SettingsError(f"--opset {self.opset}: expected 7..23 (17 by default)")
+        if not (0.0 < self.calib_eps <= 1.0):
+            raise SettingsError(f"--calib-eps {self.calib_eps}: must be in (0, 1]")
+        if self.out_dir:
+            check_output_dir(self.out_dir, "--out")
+        if self.timing_cache:
+            check_output_file(self.timing_cache, "--timing-cache")
+        return self
+
+
+def settings_fields(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
