@@ -75,8 +75,7 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
         t0 = time.time()
         if s.attack == "none":
             res = evaluate(model, loader, dev, progress=not quiet)
-            row = {"model": name, "method": method, "clean": res["AP50"],
-                   "ms/img": 1000 * res["seconds"] / max(res["images"], 1)}
+            row = {"model": name, "method": method, "clean": res["AP50"], **network_latency(model, loader, dev)}
             details.append({"weights": w, "clean": res})
         else:
             res = robustness(model, loader, dev, eps=s.eps, steps=s.steps, attack=s.attack, progress=not quiet)
@@ -86,13 +85,23 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
         models.append((name, model))
         say(f"[{name}] done in {time.time() - t0:.0f} s")
     if s.attack == "none":
-        columns = ["model", "method", "clean", "ms/img"]
+        columns = ["model", "method", "clean", "ms/img", "p90_ms", "img/s"]
     else:
         columns = ["model", "method", "clean"] + [f"PGD-{k}" for k in s.steps] + ["advAP", "acAP"]
     title = f"AP50 on {ds.name}" + ("" if s.attack == "none" else f", {s.attack} attack, eps {s.eps:g}, step eps/k")
     return BenchResult(title, columns, rows, details=details, extra={"details": details},
                        context={"sources": models, "backends": [], "dataset": ds, "device": dev,
                                 "main": D.is_main()})
+
+
+def network_latency(model, loader, device) -> Dict:
+    """ms per image of the network alone (median and p90 after warm-up, on the first test batch), measured as the
+    deployment harness measures every backend: not the data loading, not pycocotools."""
+    from .backends import TorchBackend, measure_latency
+
+    images = next(iter(loader))[0].numpy()
+    lat = measure_latency(TorchBackend(model, device=device), model.postprocess, images)
+    return {"ms/img": lat["ms_median"], "p90_ms": lat["ms_p90"], "img/s": lat["images_per_s"]}
 
 
 def run_deployment(s: BenchSettings, log=print) -> BenchResult:
@@ -115,19 +124,13 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     model.to(dev).eval()
     _, size, _ = checkpoint_data(ckpt, s.data, s.img_size)
     wsha = sha256(weights)
-    loaded = []
-    for b in s.backends:
-        bk = load_backend(b)
-        side = getattr(bk, "sidecar", None) or {}
-        if side.get("source_sha256") and side["source_sha256"] != wsha:
-            log(f"fa-bench: warning: {b} was exported from other weights ({side.get('source_weights')})")
-        shape = side.get("input", {}).get("shape")
-        if shape and shape[-1] != size:
-            raise BackendError(f"{b}: exported for {shape[-1]} px input, the benchmark uses {size} px")
-        loaded.append(bk)
+    loaded = [load_backend(b) for b in s.backends]
+    for path, bk in zip(s.backends, loaded):
+        check_backend_source(bk, path, model, weights, wsha, size, s.cross_model, log)
     ds = dataset_for(ckpt, "test", s.data, size, s.test_split, s.max_images, log=log)
     check_classes(ckpt, ds.class_names, weights, ds.name)
     loader = make_loader(ds, s.batch_size, False, s.workers)
+    check_backend_outputs(model, loaded, s.backends, ds, dev)
     res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attack, s.cache_dir, wsha,
                       progress=not s.quiet, source_path=weights)
     attack = s.attack
@@ -141,8 +144,66 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     extra = {k: v for k, v in res.items() if k != "rows"}
     extra["gate"] = {"max_drop": s.max_drop, "failures": failures}
     return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures, extra=extra,
-                       context={"sources": [("source", model)], "backends": [(b.name, b) for b in loaded],
+                       context={"sources": [("source", model)],
+                                "backends": [(r["backend"], b) for r, b in zip(res["rows"][1:], loaded)],
                                 "dataset": ds, "device": dev, "main": True})
+
+
+def check_backend_source(backend, path: str, model, weights: str, wsha: str, img_size: int, cross_model: bool,
+                         log=print) -> None:
+    """The backend was exported from `weights`, for this architecture and input size: its sidecar or manifest, else
+    the metadata inside the ONNX file, says so. Another source is an error unless `cross_model`."""
+    from .backends import BackendError
+    from .loading import recorded_source
+
+    rec = recorded_source(backend, path)
+    arch = rec.get("model")
+    if isinstance(arch, dict) and arch.get("name") and arch.get("name") != model.arch_config().get("name"):
+        raise BackendError(f"{path}: exported from a {arch.get('name')} model, the source --weights {weights} is a "
+                           f"{model.arch_config().get('name')}: the architectures differ")
+    src = rec.get("source_sha256")
+    if not src:
+        msg = f"{path}: no record of the weights it was exported from (no sidecar, manifest or ONNX metadata)"
+        if not cross_model:
+            raise BackendError(msg + "; pass --cross-model to compare it with --weights anyway")
+        log(f"fa-bench: warning: {msg}")
+    elif src != wsha:
+        msg = (f"{path}: exported from other weights ({rec.get('source_weights') or src[:12]}) than --weights "
+               f"{weights}")
+        if not cross_model:
+            raise BackendError(msg + "; pass --cross-model to compare them anyway")
+        log(f"fa-bench: warning: {msg} (--cross-model)")
+    if isinstance(arch, dict) and arch.get("num_classes") not in (None, model.num_classes):
+        raise BackendError(f"{path}: exported for {arch['num_classes']} classes, --weights {weights} has "
+                           f"{model.num_classes}")
+    size = rec.get("img_size")
+    if size and int(size) != int(img_size):
+        raise BackendError(f"{path}: exported for {size} px input, the benchmark uses {img_size} px")
+
+
+def check_backend_outputs(model, backends, paths, dataset, device) -> None:
+    """One test image through the source and each backend: the raw outputs must agree in number and shape (a file
+    of another architecture, class count or a part of a split deployment is refused before the benchmark)."""
+    import numpy as np
+
+    from .backends import BackendError, TorchBackend
+
+    x = dataset[0][0][None].numpy().astype(np.float32)
+    ref = TorchBackend(model, device=device).raw(x)
+    want = [tuple(r.shape) for r in ref]
+    for path, b in zip(paths, backends):
+        try:
+            out = b.raw(x)
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001  (ONNX Runtime / TensorRT errors come in many types)
+            raise BackendError(f"{path}: cannot run it on a {list(x.shape)} image batch "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        got = [tuple(np.asarray(o).shape) for o in out]
+        if got != want:
+            raise BackendError(f"{path}: its outputs {got} do not match the source's {want}: exported from another "
+                               f"architecture or class count, or a part of a split deployment (pass its "
+                               f".pipeline.json)")
 
 
 def verdict(result: BenchResult, max_drop: float) -> str:

@@ -43,6 +43,8 @@ def _steps(ctx, param, value: str):
                    "--weights")
 @click.option("--max-drop", type=float, default=0.02,
               help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
+@click.option("--cross-model", is_flag=True,
+              help="with --backend: compare files exported from other weights than --weights (an error otherwise)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
 @click.option("--visualize", "vis_dir", type=click.Path(file_okay=False),
               help="write PNGs of the first --num-vis test images: each model (and backend) on the clean image and "

@@ -20,9 +20,43 @@ from fa_train.evaluation import attack_loss_keys, coco_evaluate, coco_ground_tru
 from .backends import Backend, TorchBackend, measure_latency
 
 
-def _cache_key(weights_sha: str, dataset_name: str, attack: str, eps: float, k: int, batch_idx: int, n: int) -> str:
-    h = hashlib.sha256(f"{weights_sha}|{dataset_name}|{attack}|{eps}|{k}|{n}".encode()).hexdigest()[:16]
-    return f"{h}_b{batch_idx:05d}.npy"
+CACHE_VERSION = 2  # bump when the attack code changes what a cached image would be
+
+
+def distinct_names(paths: Sequence[str]) -> List[str]:
+    """Row names for files: the base name, or as many trailing path components as it takes to tell files with the
+    same base name apart (every export is called last.<precision>.onnx)."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    names = []
+    for i, pi in enumerate(parts):
+        k = 1
+        while k < len(pi) and any(pj[-k:] == pi[-k:] for j, pj in enumerate(parts) if j != i):
+            k += 1
+        names.append("/".join(pi[-k:]))
+    return names
+
+
+def _cache_key(weights_sha: str, dataset, attack: str, eps: float, k: int, image_ids: Sequence[int]) -> str:
+    """Everything that determines an adversarial batch: the source weights, the data (name, split, letterbox size),
+    the very images of the batch, the attack and its budget."""
+    ids = ",".join(str(int(i)) for i in image_ids)
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{weights_sha}|{dataset.name}|{dataset.img_size}|{attack}|{eps!r}|{k}|{ids}"
+                       .encode()).hexdigest()[:24]
+    return f"{h}.npy"
+
+
+def _load_cached(path: str, shape) -> Optional[np.ndarray]:
+    """A cached batch, or None when absent; a file of another shape or a truncated file is an error naming it."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        arr = np.load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--cache-dir: {path} is truncated or corrupt ({e}); delete it to regenerate") from None
+    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float32:
+        raise ValueError(f"--cache-dir: {path} holds {arr.dtype}{list(arr.shape)}, the batch is float32"
+                         f"{list(shape)}; delete it to regenerate")
+    return arr
 
 
 def run_harness(model, backends: Sequence[Backend], loader, device, eps: float = 0.03, steps=(1, 3, 5, 10),
@@ -35,8 +69,9 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     source = TorchBackend(model, path=source_path, device=device)
     all_b: List[Backend] = [source, *backends]
     settings = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in steps])
-    results = {b.name: {s: [] for s in settings} for b in all_b}
-    drift = {b.name: {"clean": [], "adv": []} for b in backends}
+    # keyed by position: two files may share a name (every export is last.<precision>.onnx)
+    results = [{s: [] for s in settings} for _ in all_b]
+    drift = [{"clean": [], "adv": []} for _ in all_b]
     keys = None if attack == "none" else attack_loss_keys(model, attack)
     dataset = loader.dataset
     model.eval()
@@ -50,10 +85,11 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         targets_d = [{k: v.to(device) for k, v in t.items()} for t in targets]
         inputs = {"clean": images.to(device)}
         for k in ([] if attack == "none" else steps):
-            path = os.path.join(cache_dir, _cache_key(weights_sha, dataset.name, attack, eps, k, bi, len(images))) \
-                if cache_dir else None
-            if path and os.path.isfile(path):
-                inputs[f"PGD-{k}"] = torch.from_numpy(np.load(path)).to(device)
+            path = os.path.join(cache_dir, _cache_key(weights_sha, dataset, attack, eps, k,
+                                                      [m["image_id"] for m in metas])) if cache_dir else None
+            cached = _load_cached(path, images.shape) if path else None
+            if cached is not None:
+                inputs[f"PGD-{k}"] = torch.from_numpy(cached).to(device)
             else:
                 bar.set_postfix(attack=f"PGD-{k}")
                 adv = pgd_attack(model, inputs["clean"], targets_d, eps=eps, steps=k, step_size=eps / k,
@@ -66,21 +102,22 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         for s, x in inputs.items():
             x_np = x.cpu().numpy()
             ref = source.raw(x_np)
-            results[source.name][s] += detections_to_coco(model.postprocess(ref), metas, dataset.label_to_cat_id)
-            for b in backends:
+            results[0][s] += detections_to_coco(model.postprocess(ref), metas, dataset.label_to_cat_id)
+            for i, b in enumerate(backends, 1):
                 out = b.raw(x_np)
-                results[b.name][s] += detections_to_coco(model.postprocess(out), metas, dataset.label_to_cat_id)
+                results[i][s] += detections_to_coco(model.postprocess(out), metas, dataset.label_to_cat_id)
                 d = float(np.mean([np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)).mean()
                                    for o, r in zip(out, ref)]))
-                drift[b.name]["clean" if s == "clean" else "adv"].append(d)
+                drift[i]["clean" if s == "clean" else "adv"].append(d)
         n_img += len(images)
         bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
     gt = coco_ground_truth(dataset)
     rows, details = [], {}
     src_row = None
-    for b in all_b:
-        per = {s: coco_evaluate(gt, results[b.name][s], dataset.class_names) for s in settings}
-        row = {"backend": b.name, "format": b.format, "precision": b.precision, "size_MB": b.size_mb,
+    names = ["source"] + distinct_names([b.path or b.name for b in backends])
+    for i, (b, name) in enumerate(zip(all_b, names)):
+        per = {s: coco_evaluate(gt, results[i][s], dataset.class_names) for s in settings}
+        row = {"backend": name, "path": b.path, "format": b.format, "precision": b.precision, "size_MB": b.size_mb,
                "clean": per["clean"]["AP50"]}
         if attack != "none":
             for k in steps:
@@ -92,15 +129,15 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         row["drop_clean"] = src_row["clean"] - row["clean"]
         if attack != "none":
             row["drop_advAP"] = src_row["advAP"] - row["advAP"]
-        if b.name in drift:
-            row["drift_clean"] = float(np.mean(drift[b.name]["clean"])) if drift[b.name]["clean"] else 0.0
-            row["drift_adv"] = float(np.mean(drift[b.name]["adv"])) if drift[b.name]["adv"] else 0.0
+        if i > 0:
+            row["drift_clean"] = float(np.mean(drift[i]["clean"])) if drift[i]["clean"] else 0.0
+            row["drift_adv"] = float(np.mean(drift[i]["adv"])) if drift[i]["adv"] else 0.0
         lat = measure_latency(b, model.postprocess, first_batch, iters=latency_iters,
                               preprocess=lambda: dataset[0])
         row["ms/img"], row["img/s"] = lat["ms_median"], lat["images_per_s"]
         row["p90_ms"], row["pre_ms"], row["post_ms"] = lat["ms_p90"], lat["pre_ms_median"], lat["post_ms_median"]
         rows.append(row)
-        details[b.name] = {s: per[s]["stats"] for s in settings}
+        details[name] = {s: per[s]["stats"] for s in settings}
     return {"rows": rows, "details": details, "eps": eps, "steps": list(steps), "attack": attack, "images": n_img,
             "seconds": time.time() - t0}
 

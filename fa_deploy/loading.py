@@ -3,11 +3,13 @@ engine, a pipeline manifest of several networks) or a checkpoint (`fa_train.chec
 from __future__ import annotations
 
 import os
+import re
 from typing import List, Optional
 
 from .backends import Backend, BackendError, open_network
 
 PIPELINE_SUFFIX = ".pipeline.json"
+PART_FILE = re.compile(r"^(.+)\.(backbone|roi_heads)\.(onnx|engine|plan|trt)$")
 
 
 def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
@@ -17,4 +19,57 @@ def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
         from .split import PipelineBackend
 
         return PipelineBackend(path, providers)
+    m = PART_FILE.match(os.path.basename(path))
+    if m:
+        manifest = os.path.join(os.path.dirname(path), f"{m.group(1)}{'.engine' if m.group(3) != 'onnx' else ''}"
+                                f"{PIPELINE_SUFFIX}")
+        raise BackendError(f"--backend {path}: this is the {m.group(2)} part of a split deployment (Faster R-CNN "
+                           f"runs as two networks with torchvision's glue between them); pass its manifest "
+                           f"{manifest} instead")
     return open_network(path, providers)
+
+
+def onnx_metadata(path: str) -> dict:
+    """The `metadata_props` of an ONNX file (fa-export records its source there), without loading the weights."""
+    import json
+
+    import onnx
+
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001  (not readable as ONNX: the backend itself will say so)
+        return {}
+    out = {}
+    for p in m.metadata_props:
+        v = p.value
+        if v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        out[p.key] = v
+    return out
+
+
+def recorded_source(backend: Backend, path: str) -> dict:
+    """What a deployed file records about its origin: `source_sha256`, `source_weights`, `model` (arch),
+    `img_size`, `precision`; from the ONNX file's own metadata, completed by its sidecar or manifest."""
+    rec = {}
+    files = list(getattr(backend, "part_paths", {}).values()) or [path]
+    for f in files:
+        if f.lower().endswith(".onnx"):
+            meta = onnx_metadata(f)
+            if meta:
+                rec.update({k: v for k, v in meta.items() if k not in rec})
+                break
+    side = getattr(backend, "sidecar", None) or {}
+    for key in ("source_sha256", "source_weights", "model", "precision"):
+        if side.get(key) is not None:
+            if key == "source_sha256" and rec.get(key) and rec[key] != side[key]:
+                raise BackendError(f"{path}: its sidecar says it was exported from {side[key][:12]}..., the file's own "
+                                   f"metadata says {rec[key][:12]}...: the sidecar belongs to another file")
+            rec.setdefault(key, side[key])
+    shape = (side.get("input") or {}).get("shape")
+    if shape and "img_size" not in rec:
+        rec["img_size"] = shape[-1]
+    return rec

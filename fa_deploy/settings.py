@@ -63,6 +63,7 @@ class BenchSettings:
     num_vis: int = 4
     report_dir: Optional[str] = None
     quiet: bool = False
+    cross_model: bool = False
 
     def validate(self) -> "BenchSettings":
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
@@ -70,6 +71,9 @@ class BenchSettings:
             raise SettingsError("--weights: at least one checkpoint is needed")
         if self.backends and len(self.weights) != 1:
             raise SettingsError("--backend compares exported models with ONE source --weights")
+        for i, b in enumerate(self.backends):
+            if b in self.backends[:i]:
+                raise SettingsError(f"--backend {b} is given twice")
         if not (0.0 <= self.eps <= 1.0) or self.eps != self.eps:
             raise SettingsError(f"--eps {self.eps}: must be in [0, 1] (pixel units of images in [0, 1])")
         if self.attack != "none" and self.eps == 0:

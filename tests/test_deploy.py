@@ -10,40 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import broken_copy
 from fa_deploy.cli import export_main, main as bench_main
 from fa_deploy.export import ExportError, check_onnx, parity, sha256
 from fa_deploy.tensorrt import tensorrt_available
 from fa_train.checkpoint import load_model
-from fa_train.cli import main as train_main
 
 needs_trt = pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT/GPU unavailable: "
                                                                  f"{tensorrt_available()[1]}")
-
-
-@pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """A tiny YOLOv3 that has memorised two training images: a source with a high AP for the gate to guard."""
-    d = tmp_path_factory.mktemp("overfit")
-    (d / "c.yaml").write_text("train: {optimizer: adamw, momentum: 0.9, schedule: cosine}\n")
-    r = CliRunner().invoke(train_main, ["--config", str(d / "c.yaml"), "--data", "synth:60", "--img-size", "64",
-                                        "--batch-size", "2", "--width-mult", "0.125", "--depth-mult", "0.2",
-                                        "--workers", "0", "--max-images", "2", "--max-test-images", "2",
-                                        "--test-split", "shapes:train", "--epochs", "150", "--eval-every", "0",
-                                        "--lr", "0.01", "--warmup-iters", "5", "--quiet", "--out", str(d / "run")])
-    assert r.exit_code == 0, r.output
-    ev = json.loads((d / "run" / "eval.json").read_text())
-    assert ev["clean"]["AP50"] > 0.5, ev["clean"]["AP50"]
-    return d / "run" / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def exported(overfit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
-                                         "--out", str(out), "--dynamic-batch", "1:2:4", "--calib-images", "8"])
-    assert r.exit_code == 0, r.output
-    assert "parity against" in r.output
-    return {p: out / f"last.{p}.onnx" for p in ("fp32", "fp16", "int8")}
 
 
 def _ort(path, x):
@@ -130,21 +104,9 @@ def test_corrupt_onnx_is_refused(tmp_path):
         check_onnx(str(p))
 
 
-def _broken_copy(src, dst):
-    m = onnx.load(str(src))
-    rng = np.random.default_rng(0)
-    for init in m.graph.initializer:
-        w = onnx.numpy_helper.to_array(init)
-        if w.dtype == np.float32 and w.ndim == 4:
-            init.CopyFrom(onnx.numpy_helper.from_array((w + rng.normal(0, 0.5 * w.std() + 1e-3, w.shape))
-                                                       .astype(np.float32), init.name))
-    onnx.save(m, str(dst))
-    shutil.copy(str(src) + ".json", str(dst) + ".json")
-
-
 def test_harness_table_and_gate(overfit, exported, tmp_path):
     broken = tmp_path / "broken.fp32.onnx"
-    _broken_copy(exported["fp32"], broken)
+    broken_copy(exported["fp32"], broken)
     common = ["--weights", str(overfit), "--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2",
               "--steps", "1,2", "--workers", "0", "--quiet"]
     js = tmp_path / "h.json"

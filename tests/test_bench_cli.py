@@ -1,0 +1,163 @@
+"""fa-bench and fa-export as a new user meets them (issue 14, deployment side): files with the same name kept
+apart, the adversarial-image cache keyed on the images, the source of an exported file checked, every bad flag
+and unwritable output refused before any work with exit code 2 (never the gate's 1), network-only latency."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import broken_copy
+from fa_deploy.bench_cli import main as bench_main
+from fa_deploy.export_cli import export_main
+from fa_deploy.harness import _cache_key, _load_cached, distinct_names
+
+COMMON = ["--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
+
+
+def _bench(*args):
+    return CliRunner().invoke(bench_main, list(args))
+
+
+def test_backends_with_the_same_file_name_are_kept_apart(overfit, exported, tmp_path):
+    """Two exports are both called last.fp32.onnx: each row must hold its own file's detections (they were merged
+    under the base name, so a broken file and a good one showed the same AP)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(exported["fp32"], a / "last.fp32.onnx")
+    shutil.copy(str(exported["fp32"]) + ".json", a / "last.fp32.onnx.json")
+    broken_copy(exported["fp32"], b / "last.fp32.onnx")
+    js = tmp_path / "t.json"
+    r = _bench("--weights", str(overfit), "--backend", str(a / "last.fp32.onnx"), "--backend",
+               str(b / "last.fp32.onnx"), "--steps", "1", "--json", str(js), "--max-drop", "1", *COMMON)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert [row["backend"] for row in rows] == ["source", "a/last.fp32.onnx", "b/last.fp32.onnx"]
+    src, good, bad = rows
+    assert good["clean"] == pytest.approx(src["clean"], abs=1e-3) and good["drift_clean"] < 1e-3
+    assert bad["clean"] < src["clean"] - 0.1 and bad["drift_clean"] > 0.01
+    # each row as the file alone gives it
+    js1 = tmp_path / "one.json"
+    r = _bench("--weights", str(overfit), "--backend", str(b / "last.fp32.onnx"), "--steps", "1", "--json",
+               str(js1), "--max-drop", "1", *COMMON)
+    assert r.exit_code == 0, r.output
+    assert json.loads(js1.read_text())["rows"][1]["clean"] == pytest.approx(bad["clean"], abs=1e-9)
+
+
+def test_distinct_names():
+    assert distinct_names(["/x/a/last.fp32.onnx", "/x/b/last.fp32.onnx", "/x/a/last.int8.onnx"]) == \
+        ["a/last.fp32.onnx", "b/last.fp32.onnx", "last.int8.onnx"]
+    assert distinct_names(["/r/p/e/m.onnx", "/r/q/e/m.onnx"]) == ["p/e/m.onnx", "q/e/m.onnx"]
+
+
+class _DS:
+    def __init__(self, name, size):
+        self.name, self.img_size = name, size
+
+
+def test_cache_key_covers_everything_that_makes_the_images(tmp_path):
+    base = _cache_key("sha", _DS("synth:60:shapes:test", 128), "pgd", 0.03, 1, [1, 2])
+    assert base != _cache_key("sha", _DS("synth:60:shapes:test", 160), "pgd", 0.03, 1, [1, 2])  # image size
+    assert base != _cache_key("sha", _DS("synth:60:shapes:train", 128), "pgd", 0.03, 1, [1, 2])  # split
+    assert base != _cache_key("sha", _DS("synth:60:shapes:test", 128), "pgd", 0.03, 1, [1, 3])  # images
+    assert base != _cache_key("sha", _DS("synth:60:shapes:test", 128), "cls", 0.03, 1, [1, 2])
+    assert base != _cache_key("sha", _DS("synth:60:shapes:test", 128), "pgd", 0.03, 3, [1, 2])
+    assert base != _cache_key("other", _DS("synth:60:shapes:test", 128), "pgd", 0.03, 1, [1, 2])
+    assert base == _cache_key("sha", _DS("synth:60:shapes:test", 128), "pgd", 0.03, 1, [1, 2])
+    p = tmp_path / base
+    np.save(p, np.zeros((2, 3, 64, 64), np.float32))
+    assert _load_cached(str(p), (2, 3, 64, 64)).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="holds float32"):
+        _load_cached(str(p), (2, 3, 96, 96))
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        _load_cached(str(p), (2, 3, 64, 64))
+
+
+def test_cache_reused_only_for_the_same_images(overfit, exported, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--weights", str(overfit), "--backend", str(exported["fp32"]), "--steps", "1", "--cache-dir", str(cache),
+            "--max-drop", "1"]
+    r = _bench(*args, *COMMON)
+    assert r.exit_code == 0, r.output
+    assert len(os.listdir(cache)) == 1
+    r = _bench(*args, *COMMON)  # the same images: reused
+    assert r.exit_code == 0, r.output and len(os.listdir(cache)) == 1
+    r = _bench(*args, "--test-split", "shapes:test", "--max-images", "2", "--batch-size", "2", "--workers", "0",
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    assert len(os.listdir(cache)) == 2  # other images: a batch of their own
+
+
+def test_exported_from_other_weights_is_an_error_whatever_the_sidecar(overfit, exported, tmp_path):
+    f = tmp_path / "m.int8.onnx"
+    shutil.copy(exported["int8"], f)
+    side = json.loads(open(str(exported["int8"]) + ".json").read())
+    side["source_sha256"] = "0" * 64
+    (tmp_path / "m.int8.onnx.json").write_text(json.dumps(side))
+    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", *COMMON)
+    assert r.exit_code == 2 and "exported from other weights" in r.output and "--cross-model" in r.output, r.output
+    assert "Traceback" not in r.output
+    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", "--cross-model", "--max-drop", "1",
+               *COMMON)
+    assert r.exit_code == 0, r.output
+    os.remove(tmp_path / "m.int8.onnx.json")  # no sidecar: the file's own metadata, else no record at all
+    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", *COMMON)
+    if r.exit_code == 0:  # the ONNX file records its source itself
+        assert "int8" in r.output
+    else:
+        assert r.exit_code == 2 and "no record of the weights" in r.output, r.output
+
+
+def test_bad_flags_exit_2_naming_the_flag_before_any_work(overfit, tmp_path):
+    cases = [(["--max-images", "0"], "--max-images 0"), (["--eps", "-0.03"], "--eps -0.03"),
+             (["--batch-size", "0"], "--batch-size 0"), (["--data", "synth:abc"], "synth:abc"),
+             (["--img-size", "100"], "--img-size 100"), (["--json", "/proc/nope/t.json"], "--json /proc/nope/t.json"),
+             (["--markdown", "/proc/nope/t.md"], "--markdown"), (["--report", "/proc/nope"], "--report /proc/nope"),
+             (["--steps", "0"], "--steps")]
+    for extra, needle in cases:
+        r = _bench("--weights", str(overfit), *extra, "--quiet")
+        assert r.exit_code == 2, (extra, r.output)
+        assert needle in r.output and "Traceback" not in r.output, (extra, r.output)
+        assert " on synth" not in r.output, extra  # refused before the benchmark started, not after it
+    r = _bench("--weights", str(tmp_path / "missing.pt"))
+    assert r.exit_code == 2 and "missing.pt" in r.output
+
+
+def test_export_bad_flags_and_unwritable_out_exit_2(overfit, tmp_path):
+    for extra, needle in [(["--out", "/proc/nope"], "--out /proc/nope"), (["--batch", "0"], "--batch 0"),
+                          (["--verify-images", "0"], "--verify-images 0"), (["--img-size", "100"], "--img-size 100"),
+                          (["--calib-images", "0"], "--calib-images 0")]:
+        r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", *extra])
+        assert r.exit_code == 2, (extra, r.output)
+        assert needle in r.output and "Traceback" not in r.output, (extra, r.output)
+
+
+def test_export_static_batch_not_dividing_the_verify_images(overfit, tmp_path):
+    r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", "--batch", "3", "--verify-images", "8",
+                                         "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "last.fp32.onnx.json").read_text())
+    assert side["parity"]["passed"]
+    assert "on 8 images" in r.output
+
+
+def test_part_file_of_a_split_deployment_says_pass_the_manifest(overfit, tmp_path):
+    part = tmp_path / "last.fp32.backbone.onnx"
+    part.write_bytes(b"\x08\x07")
+    r = _bench("--weights", str(overfit), "--backend", str(part), *COMMON)
+    assert r.exit_code == 2 and "last.fp32.pipeline.json" in r.output, r.output
+
+
+def test_attack_none_latency_is_the_network(overfit, tmp_path):
+    js = tmp_path / "n.json"
+    r = _bench("--weights", str(overfit), "--attack", "none", "--json", str(js), "--workers", "1", *COMMON[:4],
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    row = json.loads(js.read_text())["rows"][0]
+    assert {"ms/img", "p90_ms", "img/s"} <= set(row)
+    # median and p90 of the network alone (measure_latency, as the harness measures backends), not wall time with
+    # worker start-up and pycocotools
+    assert 0 < row["ms/img"] <= row["p90_ms"] and row["img/s"] == pytest.approx(1000 / row["ms/img"])
