@@ -117,7 +117,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     wsha = sha256(weights)
     loaded = []
     for b in s.backends:
-        bk = load_backend(b)
+        bk = load_backend(b, list(s.providers) or None, s.allow_cpu_fallback)
         side = getattr(bk, "sidecar", None) or {}
         if side.get("source_sha256") and side["source_sha256"] != wsha:
             log(f"fa-bench: warning: {b} was exported from other weights ({side.get('source_weights')})")
@@ -133,7 +133,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     attack = s.attack
     ap_cols = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in s.steps] + ["advAP", "acAP"])
     drops = ["drop_clean"] + ([] if attack == "none" else ["drop_advAP"])
-    columns = ["backend", "format", "precision", "size_MB", *ap_cols, *drops, "drift_clean",
+    columns = ["backend", "format", "precision", "provider", "size_MB", *ap_cols, *drops, "drift_clean",
                *([] if attack == "none" else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
     title = (f"AP50 on {ds.name}" + ("" if attack == "none" else
                                       f", {attack} attack from the source weights, eps {s.eps:g}, step eps/k"))

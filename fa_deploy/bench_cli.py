@@ -44,6 +44,11 @@ def _steps(ctx, param, value: str):
 @click.option("--max-drop", type=float, default=0.02,
               help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+              help="ONNX Runtime execution provider for --backend ONNX files (repeatable, in priority order; default: "
+                   "cuda with onnxruntime-gpu, else cpu); one that does not load is an error")
+@click.option("--allow-cpu-fallback", is_flag=True,
+              help="run on the CPU when a requested GPU provider does not load (the provider column says so)")
 @click.option("--visualize", "vis_dir", type=click.Path(file_okay=False),
               help="write PNGs of the first --num-vis test images: each model (and backend) on the clean image and "
                    "under PGD-1 at --eps, boxes, ground truth and Grad-CAM of the aligned layer")

@@ -39,6 +39,10 @@ _QUANT_INPUT_TYPES = {"INT8", "FP8", "INT4", "FP4"}
 _WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}  # the output-channel axis of the weight each op takes as input 1
 
 
+class TensorRTIncompatible(RuntimeError):
+    """An --engine target that TensorRT's parser would refuse: stopped before the build, with the reasons."""
+
+
 @dataclass
 class CompatReport:
     path: str

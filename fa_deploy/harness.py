@@ -80,7 +80,8 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     src_row = None
     for b in all_b:
         per = {s: coco_evaluate(gt, results[b.name][s], dataset.class_names) for s in settings}
-        row = {"backend": b.name, "format": b.format, "precision": b.precision, "size_MB": b.size_mb,
+        row = {"backend": b.name, "format": b.format, "precision": b.precision,
+               "provider": getattr(b, "provider", "?"), "size_MB": b.size_mb,
                "clean": per["clean"]["AP50"]}
         if attack != "none":
             for k in steps:

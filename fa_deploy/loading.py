@@ -10,11 +10,13 @@ from .backends import Backend, BackendError, open_network
 PIPELINE_SUFFIX = ".pipeline.json"
 
 
-def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
+def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fallback: bool = False) -> Backend:
+    """`providers`: ONNX Runtime providers for ONNX files (cpu, cuda, tensorrt; None = auto); a requested GPU provider
+    that does not load is a BackendError unless `allow_cpu_fallback`."""
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/split.py)
         from .split import PipelineBackend
 
-        return PipelineBackend(path, providers)
-    return open_network(path, providers)
+        return PipelineBackend(path, providers, allow_cpu_fallback)
+    return open_network(path, providers, allow_cpu_fallback)

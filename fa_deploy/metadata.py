@@ -110,3 +110,37 @@ def onnx_batch_range(model, input_name: Optional[str] = None) -> Tuple[int, int,
     if d0.HasField("dim_value") and d0.dim_value > 0:
         return (d0.dim_value, d0.dim_value, d0.dim_value)
     return (1, 1, None)
+
+
+class Staging:
+    """Files of one export written into a hidden folder beside their destination and moved into place together at
+    `commit()`: a crashed export leaves no file without its sidecar and no sidecar without its parity. Sidecars
+    move before the file they describe, pipeline manifests last. `discard()` removes what was not committed."""
+
+    def __init__(self, out_dir: str):
+        import tempfile
+
+        self.out_dir = out_dir
+        self.dir = tempfile.mkdtemp(prefix=".fa-export-", dir=out_dir)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def final(self, staged: str) -> str:
+        return os.path.join(self.out_dir, os.path.relpath(staged, self.dir))
+
+    def commit(self) -> list:
+        names = sorted(os.listdir(self.dir), key=lambda n: (n.endswith(".pipeline.json"), not n.endswith(".json"), n))
+        moved = []
+        for n in names:
+            if n.endswith(".tmp"):
+                continue
+            os.replace(os.path.join(self.dir, n), os.path.join(self.out_dir, n))
+            moved.append(os.path.join(self.out_dir, n))
+        self.discard()
+        return moved
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
