@@ -178,7 +178,7 @@ def _build(trt, onnx_path, engine_path, input_name, img_size, batch_range, works
             f.write(memoryview(serialized))
         os.replace(tmp, timing_cache)
     return {"format": "tensorrt", "tensorrt": trt.__version__, "gpu": gpu_name(), "batch_range": list(batch_range),
-            "input": input_name, "outputs": outputs, "profile": [list(s) for s in profile_shapes],
+            "input_name": input_name, "outputs": outputs, "profile": [list(s) for s in profile_shapes],
             "workspace_mb": workspace_mb, "onnx": os.path.abspath(record_onnx), "strongly_typed": True,
             "tf32": False, "timing_cache": cache_state}
 
