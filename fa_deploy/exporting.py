@@ -55,6 +55,18 @@ def tensorrt_or_explain(s: ExportSettings, img_size: int) -> None:
             + " ".join(f"--engine {p}" for p in s.engine) + batch + f" --img-size {img_size}")
 
 
+def calibration_dataset(ckpt, s: ExportSettings, img_size: int, log):
+    """The training split's images without training augmentation: the random flips of the "train" role made every
+    export calibrate on different images, so int8 files (and the demo's int8 row) changed from run to run."""
+    from fa_train.data import DEFAULT_SPLITS, parse_data_spec
+
+    from .bench import checkpoint_data, dataset_for
+
+    spec = checkpoint_data(ckpt, s.calib_data, img_size)[0]
+    split = DEFAULT_SPLITS[parse_data_spec(spec)[0]]["train"]
+    return dataset_for(ckpt, "test", s.calib_data, img_size, split=split, max_images=s.calib_images, log=log)
+
+
 def _origin(weights: str, ckpt: dict, model, precision: str, batch_range, img_size: int) -> dict:
     """What every exported ONNX file records about itself in metadata_props."""
     from fa_train import __version__
@@ -127,7 +139,6 @@ def _export_single(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, sho
 
     from . import export as ex
     from .backends import OrtBackend, TorchBackend, run_batched
-    from .bench import dataset_for
     from .metadata import Staging
     from .report import console_table
 
@@ -146,7 +157,7 @@ def _export_single(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, sho
             kept = ex.export_fp16(fp32, paths["fp16"], keep)
             log(f"fp16: {len(kept)} decode nodes kept in float32")
         if "int8" in s.precisions:
-            cal_ds = dataset_for(ckpt, "train", s.calib_data, img_size, max_images=s.calib_images, log=log)
+            cal_ds = calibration_dataset(ckpt, s, img_size, log)
             cal = ex.calibration_batches(model, make_loader(cal_ds, 8, False, 0), s.calib_images, s.calib_pgd,
                                          s.calib_eps)
             paths["int8"] = stage.path(f"{stem}.int8.onnx")
@@ -237,12 +248,11 @@ def _export_split(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, show
     from . import export as ex
     from . import split
     from .backends import OrtBackend
-    from .bench import dataset_for
     from .metadata import Staging
     from .report import console_table
 
     def calibration():
-        cal_ds = dataset_for(ckpt, "train", s.calib_data, img_size, max_images=s.calib_images, log=log)
+        cal_ds = calibration_dataset(ckpt, s, img_size, log)
         return ex.calibration_batches(model, make_loader(cal_ds, 4, False, 0), s.calib_images, s.calib_pgd,
                                       s.calib_eps)
 
