@@ -124,7 +124,7 @@ def test_tensorrt_compatibility_of_every_file_and_of_the_old_int8(exported, tmp_
     assert n_int32 > 0
     rep = check_tensorrt_compat(str(old))
     assert not rep.ok and len([p for p in rep.problems if "dequantizes a INT32" in p]) == n_int32
-    assert "TensorRT takes INT8/FP8/INT4/FP4 only" in rep.summary()
+    assert "TensorRT takes INT8/FP8/INT4/FP4 only" in " ".join(rep.problems) and not rep.ok
 
 
 def test_onnx_metadata_records_the_origin(overfit, exported):
