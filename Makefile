@@ -10,7 +10,7 @@ export FA_KERNELS_BUILD ?= $(CURDIR)/build/kernels
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cpu]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,32 +1,41 @@
 """One Backend interface: `raw(images) -> list of numpy outputs`, plus the Detector's shared `postprocess`.
 
-Backends: the source weights (torch), ONNX Runtime (CPU; CUDA and TensorRT execution providers when
-onnxruntime-gpu is installed) and TensorRT engines (`execute_async_v3`; device buffers from torch CUDA tensors
-when torch has CUDA, else from pycuda, so a deployment service can run an engine without PyTorch).
-Comparisons therefore measure the network, not the post-processing.
+Backends: the source weights (torch), ONNX Runtime (CPU; CUDA and TensorRT execution providers with
+onnxruntime-gpu) and TensorRT engines (`fa_deploy.runtime.EngineRunner`: execute_async_v3 on a stream of its own,
+buffers from cuda-python or pycuda, no torch). Comparisons therefore measure the network, not the post-processing.
+
+Every backend knows the batch range of its file (`batch_range` = MIN, OPT, MAX; MAX None = any) and its `raw`
+takes any number of images, running chunks that fit. Every backend names what actually ran it (`provider`):
+a requested GPU execution provider of ONNX Runtime that did not load is an error unless CPU fallback was asked for.
+This module imports neither torch nor onnx at import time.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .export import check_onnx, read_sidecar
+from .metadata import check_onnx, onnx_batch_range, onnx_metadata, read_sidecar
+from .runtime import BackendError, EngineRunner, run_batched
 
-
-class BackendError(RuntimeError):
-    pass
-
+__all__ = ["Backend", "BackendError", "TorchBackend", "OrtBackend", "TrtBackend", "open_network", "run_batched",
+           "measure_latency", "resolve_providers", "PROVIDERS", "ENGINE_SUFFIXES"]
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# short names accepted by --provider, and how rows name them
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_SHORT = {v: k for k, v in PROVIDERS.items()}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class Backend:
     name = "backend"
     format = "?"
     precision = "?"
+    provider = "?"  # what actually runs it: torch-cpu, ort-cpu, ort-cuda, ort-tensorrt, tensorrt
+    batch_range = (1, 1, None)
     path: Optional[str] = None
 
     def raw(self, images: np.ndarray) -> List[np.ndarray]:
@@ -47,6 +56,7 @@ class TorchBackend(Backend):
         self.module = model.export_module().eval()
         self.name = "source"
         self.precision = str(next(model.parameters()).dtype).replace("torch.float", "fp")
+        self.provider = f"torch-{self.device.type}"
 
     def raw(self, images):
         import torch
@@ -57,145 +67,158 @@ class TorchBackend(Backend):
         return [o.float().cpu().numpy() for o in outs]
 
 
+def import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendError("ONNX Runtime is not installed: pip install -e '.[cpu]' (CPU) or -e '.[gpu]' (NVIDIA GPU: "
+                           "onnxruntime-gpu; never both)") from e
+    return ort
+
+
+def resolve_providers(requested: Optional[Sequence[str]], available: Sequence[str]) -> List[str]:
+    """Full ONNX Runtime provider names for `requested` (short names cpu/cuda/tensorrt or full names; None = auto:
+    CUDA when onnxruntime-gpu offers it, else the CPU). The CPU provider always comes last, as ONNX Runtime's own
+    fallback for the nodes a GPU provider does not take."""
+    if not requested:
+        names = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+    else:
+        names = []
+        for p in requested:
+            full = PROVIDERS.get(p.lower(), p) if isinstance(p, str) else p
+            if full not in PROVIDERS.values():
+                raise BackendError(f"--provider {p}: unknown ONNX Runtime provider (cpu, cuda or tensorrt)")
+            names.append(full)
+        missing = [p for p in names if p not in available]
+        if missing:
+            raise BackendError(f"ONNX Runtime providers {[_SHORT[p] for p in missing]} are not in this build "
+                               f"(it has {list(available)}): install onnxruntime-gpu (pip install -e '.[gpu]') "
+                               f"instead of onnxruntime")
+    if "TensorrtExecutionProvider" in names and "CUDAExecutionProvider" not in names \
+            and "CUDAExecutionProvider" in available:
+        names.insert(names.index("TensorrtExecutionProvider") + 1, "CUDAExecutionProvider")
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    return names
+
+
 class OrtBackend(Backend):
     format = "onnx"
 
-    def __init__(self, path: str, providers: Optional[List[str]] = None, threads: Optional[int] = None):
-        import onnxruntime as ort
-
-        check_onnx(path)
+    def __init__(self, path: str, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+                 allow_cpu_fallback: bool = False, trt_cache_dir: Optional[str] = None):
+        ort = import_onnxruntime()
+        model = check_onnx(path)
         self.path, self.sidecar = path, read_sidecar(path)
-        self.precision = (self.sidecar or {}).get("precision", "?")
+        side = self.sidecar or {}
+        self.metadata = onnx_metadata(model)  # what the file records about itself (fa-export writes it)
+        self.precision = side.get("precision") or self.metadata.get("precision", "?")
         self.name = os.path.basename(path)
-        avail = ort.get_available_providers()
-        if providers is None:
-            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail]
-            providers.append("CPUExecutionProvider")
-        missing = [p for p in providers if p not in avail]
-        if missing:
-            raise BackendError(f"{path}: ONNX Runtime providers {missing} are not available (have {avail})")
+        self.input_name = [i.name for i in model.graph.input
+                           if i.name not in {x.name for x in model.graph.initializer}][0]
+        self.batch_range = self._batch_range(model, side, self.metadata)
+        del model
+        requested = resolve_providers(providers, ort.get_available_providers())
+        self.requested = requested
+        options = [self._provider_options(p, trt_cache_dir) for p in requested]
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, so, providers=providers)
+            self.session = ort.InferenceSession(path, so, providers=requested, provider_options=options)
         except Exception as e:
-            raise BackendError(f"{path}: ONNX Runtime cannot load it ({e})") from e
-        self.providers = self.session.get_providers()
-        self.input_name = self.session.get_inputs()[0].name  # INPUT_NAME for whole detectors
+            raise BackendError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        self.allow_cpu_fallback = allow_cpu_fallback
+        if not allow_cpu_fallback:
+            self.session.disable_fallback()  # a failing GPU provider must not silently rerun on the CPU
+        self._check_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @staticmethod
+    def _batch_range(model, side, metadata):
+        lo, opt, hi = onnx_batch_range(model)
+        if hi is None:  # a symbolic batch axis: any batch runs; chunk by the exported range when one is recorded
+            rec = side.get("input", {}).get("batch") if isinstance(side.get("input"), dict) else None
+            rec = rec if isinstance(rec, (list, tuple)) else metadata.get("batch_range")
+            if isinstance(rec, (list, tuple)) and len(rec) == 3:
+                return (1, int(rec[1]), int(rec[2]))
+        return (lo, opt, hi)
+
+    def _provider_options(self, provider: str, trt_cache_dir: Optional[str]) -> dict:
+        if provider != "TensorrtExecutionProvider":
+            return {}
+        side = self.sidecar or {}
+        cache = trt_cache_dir or (os.path.splitext(self.path)[0] + ".ort-trt-cache")
+        os.makedirs(cache, exist_ok=True)
+        opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+                "trt_fp16_enable": str(self.precision == "fp16"), "trt_int8_enable": str(self.precision == "int8")}
+        shape = side.get("input", {}).get("shape") if isinstance(side.get("input"), dict) else None
+        lo, opt, hi = self.batch_range
+        if shape and hi is not None and lo != hi:  # a dynamic batch: TensorRT's profile is the exported range
+            rest = "x".join(str(int(d)) for d in shape[1:])
+            for key, b in (("min", lo), ("opt", opt), ("max", hi)):
+                opts[f"trt_profile_{key}_shapes"] = f"{self.input_name}:{b}x{rest}"
+        return opts
+
+    def _check_providers(self) -> None:
+        active = list(self.session.get_providers())
+        lost = [p for p in self.requested if p in GPU_PROVIDERS and p not in active]
+        if lost and not self.allow_cpu_fallback:
+            raise BackendError(f"{self.path}: ONNX Runtime could not start {[_SHORT[p] for p in lost]} (active: "
+                               f"{[_SHORT.get(p, p) for p in active]}; see ONNX Runtime's log for the library that "
+                               f"failed to load); pass --allow-cpu-fallback to run on what loaded")
+        first = next((p for p in active if p in self.requested), active[0] if active else "CPUExecutionProvider")
+        self.provider = "ort-" + _SHORT.get(first, first)
+        self.active_providers = active
+
+    def _run(self, x):
+        out = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        if self.allow_cpu_fallback:
+            self._check_providers()  # ONNX Runtime may have fallen back during the run: name what ran
+        return out
+
     def raw(self, images):
-        return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        images = np.asarray(images)
+        try:
+            return run_batched(self._run, images, self.batch_range)
+        except BackendError:
+            raise
+        except Exception as e:  # onnxruntime's own errors (shapes, kernels): one line naming the file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"{self.path}: ONNX Runtime failed on a batch of shape {tuple(images.shape)} "
+                               f"({type(e).__name__}: {msg})") from e
 
 
 class TrtBackend(Backend):
-    """A serialized TensorRT engine, run with execute_async_v3 on one CUDA stream."""
+    """A serialized TensorRT engine through the torch-free `EngineRunner` (one stream, reused buffers)."""
 
     format = "tensorrt"
+    provider = "tensorrt"
 
-    def __init__(self, path: str):
-        from .tensorrt import check_engine_compatible, import_tensorrt
-
-        trt = import_tensorrt()
-        self.path, self.sidecar = path, read_sidecar(path)
-        check_engine_compatible(self.sidecar, path)
-        self.precision = self.sidecar.get("precision", "?")
+    def __init__(self, path: str, cuda: str = "auto", output_names: Optional[Sequence[str]] = None):
+        self.runner = EngineRunner(path, cuda=cuda, output_names=output_names)
+        self.path, self.sidecar = path, self.runner.sidecar
+        self.precision = (self.sidecar or {}).get("precision", "?")
         self.name = os.path.basename(path)
-        self.trt = trt
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        with open(path, "rb") as f:
-            self.engine = self.runtime.deserialize_cuda_engine(f.read())
-        if self.engine is None:
-            raise BackendError(f"{path}: TensorRT could not deserialize the engine")
-        self.context = self.engine.create_execution_context()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        try:
-            import torch
-
-            self._torch = torch if torch.cuda.is_available() else None
-        except ImportError:
-            self._torch = None
-
-    def _np_dtype(self, name):
-        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        self.batch_range = self.runner.batch_range
+        self.output_names = self.runner.outputs
 
     def raw(self, images):
-        images = np.ascontiguousarray(images, dtype=self._np_dtype(self.inputs[0]))
-        self.context.set_input_shape(self.inputs[0], images.shape)
-        if self._torch is not None:
-            return self._raw_torch(images)
-        return self._raw_pycuda(images)
-
-    def _raw_torch(self, images):
-        torch = self._torch
-        x = torch.from_numpy(images).cuda()
-        self.context.set_tensor_address(self.inputs[0], x.data_ptr())
-        outs = []
-        for n in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(n))
-            o = torch.empty(shape, dtype=getattr(torch, str(self._np_dtype(n))), device="cuda")
-            self.context.set_tensor_address(n, o.data_ptr())
-            outs.append(o)
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise BackendError(f"{self.path}: execute_async_v3 failed")
-        stream.synchronize()
-        return [o.cpu().numpy() for o in outs]
-
-    def _raw_pycuda(self, images):
-        import pycuda.autoprimaryctx  # noqa: F401  (shares the primary context)
-        import pycuda.driver as cuda
-
-        stream = cuda.Stream()
-        d_in = cuda.mem_alloc(images.nbytes)
-        cuda.memcpy_htod_async(d_in, images, stream)
-        self.context.set_tensor_address(self.inputs[0], int(d_in))
-        hosts, devs = [], []
-        for n in self.outputs:
-            h = cuda.pagelocked_empty(tuple(self.context.get_tensor_shape(n)), self._np_dtype(n))
-            d = cuda.mem_alloc(h.nbytes)
-            self.context.set_tensor_address(n, int(d))
-            hosts.append(h)
-            devs.append(d)
-        if not self.context.execute_async_v3(stream.handle):
-            raise BackendError(f"{self.path}: execute_async_v3 failed")
-        for h, d in zip(hosts, devs):
-            cuda.memcpy_dtoh_async(h, d, stream)
-        stream.synchronize()
-        return [np.array(h) for h in hosts]
+        return self.runner.raw(images)
 
 
-def open_network(path: str, providers: Optional[List[str]] = None) -> Backend:
+def open_network(path: str, providers: Optional[Sequence[str]] = None, allow_cpu_fallback: bool = False,
+                 output_names: Optional[Sequence[str]] = None) -> Backend:
     """One network file: an ONNX file (ONNX Runtime) or a serialized TensorRT engine. Whole deployments, pipeline
     manifests included, are opened by `fa_deploy.loading.load_backend`."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
-        return OrtBackend(path, providers)
+        return OrtBackend(path, providers, allow_cpu_fallback=allow_cpu_fallback)
     if ext in ENGINE_SUFFIXES:
-        return TrtBackend(path)
+        return TrtBackend(path, output_names=output_names)
     raise BackendError(f"--backend {path}: unknown format (expected .onnx, .engine or .pipeline.json)")
-
-
-def run_batched(raw: Callable[[np.ndarray], List[np.ndarray]], images: np.ndarray,
-                batch_range: Sequence[int]) -> List[np.ndarray]:
-    """`raw` over `images` in chunks the network accepts: at most MAX of its batch range (MIN:OPT:MAX); a chunk
-    smaller than MIN (a static batch's remainder) is padded with copies of its last image and the padding's
-    outputs are dropped. Outputs are concatenated along the batch axis."""
-    lo, _, hi = (int(b) for b in batch_range)
-    if len(images) == 0:
-        raise BackendError("no images to run")
-    parts = []
-    for i in range(0, len(images), hi):
-        chunk = images[i:i + hi]
-        n = len(chunk)
-        if n < lo:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - n, axis=0)])
-        outs = raw(chunk)
-        parts.append([np.asarray(o)[:n] for o in outs])
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def measure_latency(backend: Backend, postprocess, images: np.ndarray, warmup: int = 3, iters: int = 10,

@@ -111,7 +111,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.engine import make_loader, resolve_device
 
     from .backends import BackendError
-    from .export import sha256
+    from .onnx_export import sha256
     from .harness import gate, run_harness
     from .loading import load_backend
 
@@ -124,7 +124,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     model.to(dev).eval()
     _, size, _ = checkpoint_data(ckpt, s.data, s.img_size)
     wsha = sha256(weights)
-    loaded = [load_backend(b) for b in s.backends]
+    loaded = [load_backend(b, list(s.providers) or None, s.allow_cpu_fallback) for b in s.backends]
     for path, bk in zip(s.backends, loaded):
         check_backend_source(bk, path, model, weights, wsha, size, s.cross_model, log)
     ds = dataset_for(ckpt, "test", s.data, size, s.test_split, s.max_images, log=log)
@@ -136,7 +136,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     attack = s.attack
     ap_cols = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in s.steps] + ["advAP", "acAP"])
     drops = ["drop_clean"] + ([] if attack == "none" else ["drop_advAP"])
-    columns = ["backend", "format", "precision", "size_MB", *ap_cols, *drops, "drift_clean",
+    columns = ["backend", "format", "precision", "provider", "size_MB", *ap_cols, *drops, "drift_clean",
                *([] if attack == "none" else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
     title = (f"AP50 on {ds.name}" + ("" if attack == "none" else
                                       f", {attack} attack from the source weights, eps {s.eps:g}, step eps/k"))

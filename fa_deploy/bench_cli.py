@@ -46,6 +46,11 @@ def _steps(ctx, param, value: str):
 @click.option("--cross-model", is_flag=True,
               help="with --backend: compare files exported from other weights than --weights (an error otherwise)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+              help="ONNX Runtime execution provider for --backend ONNX files (repeatable, in priority order; default: "
+                   "cuda with onnxruntime-gpu, else cpu); one that does not load is an error")
+@click.option("--allow-cpu-fallback", is_flag=True,
+              help="run on the CPU when a requested GPU provider does not load (the provider column says so)")
 @click.option("--visualize", "vis_dir", type=click.Path(file_okay=False),
               help="write PNGs of the first --num-vis test images: each model (and backend) on the clean image and "
                    "under PGD-1 at --eps, boxes, ground truth and Grad-CAM of the aligned layer")

@@ -31,9 +31,9 @@ def _batch_range(ctx, param, value):
               help="also build a TensorRT engine from the ONNX file of this precision (needs the gpu extra)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="output folder (default: WEIGHTS' folder/export)")
 @click.option("--img-size", type=int, help="input size (default: the checkpoint's training size)")
-@click.option("--batch", type=int, default=1, help="batch size of a static-batch export")
+@click.option("--batch", type=int, help="a static batch of N images (default: a dynamic batch, see --dynamic-batch)")
 @click.option("--dynamic-batch", "dynamic", callback=_batch_range,
-              help="dynamic batch MIN:OPT:MAX (ONNX batch axis and TensorRT profile)")
+              help="dynamic batch MIN:OPT:MAX (ONNX batch axis and TensorRT profile) [default: 1:8:32]")
 @click.option("--opset", type=int, default=17)
 @click.option("--calib-data", help="int8 calibration data: voc:PATH | coco:PATH | synth[:N] (default: the training data)")
 @click.option("--calib-images", type=int, default=64, help="int8 calibration images")

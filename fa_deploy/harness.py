@@ -117,7 +117,8 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     names = ["source"] + distinct_names([b.path or b.name for b in backends])
     for i, (b, name) in enumerate(zip(all_b, names)):
         per = {s: coco_evaluate(gt, results[i][s], dataset.class_names) for s in settings}
-        row = {"backend": name, "path": b.path, "format": b.format, "precision": b.precision, "size_MB": b.size_mb,
+        row = {"backend": name, "path": b.path, "format": b.format, "precision": b.precision,
+               "provider": getattr(b, "provider", "?"), "size_MB": b.size_mb,
                "clean": per["clean"]["AP50"]}
         if attack != "none":
             for k in steps:

@@ -7,18 +7,21 @@ import re
 from typing import List, Optional
 
 from .backends import Backend, BackendError, open_network
+from .metadata import ExportError, onnx_metadata
 
 PIPELINE_SUFFIX = ".pipeline.json"
 PART_FILE = re.compile(r"^(.+)\.(backbone|roi_heads)\.(onnx|engine|plan|trt)$")
 
 
-def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
+def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fallback: bool = False) -> Backend:
+    """`providers`: ONNX Runtime providers for ONNX files (cpu, cuda, tensorrt; None = auto); a requested GPU provider
+    that does not load is a BackendError unless `allow_cpu_fallback`."""
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/split.py)
         from .split import PipelineBackend
 
-        return PipelineBackend(path, providers)
+        return PipelineBackend(path, providers, allow_cpu_fallback)
     m = PART_FILE.match(os.path.basename(path))
     if m:
         manifest = os.path.join(os.path.dirname(path), f"{m.group(1)}{'.engine' if m.group(3) != 'onnx' else ''}"
@@ -26,29 +29,7 @@ def load_backend(path: str, providers: Optional[List[str]] = None) -> Backend:
         raise BackendError(f"--backend {path}: this is the {m.group(2)} part of a split deployment (Faster R-CNN "
                            f"runs as two networks with torchvision's glue between them); pass its manifest "
                            f"{manifest} instead")
-    return open_network(path, providers)
-
-
-def onnx_metadata(path: str) -> dict:
-    """The `metadata_props` of an ONNX file (fa-export records its source there), without loading the weights."""
-    import json
-
-    import onnx
-
-    try:
-        m = onnx.load(path, load_external_data=False)
-    except Exception:  # noqa: BLE001  (not readable as ONNX: the backend itself will say so)
-        return {}
-    out = {}
-    for p in m.metadata_props:
-        v = p.value
-        if v[:1] in "{[":
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
-        out[p.key] = v
-    return out
+    return open_network(path, providers, allow_cpu_fallback)
 
 
 def recorded_source(backend: Backend, path: str) -> dict:
@@ -58,7 +39,10 @@ def recorded_source(backend: Backend, path: str) -> dict:
     files = list(getattr(backend, "part_paths", {}).values()) or [path]
     for f in files:
         if f.lower().endswith(".onnx"):
-            meta = onnx_metadata(f)
+            try:
+                meta = onnx_metadata(f)
+            except ExportError:  # not readable as ONNX: opening it as a backend says so
+                meta = {}
             if meta:
                 rec.update({k: v for k, v in meta.items() if k not in rec})
                 break

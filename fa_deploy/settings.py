@@ -64,9 +64,15 @@ class BenchSettings:
     report_dir: Optional[str] = None
     quiet: bool = False
     cross_model: bool = False
+    providers: Tuple[str, ...] = ()  # ONNX Runtime providers for --backend ONNX files (cpu, cuda, tensorrt); () = auto
+    allow_cpu_fallback: bool = False  # a requested GPU provider that does not load: run on the CPU instead of failing
 
     def validate(self) -> "BenchSettings":
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
+        self.providers = tuple(self.providers or ())
+        for p in self.providers:
+            if p not in ("cpu", "cuda", "tensorrt"):
+                raise SettingsError(f"--provider {p}: expected cpu, cuda or tensorrt")
         if not self.weights:
             raise SettingsError("--weights: at least one checkpoint is needed")
         if self.backends and len(self.weights) != 1:
@@ -106,8 +112,8 @@ class ExportSettings:
     engine: Tuple[str, ...] = ()
     out_dir: Optional[str] = None
     img_size: Optional[int] = None
-    batch: int = 1
-    dynamic: Optional[Tuple[int, int, int]] = None
+    batch: Optional[int] = None  # a static batch of N; without it the batch axis is dynamic over `dynamic`
+    dynamic: Optional[Tuple[int, int, int]] = None  # MIN:OPT:MAX, DEFAULT_DYNAMIC_BATCH when neither is given
     opset: int = 17
     calib_data: Optional[str] = None
     calib_images: int = 64
@@ -120,14 +126,21 @@ class ExportSettings:
     extra: dict = field(default_factory=dict)
 
     PRECISIONS = ("fp32", "fp16", "int8")
+    DEFAULT_DYNAMIC_BATCH = (1, 8, 32)
 
     @property
     def precisions(self) -> Tuple[str, ...]:
         return tuple(p for p in self.PRECISIONS if p in set(self.onnx) | set(self.engine))
 
     @property
+    def is_dynamic(self) -> bool:
+        return self.batch is None
+
+    @property
     def batch_range(self) -> Tuple[int, int, int]:
-        return tuple(self.dynamic) if self.dynamic else (self.batch, self.batch, self.batch)
+        if self.batch is not None:
+            return (self.batch, self.batch, self.batch)
+        return tuple(self.dynamic) if self.dynamic else self.DEFAULT_DYNAMIC_BATCH
 
     def validate(self) -> "ExportSettings":
         self.onnx, self.engine = tuple(self.onnx), tuple(self.engine)
@@ -136,7 +149,9 @@ class ExportSettings:
         for p in (*self.onnx, *self.engine):
             if p not in self.PRECISIONS:
                 raise SettingsError(f"precision {p!r}: expected one of {', '.join(self.PRECISIONS)}")
-        _positive_int(self, "batch")
+        _positive_int(self, "batch", optional=True)
+        if self.batch is not None and self.dynamic is not None:
+            raise SettingsError("--batch N (a static batch) and --dynamic-batch MIN:OPT:MAX exclude each other")
         _positive_int(self, "verify_images")
         _positive_int(self, "calib_images")
         _positive_int(self, "workspace")

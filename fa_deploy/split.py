@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import export as ex
+from . import onnx_export as ex
 from .backends import Backend, BackendError, open_network
 from .report import write_json
 
@@ -41,8 +41,8 @@ def _part_names(model) -> Dict[str, dict]:
             "roi_heads": {"input": ROI_INPUT, "outputs": ["class_logits", "box_regression"]}}
 
 
-def _export_part(module, dummy, path, input_name, output_names, opset):
-    dyn = {input_name: {0: "n"}, **{o: {0: "n"} for o in output_names}}
+def _export_part(module, dummy, path, input_name, output_names, opset, dynamic=True):
+    dyn = {input_name: {0: "n"}, **{o: {0: "n"} for o in output_names}} if dynamic else None
     tmp = path + ".tmp.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -85,20 +85,38 @@ def roi_features(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate(seen) if seen else np.zeros((0,), np.float32)
 
 
+def part_profiles(model, img_size: int, batch_range) -> Dict[str, tuple]:
+    """(min, opt, max) input shapes of each part for a batch range of images: the backbone's in images, the RoI
+    heads' in RoIs (up to the RPN's post-NMS top-n per image)."""
+    h, w = model.transformed_size(img_size)
+    channels = model.detector.backbone.out_channels
+    pool = model.detector.roi_heads.box_roi_pool.output_size
+    pool = (pool, pool) if isinstance(pool, int) else tuple(pool)
+    per_image = int(model.detector.rpn._post_nms_top_n["testing"])
+    return {"backbone": tuple((int(b), 3, h, w) for b in batch_range),
+            "roi_heads": ((1, channels, *pool), (per_image * int(batch_range[1]), channels, *pool),
+                          (per_image * int(batch_range[2]), channels, *pool))}
+
+
 def export_split(model, weights: str, ckpt: dict, out_dir: str, stem: str, precisions, img_size: int, opset: int,
-                 calibration: Optional[Callable[[], List[np.ndarray]]], calib_info: dict, log=print) -> Dict[str, str]:
-    """ONNX parts for every precision and one manifest each; returns {precision: manifest path}."""
+                 calibration: Optional[Callable[[], List[np.ndarray]]], calib_info: dict, log=print,
+                 batch_range=(1, 8, 32), dynamic: bool = True) -> Dict[str, str]:
+    """ONNX parts for every precision and one manifest each; returns {precision: manifest path}. The backbone part
+    takes a dynamic batch (`batch_range` is recorded for its engine profile) or, with `dynamic` False, a static
+    batch of batch_range[0]; the RoI head part's axis is always dynamic (the number of RoIs varies)."""
     names = _part_names(model)
     mods = model.part_modules()
     h, w = model.transformed_size(img_size)
     channels = model.detector.backbone.out_channels
     pool = model.detector.roi_heads.box_roi_pool.output_size
     pool = (pool, pool) if isinstance(pool, int) else tuple(pool)
-    dummies = {"backbone": torch.rand(1, 3, h, w), "roi_heads": torch.rand(16, channels, *pool)}
+    profiles = part_profiles(model, img_size, batch_range)
+    dummies = {"backbone": torch.rand(int(batch_range[1]), 3, h, w), "roi_heads": torch.rand(16, channels, *pool)}
     files = {p: {} for p in precisions}
     for part in ("backbone", "roi_heads"):
         fp32 = os.path.join(out_dir, f"{stem}.fp32.{part}.onnx")
-        _export_part(mods[part], dummies[part], fp32, names[part]["input"], names[part]["outputs"], opset)
+        _export_part(mods[part], dummies[part], fp32, names[part]["input"], names[part]["outputs"], opset,
+                     dynamic=dynamic or part != "backbone")
         files.setdefault("fp32", {})[part] = fp32
         if "fp16" in precisions:
             files["fp16"][part] = os.path.join(out_dir, f"{stem}.fp16.{part}.onnx")
@@ -112,8 +130,10 @@ def export_split(model, weights: str, ckpt: dict, out_dir: str, stem: str, preci
         log(f"int8: backbone part calibrated on {sum(len(c) for c in cal)} images; the RoI head part stays float32")
     manifests = {}
     for prec in precisions:
-        info = ex.sidecar_info(weights, ckpt, model, img_size, prec, opset, "any")
-        info.update(format="onnx-pipeline", outputs=["detections"],
+        info = ex.sidecar_info(weights, ckpt, model, img_size, prec, opset, list(batch_range))
+        info.update(format="onnx-pipeline", outputs=["detections"], batch_range=list(batch_range),
+                    dynamic_batch=dynamic,
+                    part_batch_range={k: [v[0][0], v[1][0], v[2][0]] for k, v in profiles.items()},
                     parts={k: os.path.basename(v) for k, v in files[prec].items()},
                     part_precisions={"backbone": prec, "roi_heads": "fp32" if prec == "int8" else prec},
                     part_io=names, transformed_size=[h, w],
@@ -157,7 +177,7 @@ def part_parity(model, manifest: str, verify: np.ndarray, run_part: Callable[[st
 class PipelineBackend(Backend):
     """The parts of a manifest (ONNX Runtime sessions or TensorRT engines) with the model's torchvision glue."""
 
-    def __init__(self, path: str, providers: Optional[List[str]] = None):
+    def __init__(self, path: str, providers: Optional[List[str]] = None, allow_cpu_fallback: bool = False):
         from fa_train.models import create_model
 
         info = read_manifest(path)
@@ -167,7 +187,12 @@ class PipelineBackend(Backend):
         self.format = "tensorrt" if info["format"] == "tensorrt-pipeline" else "onnx"
         base = os.path.dirname(os.path.abspath(path))
         self.part_paths = {k: os.path.join(base, v) for k, v in info["parts"].items()}
-        self.parts = {k: open_network(p, providers) for k, p in self.part_paths.items()}
+        io = info.get("part_io", {})
+        self.parts = {k: open_network(p, providers, allow_cpu_fallback, output_names=io.get(k, {}).get("outputs"))
+                      for k, p in self.part_paths.items()}
+        self.batch_range = self.parts["backbone"].batch_range
+        kinds = sorted({b.provider for b in self.parts.values()})
+        self.provider = "+".join(kinds) + " (glue: torch-cpu)"
         arch = dict(info["model"])
         name, num_classes = arch.pop("name"), arch.pop("num_classes")
         self.glue = create_model(name, num_classes, **arch).eval()  # parameter-free pieces only are used

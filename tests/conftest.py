@@ -99,6 +99,7 @@ def exported(overfit, tmp_path_factory):
                                          "--out", str(out), "--dynamic-batch", "1:2:4", "--calib-images", "8"])
     assert r.exit_code == 0, r.output
     assert "parity against" in r.output
+    assert not [f for f in os.listdir(out) if f.startswith(".fa-export-")]  # the staging folder is gone
     return {p: out / f"last.{p}.onnx" for p in ("fp32", "fp16", "int8")}
 
 

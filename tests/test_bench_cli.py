@@ -92,23 +92,36 @@ def test_cache_reused_only_for_the_same_images(overfit, exported, tmp_path):
 
 
 def test_exported_from_other_weights_is_an_error_whatever_the_sidecar(overfit, exported, tmp_path):
-    f = tmp_path / "m.int8.onnx"
-    shutil.copy(exported["int8"], f)
-    side = json.loads(open(str(exported["int8"]) + ".json").read())
-    side["source_sha256"] = "0" * 64
-    (tmp_path / "m.int8.onnx.json").write_text(json.dumps(side))
-    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", *COMMON)
+    """The source hash lives in the ONNX file itself: with the sidecar deleted, a file exported from other weights is
+    still refused (it was scored against the wrong source, precision '?', gate PASS); --cross-model compares anyway."""
+    import onnx
+
+    from fa_deploy.metadata import onnx_metadata, set_onnx_metadata
+
+    m = onnx.load(str(exported["int8"]))
+    meta = onnx_metadata(m)
+    assert meta["source_sha256"] and meta["precision"] == "int8"
+    other = tmp_path / "m.int8.onnx"  # as if exported from another checkpoint; no sidecar
+    set_onnx_metadata(m, {**meta, "source_sha256": "0" * 64, "source_weights": "/elsewhere/last.pt"})
+    onnx.save(m, str(other))
+    r = _bench("--weights", str(overfit), "--backend", str(other), "--attack", "none", *COMMON)
     assert r.exit_code == 2 and "exported from other weights" in r.output and "--cross-model" in r.output, r.output
-    assert "Traceback" not in r.output
-    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", "--cross-model", "--max-drop", "1",
-               *COMMON)
+    assert "/elsewhere/last.pt" in r.output and "Traceback" not in r.output
+    js = tmp_path / "x.json"
+    r = _bench("--weights", str(overfit), "--backend", str(other), "--attack", "none", "--cross-model", "--max-drop",
+               "1", "--json", str(js), *COMMON)
     assert r.exit_code == 0, r.output
-    os.remove(tmp_path / "m.int8.onnx.json")  # no sidecar: the file's own metadata, else no record at all
-    r = _bench("--weights", str(overfit), "--backend", str(f), "--attack", "none", *COMMON)
-    if r.exit_code == 0:  # the ONNX file records its source itself
-        assert "int8" in r.output
-    else:
-        assert r.exit_code == 2 and "no record of the weights" in r.output, r.output
+    assert json.loads(js.read_text())["rows"][1]["precision"] == "int8"  # from the file itself, not '?'
+    # a sidecar that contradicts the file's own record belongs to another file
+    shutil.copy(str(exported["int8"]) + ".json", str(other) + ".json")
+    r = _bench("--weights", str(overfit), "--backend", str(other), "--attack", "none", "--cross-model", *COMMON)
+    assert r.exit_code == 2 and "the sidecar belongs to another file" in r.output, r.output
+    # no record at all (another tool's file): refused unless --cross-model
+    os.remove(str(other) + ".json")
+    del m.metadata_props[:]
+    onnx.save(m, str(other))
+    r = _bench("--weights", str(overfit), "--backend", str(other), "--attack", "none", *COMMON)
+    assert r.exit_code == 2 and "no record of the weights" in r.output, r.output
 
 
 def test_bad_flags_exit_2_naming_the_flag_before_any_work(overfit, tmp_path):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import broken_copy
 from fa_deploy.cli import export_main, main as bench_main
-from fa_deploy.export import ExportError, check_onnx, parity, sha256
+from fa_deploy.onnx_export import ExportError, check_onnx, parity, sha256
 from fa_deploy.tensorrt import tensorrt_available
 from fa_train.checkpoint import load_model
 
@@ -52,6 +52,12 @@ def test_fp16_keeps_io_and_decode_in_float32(exported):
     assert exps and all(types.get(n.output[0]) == f32 for n in exps)
 
 
+def int32_dequantize_nodes(model):
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    return [n for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == onnx.TensorProto.INT32]
+
+
 def test_int8_is_symmetric_per_channel_qdq(exported):
     m = onnx.load(str(exported["int8"]))
     ops = [n.op_type for n in m.graph.node]
@@ -61,10 +67,47 @@ def test_int8_is_symmetric_per_channel_qdq(exported):
     for n in m.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
             zp = inits[n.input[2]]
-            assert zp.dtype in (np.int8, np.int32) and not zp.any()  # symmetric: zero point 0 (int32: biases)
-            int8 += int(zp.dtype == np.int8)
-            per_channel += int(zp.dtype == np.int8 and zp.ndim == 1 and zp.size > 1)
+            assert zp.dtype == np.int8 and not zp.any()  # symmetric int8: zero point 0, no INT32 (bias) Q/DQ
+            int8 += 1
+            per_channel += int(zp.ndim == 1 and zp.size > 1)
     assert int8 > 0 and per_channel > 0  # int8 activations and per-channel int8 weights
+    assert not int32_dequantize_nodes(m)  # Conv biases stay float: TensorRT's parser refuses INT32 DequantizeLinear
+
+
+def test_tensorrt_compatibility_of_every_file_and_of_the_old_int8(exported, tmp_path):
+    """fp32/fp16/int8 pass the CPU-side TensorRT check; the int8 file as ONNX Runtime writes it by default (INT32
+    bias DequantizeLinear, what fa-export wrote before) fails it, naming the nodes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from fa_deploy import onnx_export as ex
+    from fa_deploy.compat import check_tensorrt_compat
+
+    for prec, path in exported.items():
+        rep = check_tensorrt_compat(str(path))
+        assert rep.ok, rep.summary()
+        side = json.loads(open(str(path) + ".json").read())
+        assert side["tensorrt_compat"]["ok"]
+    cal = ex.rebatch([np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)], (1, 2, 4))
+    old = tmp_path / "old.int8.onnx"
+    quantize_static(str(exported["fp32"]), str(old), ex._CalibrationReader(cal), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    n_int32 = len(int32_dequantize_nodes(onnx.load(str(old))))
+    assert n_int32 > 0
+    rep = check_tensorrt_compat(str(old))
+    assert not rep.ok and len([p for p in rep.problems if "dequantizes a INT32" in p]) == n_int32
+    assert "TensorRT takes INT8/FP8/INT4/FP4 only" in " ".join(rep.problems) and not rep.ok
+
+
+def test_onnx_metadata_records_the_origin(overfit, exported):
+    from fa_deploy.metadata import onnx_metadata
+
+    for prec, path in exported.items():
+        meta = onnx_metadata(str(path))
+        assert meta["source_sha256"] == sha256(str(overfit)) and meta["precision"] == prec
+        assert meta["batch_range"] == [1, 2, 4] and meta["img_size"] == 64 and meta["fa_toolkit_version"]
+        assert meta["classes"] == ["circle", "square", "triangle", "star"]
 
 
 def test_sidecars(overfit, exported):
@@ -73,6 +116,7 @@ def test_sidecars(overfit, exported):
         assert side["precision"] == prec and side["source_sha256"] == sha256(str(overfit))
         assert side["classes"] == ["circle", "square", "triangle", "star"]
         assert side["input"]["shape"] == ["batch", 3, 64, 64] and side["opset"] >= 17
+        assert side["batch_range"] == [1, 2, 4] and side["dynamic_batch"]
         assert {"torch", "onnx", "onnxruntime"} <= set(side["versions"])
         assert "parity" in side
     assert json.loads(open(str(exported["fp32"]) + ".json").read())["parity"]["passed"]
@@ -117,6 +161,7 @@ def test_harness_table_and_gate(overfit, exported, tmp_path):
     assert "gate (max drop 0.02): PASS" in r.output
     rows = json.loads(js.read_text())["rows"]
     assert [row["backend"] for row in rows] == ["source", "last.fp32.onnx", "last.fp16.onnx"]
+    assert [row["provider"] for row in rows] == ["torch-cpu", "ort-cpu", "ort-cpu"]
     src, fp32 = rows[0], rows[1]
     assert src["clean"] > 0.5
     assert fp32["clean"] == pytest.approx(src["clean"], abs=1e-3) and fp32["drift_clean"] < 1e-3
@@ -164,3 +209,61 @@ def test_tensorrt_engine_build_and_parity(overfit, tmp_path):
 
     with pytest.raises(EngineMismatch, match="built elsewhere"):
         TrtBackend(str(eng))
+
+
+def test_static_batch_export_then_bench_with_a_larger_batch(overfit, tmp_path):
+    """As a new user would: fa-export --batch 1 (a static batch; int8 calibrates with batches the fp32 file accepts),
+    then fa-bench --backend with its default batch of 16: the backends run it in chunks, the AP is the source's."""
+    out = tmp_path / "static"
+    r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", "--onnx", "int8", "--batch", "1",
+                                         "--out", str(out), "--calib-images", "8", "--verify-images", "3"])
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out / "last.fp32.onnx"))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    js = tmp_path / "b.json"
+    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
+                                        str(out / "last.fp32.onnx"), "--test-split", "shapes:train", "--max-images",
+                                        "2", "--workers", "0", "--quiet", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[1]["clean"] == pytest.approx(rows[0]["clean"], abs=1e-6) and rows[1]["drift_clean"] < 1e-3
+
+
+def test_errors_exit_2_never_the_gates_1(overfit, exported, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    common = ["--weights", str(overfit), "--attack", "none", "--test-split", "shapes:train", "--max-images", "2",
+              "--workers", "0", "--quiet"]
+    r = CliRunner().invoke(bench_main, common + ["--backend", str(bad)])
+    assert r.exit_code == 2 and "not a valid ONNX model" in r.output
+    r = CliRunner().invoke(bench_main, common + ["--backend", str(exported["fp32"]), "--provider", "cuda"])
+    assert r.exit_code == 2 and "not in this build" in r.output  # onnxruntime (CPU) has no CUDA provider
+    r = CliRunner().invoke(export_main, [str(overfit), "--onnx", "fp32", "--batch", "2", "--dynamic-batch", "1:2:4",
+                                         "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "exclude each other" in r.output
+
+
+def test_engines_through_the_tensorrt_double(overfit, tmp_path, monkeypatch):
+    """fa-export --engine (static batch 1, 8 verify images: chunked by the engine's profile) and fa-bench --backend
+    over the engines (batch 16), through the TEST DOUBLE of TensorRT (tests/trt_double.py; not TensorRT)."""
+    import trt_double
+
+    trt_double.install(monkeypatch)
+    out = tmp_path / "eng"
+    r = CliRunner().invoke(export_main, [str(overfit), "--engine", "fp32", "--engine", "int8", "--batch", "1",
+                                         "--out", str(out), "--calib-images", "8", "--verify-images", "8"])
+    assert r.exit_code == 0, r.output
+    for prec in ("fp32", "int8"):
+        side = json.loads((out / f"last.{prec}.engine.json").read_text())
+        assert side["tensorrt"] == trt_double.DOUBLE_VERSION and side["outputs"] == ["predictions"]
+        assert side["tf32"] is False and side["batch_range"] == [1, 1, 1]
+        if prec == "fp32":
+            assert side["parity"]["passed"]
+    assert {s for _, s in trt_double._Context.executions} == {(1, 3, 64, 64)}  # never more than the profile
+    js = tmp_path / "e.json"
+    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
+                                        str(out / "last.fp32.engine"), "--test-split", "shapes:train", "--max-images",
+                                        "2", "--workers", "0", "--quiet", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[1]["provider"] == "tensorrt" and rows[1]["clean"] == pytest.approx(rows[0]["clean"], abs=1e-6)

@@ -93,6 +93,26 @@ def test_fa_export_writes_parts_and_manifests_with_parity(exported):
 
     ops = {n.op_type for n in onnx.load(str(out / "last.int8.backbone.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # dynamic batch by default (1:8:32), recorded for the engine profiles; origin inside every part
+    from fa_deploy.metadata import onnx_metadata
+
+    m = json.loads((out / "last.fp32.pipeline.json").read_text())
+    assert m["batch_range"] == [1, 8, 32] and m["part_batch_range"]["backbone"] == [1, 8, 32]
+    assert onnx_metadata(str(out / "last.int8.backbone.onnx"))["precision"] == "int8"
+    assert onnx_metadata(str(out / "last.int8.roi_heads.onnx"))["precision"] == "fp32"
+
+
+def test_every_part_is_tensorrt_compatible(exported):
+    from fa_deploy.compat import check_tensorrt_compat
+
+    w, out, _ = exported
+    parts = sorted(f for f in os.listdir(out) if f.endswith(".onnx"))
+    assert len(parts) == 6
+    for f in parts:
+        rep = check_tensorrt_compat(str(out / f))
+        assert rep.ok, rep.summary()
+    m = json.loads((out / "last.int8.pipeline.json").read_text())
+    assert all(c["ok"] for c in m["tensorrt_compat"].values())
 
 
 def test_pipeline_backend_matches_the_source(exported):
@@ -126,6 +146,7 @@ def test_fa_bench_harness_over_the_exported_files(exported, tmp_path):
     src, fp32 = rows[0], rows[1]
     assert fp32["clean"] == pytest.approx(src["clean"], abs=1e-6) and fp32["drift_clean"] < 1e-3
     assert all(row["ms/img"] > 0 and "PGD-1" in row for row in rows)
+    assert rows[1]["provider"] == "ort-cpu (glue: torch-cpu)"
 
 
 def test_bad_manifest_and_engine_without_tensorrt(exported, tmp_path):
@@ -155,3 +176,28 @@ def test_tensorrt_engines_of_the_parts(exported, tmp_path):
     assert be.format == "tensorrt"
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     assert be.raw(x)[0].shape == (2, 100, 6)
+
+
+def test_part_engines_through_the_tensorrt_double(exported, tmp_path, monkeypatch):
+    """fa-export --engine with a static batch of 1 and the default 8 verify images: each part's parity runs in
+    chunks of its own profile (the RoI heads' in RoIs); the backbone's 15 outputs come back by name in the
+    manifest's order; the pipeline over the engines gives the ONNX pipeline's detections. Through the TEST DOUBLE of
+    TensorRT (tests/trt_double.py; not TensorRT)."""
+    import trt_double
+
+    trt_double.install(monkeypatch)
+    w, onnx_out, _ = exported
+    out = tmp_path / "eng"
+    r = CliRunner().invoke(export_main, [str(w), "--engine", "fp32", "--batch", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "last.fp32.engine.pipeline.json").read_text())
+    assert m["format"] == "tensorrt-pipeline" and all(p["passed"] for p in m["parity"].values())
+    side = json.loads((out / "last.fp32.backbone.engine.json").read_text())
+    assert side["outputs"] == m["part_io"]["backbone"]["outputs"] and len(side["outputs"]) == 15
+    shapes = [s for _, s in trt_double._Context.executions]
+    assert max(s[0] for s in shapes if len(s) == 4 and s[1] == 3) == 1  # backbone: one image at a time
+    be = load_backend(str(out / "last.fp32.engine.pipeline.json"))
+    assert be.format == "tensorrt" and be.provider.startswith("tensorrt")
+    x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    ref = load_backend(str(onnx_out / "last.fp32.pipeline.json")).raw(x)[0]
+    np.testing.assert_allclose(be.raw(x)[0], ref, atol=1e-4, rtol=1e-4)

@@ -24,6 +24,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .metadata import (ExportError, check_onnx, onnx_batch_range, onnx_metadata, read_sidecar,  # noqa: F401
+                       set_onnx_metadata, write_sidecar)
+
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("predictions",)
 DEFAULT_OPSET = 17
@@ -31,10 +34,6 @@ DEFAULT_OPSET = 17
 TOLERANCES = {"fp32": {"atol": 1e-3, "rtol": 1e-3, "max_fail_fraction": 0.0},
               "fp16": {"atol": 2e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
               "int8": None}  # reported, not gated: the robustness harness gates int8 on AP
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def sha256(path: str) -> str:
@@ -47,43 +46,27 @@ def sha256(path: str) -> str:
 
 def library_versions() -> Dict[str, str]:
     import onnx
-    import onnxruntime
     import torchvision
 
     from fa_train import __version__
 
+    from .backends import import_onnxruntime
+
     return {"fa_toolkit": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+            "onnx": onnx.__version__, "onnxruntime": import_onnxruntime().__version__,
+            "python": platform.python_version()}
 
 
-def write_sidecar(path: str, info: dict) -> str:
-    side = path + ".json"
-    tmp = side + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, side)
-    return side
-
-
-def read_sidecar(path: str) -> Optional[dict]:
-    side = path + ".json"
-    if not os.path.isfile(side):
-        return None
-    with open(side) as f:
-        return json.load(f)
-
-
-def check_onnx(path: str):
-    """onnx.checker and strict shape inference; returns the loaded model. Errors name the file."""
+def stamp_onnx(path: str, info: Dict) -> None:
+    """Record where a file comes from inside it (metadata_props, see `onnx_metadata`), rewriting it in place
+    through a temporary file."""
     import onnx
 
-    try:
-        model = onnx.load(path)
-        onnx.checker.check_model(model)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as e:  # onnx raises several types (ValidationError, InferenceError, DecodeError)
-        raise ExportError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    return model
+    model = onnx.load(path)
+    set_onnx_metadata(model, info)
+    tmp = path + ".stamp.tmp"
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
 
 
 def export_fp32(model, path: str, img_size: int, batch: int = 1, dynamic_batch: bool = True,
@@ -190,13 +173,39 @@ def _outputs_to_float32(model) -> None:
         tt.elem_type = onnx.TensorProto.FLOAT
 
 
+def rebatch(batches: Iterable[np.ndarray], batch_range) -> List[np.ndarray]:
+    """The same images in batches a file accepts (MIN:OPT:MAX, MAX None = any): at most MAX each, a remainder
+    below MIN padded with copies of its last image (min-max calibration ranges do not change with duplicates)."""
+    lo, _, hi = batch_range
+    images = [b for b in batches if len(b)]
+    if not images:
+        return []
+    allx = np.concatenate(images)
+    hi = len(allx) if hi is None else int(hi)
+    out = []
+    for i in range(0, len(allx), hi):
+        chunk = allx[i:i + hi]
+        if len(chunk) < lo:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - len(chunk), axis=0)])
+        out.append(np.ascontiguousarray(chunk, dtype=np.float32))
+    return out
+
+
 class _CalibrationReader:
-    def __init__(self, batches: Iterable[np.ndarray]):
-        self._it = iter(batches)
+    def __init__(self, batches: Iterable[np.ndarray], input_name: str = INPUT_NAME):
+        self._batches = list(batches)
+        self._it = iter(self._batches)
+        self.input_name = input_name
 
     def get_next(self):
         b = next(self._it, None)
-        return None if b is None else {INPUT_NAME: b}
+        return None if b is None else {self.input_name: b}
+
+    def __len__(self):
+        return len(self._batches)
+
+    def rewind(self):
+        self._it = iter(self._batches)
 
 
 def export_int8(fp32_path: str, path: str, calibration: Iterable[np.ndarray], keep_float_prefixes: Sequence[str]):
@@ -204,13 +213,19 @@ def export_int8(fp32_path: str, path: str, calibration: Iterable[np.ndarray], ke
 
     import onnx
 
-    exclude = decode_nodes(onnx.load(fp32_path), keep_float_prefixes) if keep_float_prefixes else []
+    fp32 = onnx.load(fp32_path)
+    exclude = decode_nodes(fp32, keep_float_prefixes) if keep_float_prefixes else []
+    input_name = [i.name for i in fp32.graph.input][0]
+    batches = rebatch(calibration, onnx_batch_range(fp32, input_name))  # batches the fp32 file accepts
+    if not batches:
+        raise ExportError("no calibration images: the calibration data is empty")
+    del fp32
     tmp = path + ".tmp.onnx"
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT's "consider pre-processing" advice, printed through the root logger
     try:
-        _quantize(fp32_path, tmp, calibration, exclude)
+        _quantize(fp32_path, tmp, _CalibrationReader(batches, input_name), exclude)
     finally:
         root.setLevel(level)
     check_onnx(tmp)
@@ -218,13 +233,19 @@ def export_int8(fp32_path: str, path: str, calibration: Iterable[np.ndarray], ke
     return exclude
 
 
-def _quantize(fp32_path, tmp, calibration, exclude):
+# Conv biases stay float: ONNX Runtime would otherwise store each as an INT32 DequantizeLinear, which TensorRT's
+# parser refuses (DequantizeLinear takes INT8/FP8/INT4 inputs only). TensorRT fuses a float bias into the int8
+# convolution itself.
+QUANTIZE_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+
+
+def _quantize(fp32_path, tmp, reader, exclude):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(fp32_path, tmp, _CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+    quantize_static(fp32_path, tmp, reader, quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    extra_options=dict(QUANTIZE_OPTIONS))
 
 
 def calibration_batches(model, loader, num_images: int, with_pgd: bool = False, eps: float = 0.03,
