@@ -19,7 +19,7 @@ import torch
 from . import distributed as D
 from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, save_safetensors, versions
 from .config import dump_config
-from .data import build_dataset, collate
+from .data import DataError, build_dataset, collate
 from .evaluation import evaluate, format_ap_table
 from .models import create_model
 
@@ -80,6 +80,57 @@ def lr_factor(step: int, steps_per_epoch: int, tcfg) -> float:
     return f
 
 
+def worker_error_message(e: BaseException) -> Optional[str]:
+    """The exception's own message when `e` is PyTorch's re-raise of an exception from a data-loader worker
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), else None."""
+    text = str(e)
+    first = text.partition("\n")[0]
+    if not (first.startswith("Caught ") and "DataLoader worker process" in first):
+        return None
+    cls = type(e)
+    # the last line(s) of the worker's traceback: "<module>.<class>: <message>"
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    i = text.rfind(f"\n{name}: ")
+    return text[i + len(name) + 3:].rstrip("\n") if i >= 0 else None
+
+
+class _WorkerErrorsUnwrapped:
+    """A DataLoader iterator whose DataErrors from worker processes come out as in a single process: the DataError
+    with its own one-line message (the worker's traceback kept in its `worker_traceback` attribute)."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self._it)
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except DataError as e:
+            msg = worker_error_message(e)
+            if msg is None:
+                raise
+            try:
+                err = type(e)(msg)
+            except TypeError:  # a subclass with another constructor
+                err = DataError(msg)
+            err.worker_traceback = str(e)
+            raise err from None
+
+
+class DetectionLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader, except that bad data found by a worker process is reported as the DataError itself
+    (`fa-train: error: <file>: corrupt or unreadable image (...)`), exactly as without workers. Every loader of
+    the toolkit (training, evaluation, fa-bench, fa-export calibration) is made by `make_loader`."""
+
+    def __iter__(self):
+        return _WorkerErrorsUnwrapped(super().__iter__())
+
+
 def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False, sampler=None, batch_sampler=None,
                 timeout: float = 0):
     """`timeout` (seconds, with workers): a worker that hangs raises instead of stalling the run forever."""
@@ -90,9 +141,9 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False, 
     else:
         kw = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "drop_last": drop_last,
               "sampler": sampler}
-    return torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate, generator=g,
-                                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
-                                       timeout=timeout if workers > 0 else 0, **kw)
+    return DetectionLoader(dataset, num_workers=workers, collate_fn=collate, generator=g,
+                           persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                           timeout=timeout if workers > 0 else 0, **kw)
 
 
 def eval_loader(dataset, batch_size, workers):
