@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
+
 import torch
 
 from .models import create_model
@@ -34,16 +36,125 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt", ".pipeline.json")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A fa-train checkpoint, read with `weights_only=True`. A file that is not one says what it is instead: an
+    exported model (pass it to fa-bench as --backend), a truncated or corrupt file, or a pickle refused because
+    loading it could run code (never loaded otherwise)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
+    exported = exported_model_kind(path)
+    if exported:
+        raise CheckpointError(f"{path}: this is an exported model ({exported}), not a checkpoint: pass it to "
+                              f"fa-bench as --backend (with the checkpoint it came from as --weights)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle refusing globals, truncation, not a zip ...
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(f"{path}: not a fa-toolkit checkpoint (no 'model' and 'arch' entries)")
     return ckpt
+
+
+def _head(path: str, n: int = 64) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def exported_model_kind(path: str):
+    """'ONNX model', 'TensorRT engine', 'pipeline manifest' when `path` is a file fa-export writes, else None.
+    ONNX is also recognised by its content (under any name): a protobuf ModelProto starts with field 1, the IR
+    version, and parses as one."""
+    name = os.path.basename(path).lower()
+    if name.endswith((".engine", ".plan", ".trt")):
+        return "TensorRT engine"
+    if name.endswith(".onnx"):
+        return "ONNX model"
+    if name.endswith(".pipeline.json"):
+        return "Faster R-CNN pipeline manifest"
+    head = _head(path)
+    if name.endswith(".json") and head.lstrip().startswith(b"{"):
+        import json
+
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if isinstance(info, dict) and str(info.get("format", "")).endswith("-pipeline"):
+            return "Faster R-CNN pipeline manifest"
+        return None
+    # torch checkpoints start with a zip header ('PK') or a pickle opcode (0x80); ONNX with 0x08 <ir_version>
+    if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32 and _is_onnx(path):
+        return "ONNX model"
+    return None
+
+
+def _is_onnx(path: str) -> bool:
+    try:
+        import onnx
+
+        m = onnx.load(path, load_external_data=False)
+    except Exception:  # not protobuf, or no onnx package
+        return False
+    return m.ir_version > 0 and (len(m.graph.node) > 0 or len(m.graph.output) > 0)
+
+
+def _load_failure(path: str, e: Exception) -> str:
+    """What went wrong reading `path`, in one line, never suggesting `weights_only=False` (which would run
+    whatever code a pickle carries)."""
+    import zipfile
+
+    text = str(e)
+    if os.path.getsize(path) == 0:
+        return f"{path}: truncated or corrupt checkpoint (empty file)"
+    head = _head(path, 4)
+    if head.startswith(b"PK\x03\x04") and (not zipfile.is_zipfile(path) or "PytorchStreamReader" in text):
+        return f"{path}: truncated or corrupt checkpoint (its zip archive is incomplete or damaged)"
+    if head.startswith(b"\x93NUMPY") or path.endswith((".npy", ".npz")):
+        return f"{path}: a NumPy array file, not a checkpoint"
+    if path.endswith(".safetensors"):
+        return f"{path}: a safetensors file holds weights only; resume from the run's last.pt"
+    reason = _unpickler_reason(text)
+    if isinstance(e, EOFError) or "truncated" in reason or "EOF" in reason:
+        return f"{path}: truncated or corrupt checkpoint ({reason or type(e).__name__})"
+    if "GLOBAL" in reason or "global" in reason:
+        return f"{path}: cannot be loaded safely: its pickle imports what a checkpoint never needs ({reason})"
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        return f"{path}: not a PyTorch checkpoint: truncated or corrupt, or another kind of file ({reason})"
+    return f"{path}: cannot be loaded safely: refused by the safe (weights-only) loader ({reason})"
+
+
+_UNSAFE_ADVICE = ("weights_only", "allowlist", "safe_globals", "file an issue", "trusted source")
+
+
+def _unpickler_reason(text: str) -> str:
+    """The specific part of torch.load's message, without its advice to retry with weights_only=False or to
+    allow-list a global (either would let the file run code)."""
+    for marker in ("WeightsUnpickler error:", "Do it only if you got the file from a trusted source."):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = " ".join(text.split("Check the documentation of torch.load", 1)[0].split())
+    sentences = [x for x in text.replace("? ", ". ").split(". ") if x]
+    return ". ".join(x for x in sentences if not any(a in x for a in _UNSAFE_ADVICE)).rstrip(".")
+
+
+def display_name(path: str) -> str:
+    """How tables and reports name a checkpoint: its run folder, plus the file stem unless it is `last`
+    (runs/fa/last.pt -> 'fa', runs/fa/best.pt -> 'fa/best', runs/fa/epoch10.safetensors -> 'fa/epoch10')."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.basename(path)
+    for ext in (".pt", ".pth", ".safetensors", ".ckpt"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    if not folder:
+        return stem
+    return folder if stem == "last" else f"{folder}/{stem}"
 
 
 def arch_differences(expected: dict, found: dict) -> list:

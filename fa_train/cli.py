@@ -1,39 +1,13 @@
 """`fa-train`: train a detector (standard training; adversarial methods with --method)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
-from .config import ConfigError, load_config
-
-
-def _overrides(**flags) -> dict:
-    o = {"model": {}, "data": {}, "train": {}, "method": {}}
-    mapping = {
-        "model": ("model", "name"), "width_mult": ("model", "width_mult"), "depth_mult": ("model", "depth_mult"),
-        "backbone": ("model", "backbone"), "weights_backbone": ("model", "weights_backbone"),
-        "data": ("data", "spec"), "img_size": ("data", "img_size"), "workers": ("data", "workers"),
-        "max_images": ("data", "max_images"), "max_test_images": ("data", "max_test_images"),
-        "train_split": ("data", "train_split"), "test_split": ("data", "test_split"),
-        "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-        "seed": ("train", "seed"), "init": ("train", "init"), "warmup_iters": ("train", "warmup_iters"),
-        "eval_every": ("train", "eval_every"), "amp": ("train", "amp"), "schedule": ("train", "schedule"),
-        "save_safetensors": ("train", "save_safetensors"), "save_every_steps": ("train", "save_every_steps"),
-        "method": ("method", "name"), "pgd_steps": ("method", "pgd_steps"), "train_eps": ("method", "train_eps"),
-        "step_size": ("method", "step_size"), "alpha": ("method", "alpha"), "ssfa_weight": ("method", "ssfa_weight"),
-        "kdfa_weight": ("method", "kdfa_weight"), "teacher": ("method", "teacher"),
-        "sync_bn": ("train", "sync_bn"), "bad_images": ("data", "bad_images"),
-    }
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key in ("device", "out"):
-            o[key] = value
-        else:
-            sec, name = mapping[key]
-            o[sec][name] = value
-    return {k: v for k, v in o.items() if v != {}}
+from .config import (ConfigError, check_config, check_output_folder, load_config, overrides_from_flags,
+                     resume_config)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -59,9 +33,12 @@ def _overrides(**flags) -> dict:
 @click.option("--workers", type=int, help="data-loader worker processes")
 @click.option("--seed", type=int)
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
-@click.option("--out", help="run folder (config.yaml, last.pt, best.pt, metrics.jsonl, eval.json)")
+@click.option("--out", help="run folder (config.yaml, last.pt, best.pt, metrics.jsonl, eval.json); "
+              "default runs/exp, or with --resume the checkpoint's folder")
 @click.option("--init", help="initial weights: Darknet .weights / darknet53.conv.74, or a fa-train checkpoint")
-@click.option("--resume", type=click.Path(dir_okay=False), help="continue a run from its last.pt")
+@click.option("--resume", type=click.Path(dir_okay=False),
+              help="continue a run from its last.pt, with the configuration stored in it; only the flags given "
+                   "(and a --config preset) change it, and only where the run stays the same (--epochs, --device, ...)")
 @click.option("--method", type=click.Choice(["standard", "at", "tod", "kdfa", "ssfa", "fa"]),
               help="standard | at (vanilla adversarial) | tod (task-oriented domain) | kdfa | ssfa | fa (kdfa+ssfa)")
 @click.option("--pgd-steps", type=int, help="PGD steps k of adversarial training (1, 2, 3); cost k+1 passes")
@@ -85,23 +62,57 @@ def main(config_path, resume, quiet, **flags):
 
     Several processes: `torchrun --nproc_per_node N -m fa_train.cli ...` (or the fa-train script under torchrun):
     --batch-size is then the global batch, split over the N ranks."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, load_checkpoint
     from .data import DataError
     from .distributed import shutdown
-    from .engine import Trainer, TrainingError, TrainingInterrupted
+    from .engine import Trainer, TrainingError, TrainingInterrupted, check_resume
 
     try:
-        cfg = load_config(config_path, _overrides(**flags))
+        overrides = overrides_from_flags(**flags)
+        if resume:  # refused or finished: said before anything is built or written
+            ckpt = load_checkpoint(resume)
+            cfg = resume_run_config(ckpt, resume, config_path, overrides)
+            finished = check_resume(ckpt, cfg, resume)
+            del ckpt  # the trainer reads it again once the data and the model are built
+            if finished:
+                click.echo(f"fa-train: {finished}")
+                return
+        else:
+            cfg = check_config(load_config(config_path, overrides))
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the run folder
+            check_output_folder(cfg["out"])
         trainer = Trainer(cfg, log=lambda m: click.echo(m, err=False), progress=not quiet)
         trainer.fit(resume=resume)
     except TrainingInterrupted as e:
         click.echo(f"fa-train: {e}", err=True)
         sys.exit(128 + e.signum)
-    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as e:
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the handler above writes last.pt)
+        click.echo("fa-train: interrupted", err=True)
+        sys.exit(130)
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError) as e:
         click.echo(f"fa-train: error: {e}", err=True)
+        sys.exit(2)
+    except Exception as e:  # a bug: the traceback is for the report, the exit code is still 2
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"fa-train: internal error: {type(e).__name__}: {e}", err=True)
         sys.exit(2)
     finally:
         shutdown()
+
+
+def resume_run_config(ckpt: dict, path: str, config_path, overrides: dict) -> dict:
+    """The validated config of a resumed run: the checkpoint's config < preset < flags. The run folder defaults
+    to the checkpoint's folder (not to the preset's `out`, nor to runs/exp)."""
+    from .checkpoint import CheckpointError
+
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume {path}: the checkpoint holds no run configuration (not a training "
+                              f"checkpoint of fa-train); to start a new run from its weights, pass it as --init")
+    overrides = dict(overrides, out=overrides.get("out", os.path.dirname(path) or "."))
+    return check_config(resume_config(saved, config_path, overrides))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Run configuration: defaults < YAML preset (`--config`) < command-line flags. The resolved config is
-saved in the run folder and in every checkpoint, so a run can be rebuilt and resumed from it alone."""
+saved in the run folder and in every checkpoint, so a run can be rebuilt and resumed from it alone.
+
+A resumed run starts from the configuration stored in its checkpoint instead of the defaults: defaults <
+checkpoint < preset < flags (`resume_config`). `check_config` validates the resolved config in one place, for
+values from flags and presets alike, and names the flag (and the config key) of every bad value.
+"""
 from __future__ import annotations
 
 import copy
+import math
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import yaml
 
@@ -31,36 +37,75 @@ DEFAULTS: Dict[str, Any] = {
     "out": "runs/exp",
 }
 
+# fa-train's flags (as click names them) and the config key each one sets
+FLAG_KEYS: Dict[str, str] = {
+    "model": "model.name", "width_mult": "model.width_mult", "depth_mult": "model.depth_mult",
+    "backbone": "model.backbone", "weights_backbone": "model.weights_backbone",
+    "data": "data.spec", "img_size": "data.img_size", "workers": "data.workers", "max_images": "data.max_images",
+    "max_test_images": "data.max_test_images", "train_split": "data.train_split", "test_split": "data.test_split",
+    "bad_images": "data.bad_images",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "init": "train.init", "warmup_iters": "train.warmup_iters", "eval_every": "train.eval_every", "amp": "train.amp",
+    "schedule": "train.schedule", "save_safetensors": "train.save_safetensors",
+    "save_every_steps": "train.save_every_steps", "sync_bn": "train.sync_bn",
+    "method": "method.name", "pgd_steps": "method.pgd_steps", "train_eps": "method.train_eps",
+    "step_size": "method.step_size", "alpha": "method.alpha", "ssfa_weight": "method.ssfa_weight",
+    "kdfa_weight": "method.kdfa_weight", "teacher": "method.teacher",
+    "device": "device", "out": "out",
+}
+_KEY_FLAGS = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
+
 
 class ConfigError(ValueError):
     pass
 
 
-def deep_update(base: dict, upd: dict, path: str = "") -> dict:
+def deep_update(base: dict, upd: dict, path: str = "", strict: bool = True) -> dict:
+    """Update `base` in place from `upd`; a key `base` does not have is an error (`strict`) or left out."""
     for k, v in upd.items():
         if k not in base:
+            if not strict:
+                continue
             raise ConfigError(f"unknown config key {path + k!r}; known: {', '.join(sorted(base))}")
         if isinstance(base[k], dict) and isinstance(v, dict):
-            deep_update(base[k], v, path + k + ".")
+            deep_update(base[k], v, path + k + ".", strict)
         else:
             base[k] = v
     return base
 
 
-def load_config(path: str = None, overrides: dict = None) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config {path}: file not found")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+def overrides_from_flags(**flags) -> dict:
+    """The nested overrides of the flags that were given (a flag left None was not passed)."""
+    out: dict = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        *sections, name = FLAG_KEYS[flag].split(".")
+        node = out
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[name] = value
+    return out
+
+
+def read_preset(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: file not found")
+    with open(path) as f:
         try:
-            deep_update(cfg, data)
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _apply(cfg: dict, path: Optional[str], overrides: Optional[dict]) -> dict:
+    if path:
+        preset = read_preset(path)
+        try:
+            deep_update(cfg, preset)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     if overrides:
@@ -68,8 +113,208 @@ def load_config(path: str = None, overrides: dict = None) -> dict:
     return cfg
 
 
+def load_config(path: str = None, overrides: dict = None) -> dict:
+    """A new run's config: defaults < preset at `path` < `overrides`."""
+    return _apply(copy.deepcopy(DEFAULTS), path, overrides)
+
+
+def resume_config(saved: dict, path: str = None, overrides: dict = None) -> dict:
+    """A resumed run's config: defaults < the checkpoint's config `saved` < preset < `overrides`. Keys added to
+    the defaults since the checkpoint was written take their default; keys since removed are left out."""
+    return _apply(deep_update(copy.deepcopy(DEFAULTS), copy.deepcopy(saved or {}), strict=False), path, overrides)
+
+
 def dump_config(cfg: dict, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     os.replace(tmp, path)
+
+
+# -- validation
+
+def describe(key: str, value: Any = None) -> str:
+    """How a message names a setting: '--batch-size 0 (train.batch_size)', or the key alone without a flag."""
+    flag = _KEY_FLAGS.get(key)
+    shown = "" if value is None else f" {value}"
+    if flag == "--" + key:  # --out, --device: the key says nothing more
+        return f"{flag}{shown}"
+    return f"{flag}{shown} ({key})" if flag else f"{key}{shown}"
+
+
+def _get(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, key: str, value) -> None:
+    *sections, name = key.split(".")
+    node = cfg
+    for s in sections:
+        node = node[s]
+    node[name] = value
+
+
+def _number(cfg, key, integer=False, lo=None, hi=None, lo_open=False, optional=False, hint=""):
+    v = _get(cfg, key)
+    if v is None and optional:
+        return
+    if isinstance(v, str) and not integer:  # PyYAML reads `1e-3` (no dot) as a string
+        try:
+            v = float(v)
+            _set(cfg, key, v)
+        except ValueError:
+            pass
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise ConfigError(f"{describe(key, repr(v))}: must be {kind}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{describe(key, v)}: must be a finite number")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        bound = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise ConfigError(f"{describe(key, v)}: must be {bound}{hint}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{describe(key, v)}: must be at most {hi}{hint}")
+
+
+def _choice(cfg, key, choices, optional=False):
+    v = _get(cfg, key)
+    if v is None and optional:
+        return
+    if v not in choices:
+        raise ConfigError(f"{describe(key, repr(v))}: expected one of {', '.join(map(str, choices))}")
+
+
+def _flag(cfg, key):
+    if not isinstance(_get(cfg, key), bool):
+        raise ConfigError(f"{describe(key, repr(_get(cfg, key)))}: must be true or false")
+
+
+def _file(cfg, key, what):
+    v = _get(cfg, key)
+    if v is None:
+        return
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{describe(key, repr(v))}: must be a file path")
+    if not os.path.isfile(v):
+        raise ConfigError(f"{describe(key, v)}: {what} not found")
+
+
+def check_config(cfg: dict) -> dict:
+    """Validate a resolved config (from flags, a preset, a checkpoint) before any work; a bad value is a
+    ConfigError naming its flag and key. Numbers a preset wrote as strings (`lr: 1e-3`) are converted."""
+    from .data import DataError, parse_data_spec
+    from .models import available_models
+
+    from .models.faster_rcnn import BACKBONES
+
+    _choice(cfg, "model.name", available_models())
+    _choice(cfg, "model.backbone", BACKBONES, optional=True)
+    for key in ("model.width_mult", "model.depth_mult"):
+        _number(cfg, key, lo=0, lo_open=True, optional=True)
+    for key in ("model.fpn_channels", "model.min_size", "model.max_size", "model.box_batch_size_per_image"):
+        _number(cfg, key, integer=True, lo=1, optional=True)
+    _number(cfg, "model.trainable_layers", integer=True, lo=0, hi=5, optional=True)
+    _file(cfg, "model.weights", "Faster R-CNN weights file")
+    _file(cfg, "model.weights_backbone", "backbone weights file")
+
+    if not isinstance(cfg["data"]["spec"], str):
+        raise ConfigError(f"{describe('data.spec', repr(cfg['data']['spec']))}: expected voc:PATH, coco:PATH or "
+                          f"synth[:NUM_IMAGES]")
+    try:
+        parse_data_spec(cfg["data"]["spec"])
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    size = cfg["data"]["img_size"]
+    _number(cfg, "data.img_size", integer=True, lo=32)
+    if size % 32:
+        lower, upper = size // 32 * 32, size // 32 * 32 + 32
+        raise ConfigError(f"{describe('data.img_size', size)}: must be a multiple of 32 (e.g. "
+                          f"{f'{lower} or ' if lower >= 32 else ''}{upper})")
+    for key in ("data.max_images", "data.max_test_images"):
+        _number(cfg, key, integer=True, lo=1, optional=True)
+    _number(cfg, "data.workers", integer=True, lo=0)
+    _number(cfg, "data.synth_seed", integer=True)
+    _number(cfg, "data.loader_timeout", lo=0)
+    _choice(cfg, "data.bad_images", ("stop", "skip"))
+
+    t = "train."
+    _choice(cfg, t + "optimizer", ("sgd", "adamw"))
+    _number(cfg, t + "epochs", integer=True, lo=1)
+    _number(cfg, t + "batch_size", integer=True, lo=1)
+    _number(cfg, t + "lr", lo=0)  # 0 is allowed: a run that only evaluates its initial weights
+    _number(cfg, t + "momentum", lo=0, hi=1)
+    _number(cfg, t + "weight_decay", lo=0)
+    _number(cfg, t + "warmup_iters", integer=True, lo=0)
+    _choice(cfg, t + "schedule", ("step", "cosine"))
+    _number(cfg, t + "lr_drop_at", lo=0, hi=1)
+    _number(cfg, t + "seed", integer=True, lo=0)
+    _number(cfg, t + "eval_every", integer=True, lo=0, hint=" (0: only at the end)")
+    _number(cfg, t + "max_nonfinite", integer=True, lo=1)
+    _number(cfg, t + "save_every_steps", integer=True, lo=0, hint=" (0: per epoch only)")
+    for key in ("amp", "nesterov", "save_safetensors", "sync_bn"):
+        _flag(cfg, t + key)
+    init = cfg["train"]["init"]
+    if init is not None and (not isinstance(init, str) or not os.path.isfile(init)):
+        raise ConfigError(f"{describe(t + 'init', init)}: initial weights file not found")
+
+    m = "method."
+    _choice(cfg, m + "name", ("standard", "at", "tod", "kdfa", "ssfa", "fa"))
+    _number(cfg, m + "pgd_steps", integer=True, lo=1)
+    _number(cfg, m + "train_eps", lo=0, hi=1, hint=" (the budget is in [0,1] pixel units: 0.01 ~ 2.55/255)")
+    _number(cfg, m + "step_size", lo=0, hi=1, lo_open=True, hint=" (in [0,1] pixel units)")
+    _number(cfg, m + "alpha", lo=0, hi=1, hint=" (the weight of the clean loss)")
+    for key in ("ssfa_weight", "kdfa_weight"):
+        _number(cfg, m + key, lo=0, optional=True)
+    _file(cfg, m + "teacher", "KDFA teacher checkpoint")
+
+    _check_device(cfg["device"])
+    if not isinstance(cfg["out"], str) or not cfg["out"].strip():
+        raise ConfigError(f"{describe('out', repr(cfg['out']))}: must be a folder path")
+    return cfg
+
+
+def _check_device(name) -> None:
+    import torch
+
+    if name in (None, "auto"):
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{describe('device', repr(name))}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"{describe('device', repr(name))}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_output_folder(path: str, key: str = "out") -> None:
+    """The run folder can be created and written: found out before any work, leaving nothing behind (a folder
+    this creates to find out is removed again; the run creates it for good once it is accepted)."""
+    import tempfile
+
+    made = []
+    target = os.path.abspath(path)
+    try:
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise ConfigError(f"{describe(key, path)}: exists and is not a folder")
+        missing, p = [], target
+        while not os.path.exists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".fa-write-check-", dir=target)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{describe(key, path)}: the run folder cannot be created or written "
+                          f"({e.strerror or e})") from None
+    finally:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

@@ -18,8 +18,8 @@ import torch
 
 from . import distributed as D
 from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, save_safetensors, versions
-from .config import dump_config
-from .data import build_dataset, collate
+from .config import check_config, describe, dump_config
+from .data import DataError, build_dataset, collate
 from .evaluation import evaluate, format_ap_table
 from .models import create_model
 
@@ -80,6 +80,57 @@ def lr_factor(step: int, steps_per_epoch: int, tcfg) -> float:
     return f
 
 
+def worker_error_message(e: BaseException) -> Optional[str]:
+    """The exception's own message when `e` is PyTorch's re-raise of an exception from a data-loader worker
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), else None."""
+    text = str(e)
+    first = text.partition("\n")[0]
+    if not (first.startswith("Caught ") and "DataLoader worker process" in first):
+        return None
+    cls = type(e)
+    # the last line(s) of the worker's traceback: "<module>.<class>: <message>"
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    i = text.rfind(f"\n{name}: ")
+    return text[i + len(name) + 3:].rstrip("\n") if i >= 0 else None
+
+
+class _WorkerErrorsUnwrapped:
+    """A DataLoader iterator whose DataErrors from worker processes come out as in a single process: the DataError
+    with its own one-line message (the worker's traceback kept in its `worker_traceback` attribute)."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self._it)
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except DataError as e:
+            msg = worker_error_message(e)
+            if msg is None:
+                raise
+            try:
+                err = type(e)(msg)
+            except TypeError:  # a subclass with another constructor
+                err = DataError(msg)
+            err.worker_traceback = str(e)
+            raise err from None
+
+
+class DetectionLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader, except that bad data found by a worker process is reported as the DataError itself
+    (`fa-train: error: <file>: corrupt or unreadable image (...)`), exactly as without workers. Every loader of
+    the toolkit (training, evaluation, fa-bench, fa-export calibration) is made by `make_loader`."""
+
+    def __iter__(self):
+        return _WorkerErrorsUnwrapped(super().__iter__())
+
+
 def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False, sampler=None, batch_sampler=None,
                 timeout: float = 0):
     """`timeout` (seconds, with workers): a worker that hangs raises instead of stalling the run forever."""
@@ -90,9 +141,9 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False, 
     else:
         kw = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "drop_last": drop_last,
               "sampler": sampler}
-    return torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate, generator=g,
-                                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
-                                       timeout=timeout if workers > 0 else 0, **kw)
+    return DetectionLoader(dataset, num_workers=workers, collate_fn=collate, generator=g,
+                           persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                           timeout=timeout if workers > 0 else 0, **kw)
 
 
 def eval_loader(dataset, batch_size, workers):
@@ -122,14 +173,38 @@ def resume_differences(saved: dict, now: dict, prefix: str = "") -> list:
         a, b = saved.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += resume_differences(a, b, key + ".")
-        elif a != b and k in saved:  # keys added to the config since the checkpoint was written are not differences
+        # keys added to the config since the checkpoint was written, or removed since, are not differences
+        elif a != b and k in saved and k in now:
             out.append(f"{key}: {a!r} (checkpoint) != {b!r} (now)")
     return out
 
 
+def check_resume(ckpt: dict, cfg: dict, path: str) -> Optional[str]:
+    """Refuse a resume that would not continue the run of checkpoint `ckpt` with config `cfg` (an error listing
+    every difference); returns a message when the run is already finished (nothing to do), else None."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict) or "optimizer" not in ckpt:
+        raise TrainingError(f"--resume {path}: not a training checkpoint of fa-train (no run configuration or "
+                            f"optimizer state); to start a new run from its weights, pass it as --init")
+    diffs = resume_differences(saved, cfg)
+    if diffs:
+        raise TrainingError(f"--resume {path}: the run was started with another configuration; resuming it "
+                            f"would not continue the same run:\n  " + "\n  ".join(diffs))
+    done, epochs = int(ckpt.get("epoch", 0)), cfg["train"]["epochs"]
+    if epochs < done:
+        raise TrainingError(f"{describe('train.epochs', epochs)}: {path} has already trained {done} epochs; "
+                            f"pass more than {done} to train longer")
+    if epochs == done:
+        return (f"{path}: the run is finished ({done} of {epochs} epochs); nothing to do (raise --epochs to "
+                f"train longer)")
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: dict, log: Callable[[str], None] = print, progress: bool = True):
-        self.cfg = cfg
+        """Builds the data, model, optimizer and objective of a run; writes nothing (the run folder is made by
+        `fit`, once a resume has been accepted)."""
+        self.cfg = check_config(cfg)
         dist_device = D.init_from_env(cfg["device"])  # torchrun: join the process group
         self.rank, self.world = D.rank(), D.world_size()
         self.main = self.rank == 0
@@ -143,12 +218,11 @@ class Trainer:
                                        d["synth_seed"], log=log)
         self.test_set = build_dataset(d["spec"], "test", d["img_size"], d["test_split"], d["max_test_images"],
                                       d["synth_seed"], log=log)
-        if d["bad_images"] not in ("stop", "skip"):
-            raise TrainingError(f"data.bad_images {d['bad_images']!r}: expected stop or skip")
         self.train_set.skip_bad = d["bad_images"] == "skip"
         self.skipped_images = []
-        if len(self.train_set) == 0:
-            raise TrainingError(f"training set {self.train_set.name} is empty")
+        for ds in (self.train_set, self.test_set):
+            if len(ds) == 0:
+                raise TrainingError(f"{'training' if ds is self.train_set else 'test'} set {ds.name} is empty")
         for ds in (self.train_set, self.test_set):
             if ds.stats.clipped or ds.stats.dropped_zero_area:
                 log(f"data {ds.name}: {ds.stats.summary()}")
@@ -187,8 +261,6 @@ class Trainer:
         self._signal = None
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.out = cfg["out"]
-        if self.main:
-            os.makedirs(self.out, exist_ok=True)
 
     # -- weights
     def _load_init(self, path):
@@ -219,14 +291,14 @@ class Trainer:
         if self.main:
             atomic_save(self.checkpoint(), os.path.join(self.out, name))
 
-    def resume(self, path: str):
+    def resume(self, path: str) -> Optional[str]:
+        """Continue the run of checkpoint `path`; returns the message of a finished run (nothing loaded)."""
         ckpt = load_checkpoint(path)
-        load_into(self.model, ckpt, path)
+        finished = check_resume(ckpt, self.cfg, path)
+        if finished:
+            return finished
         check_classes(ckpt, self.train_set.class_names, path, self.train_set.name)
-        diffs = resume_differences(ckpt.get("config", {}), self.cfg)
-        if diffs:
-            raise TrainingError(f"--resume {path}: the run was started with another configuration; resuming it "
-                                f"would not continue the same run:\n  " + "\n  ".join(diffs))
+        load_into(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -234,6 +306,7 @@ class Trainer:
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} (step {self.step})")
+        return None
 
     def _metrics(self, rec: dict):
         if not self.main:
@@ -354,7 +427,9 @@ class Trainer:
             raise TrainingInterrupted(self._signal, f"stopped by signal {self._signal} at epoch {self.epoch + 1}, "
                                       f"step {self.step}; {self.out}/last.pt written, continue with --resume")
 
-    def fit(self, resume: Optional[str] = None) -> dict:
+    def fit(self, resume: Optional[str] = None) -> Optional[dict]:
+        """Train (or continue the run of checkpoint `resume`) to the configured epochs; the last evaluation, or
+        None when the resumed run was already finished (nothing evaluated, nothing written)."""
         import signal
         import threading
 
@@ -371,12 +446,17 @@ class Trainer:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
 
-    def _fit(self, resume: Optional[str] = None) -> dict:
-        if self.main:
-            dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+    def _fit(self, resume: Optional[str] = None) -> Optional[dict]:
+        # nothing is written to the run folder before the run is accepted (a refused resume leaves it untouched)
         if resume:
-            self.resume(resume)
-        elif self.main and os.path.isfile(os.path.join(self.out, "metrics.jsonl")):
+            finished = self.resume(resume)
+            if finished:
+                self.log(finished)
+                return None
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+            dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+        if not resume and self.main and os.path.isfile(os.path.join(self.out, "metrics.jsonl")):
             # a new run in an existing folder starts a new record (a resumed run continues its own)
             os.replace(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "metrics.previous.jsonl"))
             self.log(f"{self.out}/metrics.jsonl of an earlier run moved to metrics.previous.jsonl")
@@ -408,8 +488,6 @@ class Trainer:
                                  self.cfg)
             self._metrics(rec)
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-        if result is None:  # resumed a finished run
-            result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
         self.log(format_ap_table(result, f"clean AP50 on {self.test_set.name} (last epoch)"))
         if self.skipped_images:
             self.log(f"{len(self.skipped_images)} training images were skipped (data.bad_images: skip); "

@@ -39,6 +39,42 @@ def test_corrupt_image_stops_the_run_naming_it(broken, tmp_path, workers):
     assert r.exit_code == 2, r.output
     assert "corrupt or unreadable image" in r.output
     assert any(os.path.basename(b) in r.output for b in broken)
+    # the DataError's own line, as without workers: not PyTorch's "Caught DataError in DataLoader worker process 0"
+    # with the worker's traceback
+    assert "Caught" not in r.output and "Traceback" not in r.output
+    assert r.output.split("fa-train: error: ")[1].count("\n") == 1, r.output
+
+
+def test_worker_data_errors_come_out_as_the_data_error_everywhere(broken):
+    """The loaders of training, evaluation and fa-bench (make_loader / eval_loader) all give the DataError itself."""
+    from fa_train.data import DataError, build_dataset
+    from fa_train.engine import eval_loader, make_loader, worker_error_message
+
+    ds = build_dataset("synth:60", "train", 64, max_images=16, log=None)
+    for loader in (eval_loader(ds, 4, 1), make_loader(ds, 4, False, 1), make_loader(ds, 4, True, 2, timeout=60)):
+        with pytest.raises(DataError) as e:
+            for _ in loader:
+                pass
+        msg = str(e.value)
+        assert "corrupt or unreadable image" in msg and "Caught" not in msg and "Traceback" not in msg
+        assert os.path.basename(broken[0]) in msg or os.path.basename(broken[1]) in msg
+        assert "Caught DataError in DataLoader worker process" in e.value.worker_traceback  # kept for debugging
+    assert worker_error_message(ValueError("plain")) is None
+
+
+def test_corrupt_test_image_stops_the_evaluation_naming_it(tmp_path, monkeypatch):
+    """Evaluation always stops on a bad image (--bad-images skip is for training images only), in one line."""
+    from fa_train.data import build_dataset
+
+    monkeypatch.setenv("FA_CACHE", str(tmp_path / "cache"))
+    ds = build_dataset("synth:60", "test", 64, max_images=4, log=None)
+    with open(ds.records[2].file, "wb") as fh:
+        fh.write(b"not a jpeg")
+    r = CliRunner().invoke(main, TINY + ["--workers", "1", "--max-images", "4", "--bad-images", "skip",
+                                         "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    assert f"{ds.records[2].file}: corrupt or unreadable image" in r.output
+    assert "Caught" not in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

@@ -26,8 +26,8 @@ def parse_data_spec(spec: str):
         raise DataError(f"--data {spec!r}: expected voc:PATH, coco:PATH or synth[:NUM_IMAGES]")
     if kind in ("voc", "coco") and not rest:
         raise DataError(f"--data {spec!r}: {kind} needs a path, e.g. {kind}:/data/{'VOCdevkit' if kind == 'voc' else 'coco'}")
-    if kind == "synth" and rest and not (rest.isdigit() and int(rest) >= 10):
-        raise DataError(f"--data {spec!r}: synth takes a number of images >= 10, e.g. synth:1000")
+    if kind == "synth" and rest and not (rest.isdigit() and int(rest) > 0):
+        raise DataError(f"--data {spec!r}: NUM_IMAGES of synth[:NUM_IMAGES] must be a positive integer, e.g. synth:1000")
     return kind, rest
 
 
