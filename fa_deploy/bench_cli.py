@@ -29,7 +29,8 @@ def _steps(ctx, param, value: str):
 @click.option("--eps", type=float, default=0.03, help="attack budget in [0,1] pixel units")
 @click.option("--steps", default=",".join(map(str, PAPER_STEPS)), callback=_steps,
               help="PGD step counts; step size eps/k")
-@click.option("--data", help="voc:PATH | coco:PATH | synth[:N] (default: the first checkpoint's training data)")
+@click.option("--data", help="voc:PATH | coco:PATH | yolo:PATH/data.yaml (--test-split: a yaml key, "
+              "default val) | synth[:N] (default: the first checkpoint's training data)")
 @click.option("--test-split", help="split to evaluate (default by dataset)")
 @click.option("--img-size", type=int, help="default: the checkpoint's training size")
 @click.option("--batch-size", type=int, default=16)

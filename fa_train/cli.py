@@ -17,7 +17,8 @@ from .config import (ConfigError, check_config, check_output_folder, load_config
 @click.option("--weights-backbone", help="Faster R-CNN: local torchvision ImageNet ResNet checkpoint (.pth)")
 @click.option("--width-mult", type=float, help="YOLOv3 channel multiplier (1.0 = Darknet-53 as in the cfg)")
 @click.option("--depth-mult", type=float, help="YOLOv3 residual-block multiplier")
-@click.option("--data", help="voc:PATH_TO_VOCdevkit | coco:PATH_TO_COCO | synth[:NUM_IMAGES] (default: synth)")
+@click.option("--data", help="voc:PATH_TO_VOCdevkit | coco:PATH_TO_COCO | yolo:PATH/data.yaml (Ultralytics "
+              "layout; splits are the yaml's keys: train, val, test) | synth[:NUM_IMAGES] (default: synth)")
 @click.option("--train-split", help="VOC '2007+2012:trainval', COCO 'train2017' (default by dataset)")
 @click.option("--test-split", help="VOC '2007:test', COCO 'val2017' (default by dataset)")
 @click.option("--max-images", type=int, help="use only the first N training images")

@@ -1,6 +1,7 @@
-"""Data: VOC and COCO readers, the synthetic shapes dataset, letterbox transforms, collate.
+"""Data: VOC, COCO and YOLO-format readers, the synthetic shapes dataset, letterbox transforms, collate.
 
-`build_dataset("voc:/data/VOCdevkit", split="2007:test", ...)`, `"coco:/data/coco"`, or `"synth"`.
+`build_dataset("voc:/data/VOCdevkit", split="2007:test", ...)`, `"coco:/data/coco"`, `"yolo:/data/x/data.yaml"`,
+or `"synth"`.
 """
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ from .coco import coco_dataset
 from .synthetic import SHAPES_CLASSES, SHAPES_YEAR, ensure_shapes
 from .transforms import letterbox, unletterbox_boxes
 from .voc import VOC_CLASSES, voc_dataset
+from .yolo import yolo_dataset
 
 DEFAULT_SPLITS = {
     "voc": {"train": "2007+2012:trainval", "test": "2007:test"},
     "coco": {"train": "train2017", "test": "val2017"},
+    "yolo": {"train": "train", "test": "val"},  # data.yaml's split keys
     "synth": {"train": f"{SHAPES_YEAR}:train", "test": f"{SHAPES_YEAR}:test"},
 }
 
 
 def parse_data_spec(spec: str):
-    """'voc:PATH' | 'coco:PATH' | 'synth' | 'synth:N' -> (kind, path_or_None, extra)."""
+    """'voc:PATH' | 'coco:PATH' | 'yolo:PATH/data.yaml' | 'synth' | 'synth:N' -> (kind, path or N or "")."""
     kind, _, rest = (spec or "synth").partition(":")
     if kind not in DEFAULT_SPLITS:
-        raise DataError(f"--data {spec!r}: expected voc:PATH, coco:PATH or synth[:NUM_IMAGES]")
-    if kind in ("voc", "coco") and not rest:
-        raise DataError(f"--data {spec!r}: {kind} needs a path, e.g. {kind}:/data/{'VOCdevkit' if kind == 'voc' else 'coco'}")
+        raise DataError(f"--data {spec!r}: expected voc:PATH, coco:PATH, yolo:PATH/data.yaml or synth[:NUM_IMAGES]")
+    examples = {"voc": "voc:/data/VOCdevkit", "coco": "coco:/data/coco", "yolo": "yolo:/data/coco8/data.yaml"}
+    if kind in examples and not rest:
+        raise DataError(f"--data {spec!r}: {kind} needs a path, e.g. {examples[kind]}")
     if kind == "synth" and rest and not (rest.isdigit() and int(rest) > 0):
         raise DataError(f"--data {spec!r}: NUM_IMAGES of synth[:NUM_IMAGES] must be a positive integer, e.g. synth:1000")
     return kind, rest
@@ -41,6 +45,8 @@ def build_dataset(spec: str, role: str, img_size: int, split: Optional[str] = No
         return voc_dataset(rest, split, img_size, train, max_images=max_images)
     if kind == "coco":
         return coco_dataset(rest, split, img_size, train, max_images=max_images)
+    if kind == "yolo":
+        return yolo_dataset(rest, split, img_size, train, max_images=max_images, log=log)
     n = int(rest) if rest else 1000
     devkit = ensure_shapes(n, synth_seed, log=log)
     ds = voc_dataset(devkit, split, img_size, train, class_names=SHAPES_CLASSES, max_images=max_images)
