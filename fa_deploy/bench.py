@@ -52,7 +52,7 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
     """One row per checkpoint: clean AP50, PGD-k AP50, advAP, acAP (or clean AP and speed with attack none).
     Under torchrun every rank evaluates its shard of the test set; rank 0 gathers, scores and writes."""
     from fa_train import distributed as D
-    from fa_train.checkpoint import check_classes, load_model
+    from fa_train.checkpoint import check_classes, display_name, load_model
     from fa_train.engine import eval_loader, resolve_device
     from fa_train.evaluation import evaluate, robustness
 
@@ -68,7 +68,7 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
             ds = dataset_for(ckpt, "test", s.data, s.img_size, s.test_split, s.max_images, log=log)
             loader = eval_loader(ds, s.batch_size, s.workers)
         check_classes(ckpt, ds.class_names, w, ds.name)
-        name = os.path.basename(os.path.dirname(os.path.abspath(w))) or w
+        name = display_name(w)
         method = cfg.get("method", {}).get("name", "?")
         say(f"[{name}] {s.attack} on {ds.name} ({len(ds)} images"
             + (f", {D.world_size()} processes)" if D.world_size() > 1 else ")"))

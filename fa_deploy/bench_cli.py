@@ -2,8 +2,6 @@
 checkpoints; with --backend, the deployment harness and its gate. The work is `fa_deploy.bench.run_bench`."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from fa_train.errors import EXIT_GATE, run_cli
@@ -64,9 +62,7 @@ def main(**flags):
     models on adversarial images made from the source weights' gradients, with a gate on the drop."""
     from fa_train import distributed as D
 
-    code = run_cli("fa-bench", _run, BenchSettings(**flags), on_exit=D.shutdown)
-    if code:
-        sys.exit(code)
+    run_cli("fa-bench", _run, BenchSettings(**flags), on_exit=D.shutdown)
 
 
 def _run(s: BenchSettings) -> int:

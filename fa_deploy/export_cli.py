@@ -2,8 +2,6 @@
 `fa_deploy.exporting.run_export`."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from fa_train.errors import EXIT_GATE, run_cli
@@ -45,9 +43,7 @@ def _batch_range(ctx, param, value):
 @click.option("--no-verify", is_flag=True, help="do not fail on a parity check outside the tolerances")
 def export_main(**flags):
     """Export fa-train WEIGHTS to ONNX (fp32 / fp16 / int8) and TensorRT engines, with a parity check."""
-    code = run_cli("fa-export", _run, ExportSettings(**flags))
-    if code:
-        sys.exit(code)
+    run_cli("fa-export", _run, ExportSettings(**flags))
 
 
 def _run(s: ExportSettings) -> int:

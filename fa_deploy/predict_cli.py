@@ -4,8 +4,6 @@ boxes, `predictions.json` in COCO result format (original image pixels), optiona
 `fa_deploy.predict.run_predict`."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from fa_train.errors import run_cli
@@ -46,4 +44,4 @@ def _run(s: PredictSettings) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(predict_main())
+    predict_main()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
-from .config import (ConfigError, check_config, check_output_folder, load_config, overrides_from_flags,
-                     resume_config)
+from .config import check_config, check_output_folder, load_config, overrides_from_flags, resume_config
+from .errors import run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -63,44 +62,33 @@ def main(config_path, resume, quiet, **flags):
 
     Several processes: `torchrun --nproc_per_node N -m fa_train.cli ...` (or the fa-train script under torchrun):
     --batch-size is then the global batch, split over the N ranks."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .data import DataError
     from .distributed import shutdown
-    from .engine import Trainer, TrainingError, TrainingInterrupted, check_resume
 
-    try:
-        overrides = overrides_from_flags(**flags)
-        if resume:  # refused or finished: said before anything is built or written
-            ckpt = load_checkpoint(resume)
-            cfg = resume_run_config(ckpt, resume, config_path, overrides)
-            finished = check_resume(ckpt, cfg, resume)
-            del ckpt  # the trainer reads it again once the data and the model are built
-            if finished:
-                click.echo(f"fa-train: {finished}")
-                return
-        else:
-            cfg = check_config(load_config(config_path, overrides))
-        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the run folder
-            check_output_folder(cfg["out"])
-        trainer = Trainer(cfg, log=lambda m: click.echo(m, err=False), progress=not quiet)
-        trainer.fit(resume=resume)
-    except TrainingInterrupted as e:
-        click.echo(f"fa-train: {e}", err=True)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the handler above writes last.pt)
-        click.echo("fa-train: interrupted", err=True)
-        sys.exit(130)
-    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError) as e:
-        click.echo(f"fa-train: error: {e}", err=True)
-        sys.exit(2)
-    except Exception as e:  # a bug: the traceback is for the report, the exit code is still 2
-        import traceback
+    run_cli("fa-train", train_from_flags, config_path, resume, quiet, flags, on_exit=shutdown)
 
-        traceback.print_exc()
-        click.echo(f"fa-train: internal error: {type(e).__name__}: {e}", err=True)
-        sys.exit(2)
-    finally:
-        shutdown()
+
+def train_from_flags(config_path, resume, quiet, flags, log=None) -> dict:
+    """The run the flags describe (a new run, or the resume of one); the last epoch's clean evaluation, or None
+    when a resumed run was already finished."""
+    from .checkpoint import load_checkpoint
+    from .engine import Trainer, check_resume
+
+    log = log or (lambda m: click.echo(m, err=False))
+    overrides = overrides_from_flags(**flags)
+    if resume:  # refused or finished: said before anything is built or written
+        ckpt = load_checkpoint(resume)
+        cfg = resume_run_config(ckpt, resume, config_path, overrides)
+        finished = check_resume(ckpt, cfg, resume)
+        del ckpt  # the trainer reads it again once the data and the model are built
+        if finished:
+            log(f"fa-train: {finished}")
+            return None
+    else:
+        cfg = check_config(load_config(config_path, overrides))
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the run folder
+        check_output_folder(cfg["out"])
+    trainer = Trainer(cfg, log=log, progress=not quiet)
+    return trainer.fit(resume=resume)
 
 
 def resume_run_config(ckpt: dict, path: str, config_path, overrides: dict) -> dict:

@@ -101,13 +101,14 @@ def read_preset(path: str) -> dict:
     return data
 
 
-def _apply(cfg: dict, path: Optional[str], overrides: Optional[dict]) -> dict:
+def _apply(cfg: dict, path, overrides: Optional[dict]) -> dict:
+    """`path`: a YAML preset file, or the preset itself as a dict (the Python API)."""
     if path:
-        preset = read_preset(path)
+        preset = copy.deepcopy(path) if isinstance(path, dict) else read_preset(path)
         try:
             deep_update(cfg, preset)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{'config' if isinstance(path, dict) else path}: {e}") from None
     if overrides:
         deep_update(cfg, overrides)
     return cfg
@@ -292,29 +293,12 @@ def _check_device(name) -> None:
 def check_output_folder(path: str, key: str = "out") -> None:
     """The run folder can be created and written: found out before any work, leaving nothing behind (a folder
     this creates to find out is removed again; the run creates it for good once it is accepted)."""
-    import tempfile
+    from .errors import probe_writable
 
-    made = []
-    target = os.path.abspath(path)
     try:
-        if os.path.exists(target) and not os.path.isdir(target):
-            raise ConfigError(f"{describe(key, path)}: exists and is not a folder")
-        missing, p = [], target
-        while not os.path.exists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        for d in reversed(missing):
-            os.mkdir(d)
-            made.append(d)
-        fd, probe = tempfile.mkstemp(prefix=".fa-write-check-", dir=target)
-        os.close(fd)
-        os.remove(probe)
+        probe_writable(path, keep=False)
     except OSError as e:
+        if isinstance(e, NotADirectoryError) and os.path.exists(path):
+            raise ConfigError(f"{describe(key, path)}: exists and is not a folder") from None
         raise ConfigError(f"{describe(key, path)}: the run folder cannot be created or written "
                           f"({e.strerror or e})") from None
-    finally:
-        for d in reversed(made):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass

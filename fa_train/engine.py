@@ -34,6 +34,7 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+        self.exit_code = 128 + signum  # what the command exits with (fa_train.errors.run_cli)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,10 +1,11 @@
-"""How the three commands end: exit code 0 done, 1 a gate or check failed, 2 bad input or any other error, and
-never a Python traceback for a user's mistake.
+"""How the commands end: exit code 0 done, 1 a gate or check failed, 2 bad input or any other error, and never a
+Python traceback for a user's mistake.
 
-`run_cli(prog, fn)` runs a command body: the project's errors (bad data, checkpoints, settings, exports, backends)
-become one line `prog: error: ...` and exit code 2; anything unexpected also exits 2 (never 1, which is the
-gate's), with its type named and the traceback kept for `FA_DEBUG=1`. The output checks below run before any
-work, so a benchmark never finds out at its end that it cannot write its results.
+`run_cli(prog, fn)` runs a command body: the project's errors (bad data, checkpoints, settings, exports, backends,
+unwritable outputs) become one line `prog: error: ...` and exit code 2; anything unexpected is an internal error,
+also exit 2 (never 1, which is the gate's), with its type named and its traceback shown with `FA_DEBUG=1`. An
+exception with an `exit_code` attribute (a training run stopped by a signal: 128 + signal) exits with that code.
+The output checks below run before any work, so a command never finds out at its end that it cannot write.
 """
 from __future__ import annotations
 
@@ -26,31 +27,39 @@ def _echo(msg: str) -> None:
 
 
 def run_cli(prog: str, fn: Callable, *args, on_exit: Callable = None, **kw):
-    """Call `fn(*args, **kw)`; turn every exception into a one-line message and exit code 2."""
+    """Call `fn(*args, **kw)` and exit with the code it returns (0 when None); every exception becomes one line."""
     try:
-        return fn(*args, **kw)
+        code = fn(*args, **kw)
     except SystemExit:
         raise
     except KeyboardInterrupt:
         _echo(f"{prog}: interrupted")
-        sys.exit(130)
+        code = 130
     except Exception as e:  # noqa: BLE001  (the point: nothing reaches the user as a traceback)
-        if os.environ.get("FA_DEBUG"):
-            traceback.print_exc()
-        _echo(f"{prog}: error: {describe(e)}")
-        sys.exit(EXIT_ERROR)
+        if getattr(e, "exit_code", None) is not None:
+            _echo(f"{prog}: {e}")
+            code = int(e.exit_code)
+        else:
+            if os.environ.get("FA_DEBUG"):
+                traceback.print_exc()
+            _echo(f"{prog}: {describe(e)}")
+            code = EXIT_ERROR
     finally:
         if on_exit is not None:
             on_exit()
+    if code:
+        sys.exit(code)
+    return code
 
 
 def describe(e: BaseException) -> str:
-    """The message of a project error as it is; other exceptions with their type, and where the traceback is."""
+    """'error: <message>' for the project's errors and unusable inputs or outputs; 'internal error: <type>: ...'
+    for anything else (a bug)."""
     msg = str(e).strip() or type(e).__name__
     if _is_project_error(e):
-        return msg
-    first = msg.splitlines()[0]
-    return f"{type(e).__name__}: {first} (unexpected; run with FA_DEBUG=1 for the traceback)"
+        return f"error: {msg}"
+    return (f"internal error: {type(e).__name__}: {msg.splitlines()[0]} (a bug: run with FA_DEBUG=1 for the "
+            f"traceback and report it)")
 
 
 def _is_project_error(e: BaseException) -> bool:
@@ -60,28 +69,45 @@ def _is_project_error(e: BaseException) -> bool:
     return isinstance(e, (OSError, SettingsError))
 
 
-def _probe_dir(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".fa-write-test-", dir=path)
-    os.close(fd)
-    os.remove(probe)
+def probe_writable(path: str, keep: bool = True) -> None:
+    """Create the folder `path` if needed and write and remove a test file in it (as root, os.access says yes to
+    everything). With keep=False the folders this created are removed again. Raises OSError."""
+    made, p = [], os.path.abspath(path)
+    try:
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise NotADirectoryError(20, "exists and is not a folder")
+        while not os.path.exists(p):
+            made.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(made):
+            os.mkdir(d)
+        fd, probe = tempfile.mkstemp(prefix=".fa-write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    finally:
+        if not keep:
+            for d in made:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
 
 
 def check_output_dir(path: str, flag: str) -> str:
-    """Create `path` if needed and prove it is writable (a test file is created and removed)."""
+    """The folder `path` exists (created if needed) and is writable; else a SettingsError naming the flag."""
     try:
-        _probe_dir(path)
+        probe_writable(path)
     except OSError as e:
         raise SettingsError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
     return path
 
 
 def check_output_file(path: str, flag: str) -> str:
-    """The folder of `path` is created if needed and writable, and `path` is not a folder."""
+    """The folder of `path` exists (created if needed) and is writable, and `path` is not a folder."""
     if os.path.isdir(path):
         raise SettingsError(f"{flag} {path}: is a folder, a file name is expected")
     try:
-        _probe_dir(os.path.dirname(os.path.abspath(path)))
+        probe_writable(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise SettingsError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
     if os.path.exists(path) and not os.access(path, os.W_OK):
