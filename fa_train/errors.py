@@ -27,9 +27,11 @@ def _echo(msg: str) -> None:
 
 
 def run_cli(prog: str, fn: Callable, *args, on_exit: Callable = None, **kw):
-    """Call `fn(*args, **kw)` and exit with the code it returns (0 when None); every exception becomes one line."""
+    """Call `fn(*args, **kw)` and exit with the exit code it returns (an int; anything else counts as 0); every
+    exception becomes one line."""
     try:
         code = fn(*args, **kw)
+        code = code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
     except SystemExit:
         raise
     except KeyboardInterrupt:
