@@ -350,6 +350,18 @@ Weights pack(at::ArrayRef<double> weights) {
   return w;
 }
 
+template <typename acc_t>
+void launch_cosine_rows(const at::Tensor& ps, const at::Tensor& pt, at::ArrayRef<double> weights, double eps,
+                        int64_t HW, const at::Tensor& row_loss, const at::Tensor& coef) {
+  const int64_t J = pt.size(0), N = ps.size(0), C = ps.size(1);
+  const acc_t scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(HW));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  cosine_rows_kernel<acc_t><<<grid_for(N, kThreads / kWarp), kThreads, 0, stream>>>(
+      ps.data_ptr<acc_t>(), pt.data_ptr<acc_t>(), J, N, C, static_cast<acc_t>(eps), scale, pack(weights),
+      row_loss.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cuda(const at::Tensor& student,
                                                                                    at::TensorList targets,
                                                                                    at::ArrayRef<double> weights,
@@ -366,14 +378,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_cosine_loss_cu
   auto row_loss = at::empty({N}, opts);
   auto coef = at::empty({N, C}, opts);
   if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "fa_cosine_cuda", [&] {
-      const scalar_t scale = scalar_t(1) / (static_cast<scalar_t>(N) * static_cast<scalar_t>(HW));
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      cosine_rows_kernel<scalar_t><<<grid_for(N, kThreads / kWarp), kThreads, 0, stream>>>(
-          ps.data_ptr<scalar_t>(), pt.data_ptr<scalar_t>(), J, N, C, static_cast<scalar_t>(eps), scale,
-          pack(weights), row_loss.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    if (ps.scalar_type() == at::kDouble) {
+      launch_cosine_rows<double>(ps, pt, weights, eps, HW, row_loss, coef);
+    } else {
+      launch_cosine_rows<float>(ps, pt, weights, eps, HW, row_loss, coef);
+    }
   }
   return {row_loss.mean(), ps, pt, coef};
 }
