@@ -369,7 +369,8 @@ void apgd_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Te
     at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
       int64_t i = b;
 #ifdef FA_AVX2
-      if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<scalar_t, float>)
+      // float too: GCC leaves this loop of five streams scalar (measured 6x slower than these 8 lanes)
+      if constexpr (!std::is_same_v<scalar_t, double>)
         i = apgd_step_avx2<scalar_t>(po, px, pp, pg, pc, b, e, st, ep, ma, mb, l, h);
 #endif
       for (; i < e; ++i)
