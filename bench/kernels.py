@@ -1,6 +1,6 @@
 """Fused ops against the eager PyTorch composition of the same formula and a plain copy of the same bytes.
 
-    python bench/kernels.py [--repeat 200]
+    python bench/kernels.py [--repeat 200] [--ops sign_step,apgd_step,pooled_cosine]
 
 Prints a table per device: shape, dtype, eager ms, fused ms, speed-up, GB/s, % of copy bandwidth.
 Not a test: figures depend on the machine; the README records the ones measured.
@@ -57,6 +57,25 @@ def bench_sign_step(device, repeat):
     return rows
 
 
+def bench_apgd_step(device, repeat):
+    rows = []
+    for shape in [(16, 3, 416, 416)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.rand(shape, device=device).to(dtype)
+            x_prev = (x.float() + 0.01 * torch.randn_like(x, dtype=torch.float32)).clamp(0, 1).to(dtype)
+            g, c = torch.randn_like(x), x.clone()
+            n = x.numel()
+            nbytes = 5 * n * x.element_size()  # read x, x_prev, grad, x_clean; write the result
+            src = torch.empty(5 * n // 2, device=device, dtype=dtype)
+            dst = torch.empty_like(src)
+            copy_ms = timeit(lambda: dst.copy_(src), repeat, device)  # 2.5 reads + 2.5 writes worth
+            eager = timeit(lambda: R.apgd_step_ref(x, x_prev, g, c, 0.01, 0.03, 0.75), repeat, device)
+            fused = timeit(lambda: ck.apgd_step(x, x_prev, g, c, 0.01, 0.03, 0.75), repeat, device)
+            rows.append(("apgd_step", shape, dtype, eager, fused, eager / fused, nbytes / fused / 1e6,
+                         100 * copy_ms / fused))
+    return rows
+
+
 def bench_pooled_cosine(device, repeat):
     rows = []
     for shape in [(64, 1024, 13, 13), (64, 256, 4, 4)]:
@@ -95,13 +114,17 @@ def print_table(title, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--ops", default="sign_step,apgd_step,pooled_cosine",
+                    help="comma-separated subset of sign_step, apgd_step, pooled_cosine")
     args = ap.parse_args()
+    benches = {"sign_step": bench_sign_step, "apgd_step": bench_apgd_step, "pooled_cosine": bench_pooled_cosine}
+    chosen = [benches[name] for name in args.ops.split(",")]
     ck.load(require=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print_table("CPU", bench_sign_step("cpu", args.repeat) + bench_pooled_cosine("cpu", args.repeat))
+    print_table("CPU", [row for bench in chosen for row in bench("cpu", args.repeat)])
     if torch.cuda.is_available():
         print_table(f"CUDA ({torch.cuda.get_device_name()})",
-                    bench_sign_step("cuda", args.repeat) + bench_pooled_cosine("cuda", args.repeat))
+                    [row for bench in chosen for row in bench("cuda", args.repeat)])
     else:
         print("\nCUDA: no device on this machine, CUDA table skipped")
 

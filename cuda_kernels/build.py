@@ -56,7 +56,8 @@ def cuda_build_possible() -> tuple:
 
 
 def sources(with_cuda: bool):
-    srcs = [os.path.join(CSRC, "ops.cpp")]
+    # fa_ops.cpp: the schemas and argument checks both devices share; ops.cpp: CPU kernels; ops_cuda.cu: CUDA kernels
+    srcs = [os.path.join(CSRC, "fa_ops.cpp"), os.path.join(CSRC, "ops.cpp")]
     if with_cuda:
         srcs.append(os.path.join(CSRC, "ops_cuda.cu"))
     return srcs

@@ -9,6 +9,8 @@
     sign_step_(x, grad, x_clean, step, eps, lo=0, hi=1) -> x   (in place, one pass)
     sign_step(x, grad, x_clean, step, eps, lo=0, hi=1) -> new tensor
         clamp(clamp(x + step * sign(grad), x_clean - eps, x_clean + eps), lo, hi)
+    apgd_step(x, x_prev, grad, x_clean, step, eps, momentum=0.75, lo=0, hi=1) -> new tensor
+        APGD's momentum step (Croce & Hein 2020), one pass; see its docstring
 
 The compiled library is loaded on first use (building it if needed). Where no build is possible, the
 pure-PyTorch twins in reference.py are used after one warning.
@@ -73,6 +75,10 @@ def _register_python_side():
     def _(x, grad, x_clean, step, eps, lo, hi):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("fa_kernels::apgd_step")
+    def _(x, x_prev, grad, x_clean, step, eps, momentum, lo, hi):
+        return torch.empty_like(x)
+
     def setup_context(ctx, inputs, output):
         student, targets, weights, eps = inputs
         ctx.save_for_backward(output[3])
@@ -128,3 +134,22 @@ def sign_step(x, grad, x_clean, step: float, eps: float, lo: float = 0.0, hi: fl
     if not load():
         return reference.sign_step_ref(x, grad, x_clean, step, eps, lo, hi)
     return torch.ops.fa_kernels.sign_step(x, grad, x_clean, float(step), float(eps), float(lo), float(hi))
+
+
+def apgd_step(x, x_prev, grad, x_clean, step: float, eps: float, momentum: float = 0.75, lo: float = 0.0,
+              hi: float = 1.0) -> torch.Tensor:
+    """One iterate of APGD (Croce & Hein 2020, L-inf) in one fused pass; returns a new tensor, inputs unchanged.
+
+        z      = P(x + step * sign(grad))
+        x_next = P(x + a * (z - x) + (1 - a) * (x - x_prev)),   a = momentum (0.75 in the paper)
+        P(v)   = clamp(clamp(v, x_clean - eps, x_clean + eps), lo, hi)
+
+    The second line is computed as P(a * z + (1 - a) * (x + (x - x_prev))) in float32 (float64 for float64
+    tensors), so momentum = 1 gives z, the plain projected sign step (`sign_step`), exactly; the first iterate, which
+    has no previous point, passes x_prev = x. grad is the gradient of the loss being maximised at x. All four tensors
+    have one shape, dtype and device; the result has x's layout.
+    """
+    if not load():
+        return reference.apgd_step_ref(x, x_prev, grad, x_clean, step, eps, momentum, lo, hi)
+    return torch.ops.fa_kernels.apgd_step(x, x_prev, grad, x_clean, float(step), float(eps), float(momentum),
+                                          float(lo), float(hi))

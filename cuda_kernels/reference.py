@@ -39,3 +39,18 @@ def sign_step_ref(x, grad, x_clean, step: float, eps: float, lo: float = 0.0, hi
 
 def sign_step_ref_(x, grad, x_clean, step: float, eps: float, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     return x.copy_(sign_step_ref(x, grad, x_clean, step, eps, lo, hi))
+
+
+def _project(v, c, eps: float, lo: float, hi: float):
+    return torch.minimum(torch.maximum(v, c - eps), c + eps).clamp(lo, hi)
+
+
+def apgd_step_ref(x, x_prev, grad, x_clean, step: float, eps: float, momentum: float = 0.75, lo: float = 0.0,
+                  hi: float = 1.0) -> torch.Tensor:
+    """P(a z + (1 - a)(x + (x - x_prev))), z = P(x + step * sign(grad)), P = clamp to x_clean +- eps then [lo, hi],
+    a = momentum; computed in float32 or wider (ops.apgd_step states the formula)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa, pa, ca = x.to(acc), x_prev.to(acc), x_clean.to(acc)
+    z = _project(xa + step * torch.sign(grad.to(acc)), ca, eps, lo, hi)
+    y = momentum * z + (1 - momentum) * (xa + (xa - pa))
+    return _project(y, ca, eps, lo, hi).to(x.dtype)

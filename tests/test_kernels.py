@@ -8,34 +8,15 @@ import cuda_kernels as ck
 from cuda_kernels import reference as R
 from cuda_kernels.build import cuda_build_possible
 
+from kernel_cases import (APGD_TOL, CUDA_TOL, DTYPES, MAP_SHAPES, SIGN_TOL, TOL, apgd_cases,
+                          check_pooled_cosine_outputs, map_cases, pooled_cosine_cases, sign_step_cases)
+from kernel_cases import layout as _layout
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
-# tolerance table (atol, rtol) per dtype: the fused ops accumulate in float32 (float64 for double)
-TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
-       torch.bfloat16: (1.6e-2, 1.6e-2)}
-SIGN_TOL = {torch.float64: 0, torch.float32: 0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-SHAPES = [(1, 3, 1, 1), (2, 3, 7, 9), (4, 16, 5, 5), (1, 64, 2, 3), (3, 5, 13, 13)]
-
-
-def _layout(t, kind):
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "noncontig":  # a strided view: every other column of a wider tensor
-        wide = torch.cat([t, t], dim=-1)
-        return wide[..., ::2] if t.shape[-1] > 0 else t
-    return t
 
 
 def sample_inputs(device="cpu", dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    for shape in SHAPES:
-        for layout in ("contiguous", "channels_last", "noncontig"):
-            n, c, h, w = shape
-            s = _layout(torch.randn(shape, generator=g).to(dtype), layout).to(device)
-            t_map = _layout(torch.randn(n, c, h + 1, max(1, w - 1), generator=g).to(dtype), layout).to(device)
-            t_vec = torch.randn(n, c, generator=g).to(dtype).to(device)
-            yield s, [t_map, t_vec], [0.7, 1.9]
+    yield from pooled_cosine_cases(dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -56,23 +37,50 @@ def test_pooled_cosine_forward_backward_matches_reference(dtype):
             assert s1.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("shape", [(5, 27, 4, 4), (3, 8, 2, 4), (2, 16, 8, 8), (64, 256, 4, 4), (2, 19, 7, 9),
-                                   (3, 9, 3, 5), (2, 11, 1, 7), (2, 19, 13, 13)])
+@pytest.mark.parametrize("shape", MAP_SHAPES)
 def test_pooled_cosine_float32_fast_path_matches_reference(shape):
     """The float32 path for small maps: eight rows at a time with vector loads (H*W a multiple of 8 or not: scalar
-    tails), C not a multiple of 8 (tail rows), H*W below 8, and a larger map (ATen pooling), student and
-    same-shape targets, both layouts, against the pure-PyTorch twin."""
-    g = torch.Generator().manual_seed(3)
-    for layout in ("contiguous", "channels_last"):
-        s = _layout(torch.randn(shape, generator=g), layout)
-        targets = [_layout(torch.randn(shape, generator=g), layout), torch.randn(shape, generator=g)]
+    tails), C not a multiple of 8 (tail rows), H*W below 8, and larger maps (ATen pooling), student and
+    same-shape targets, both layouts, against the pure-PyTorch twin; the op's raw outputs too."""
+    for s, targets, weights in map_cases(shape):
         s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-        out = ck.pooled_cosine_loss(s1, targets, [10.0, 3.0])
-        ref = R.pooled_cosine_loss_ref(s2, targets, [10.0, 3.0])
+        out = ck.pooled_cosine_loss(s1, targets, weights)
+        ref = R.pooled_cosine_loss_ref(s2, targets, weights)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         out.backward()
         ref.backward()
         torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-4)
+        check_pooled_cosine_outputs(torch.ops.fa_kernels.pooled_cosine_loss(s, targets, weights, ck.EPS), s, targets,
+                                    weights)
+
+
+def test_pooled_cosine_empty_batch_is_nan():
+    """N = 0: the mean over no rows, NaN, with empty pooled features and coefficients (the CUDA op does the same)."""
+    for s, t in [(torch.randn(0, 4, 3, 3), torch.randn(0, 4, 2, 2)), (torch.randn(0, 4, 3, 3), torch.randn(0, 4))]:
+        loss, ps, pt, coef = torch.ops.fa_kernels.pooled_cosine_loss(s, [t], [1.0], ck.EPS)
+        assert torch.isnan(loss) and ps.shape == (0, 4) and pt.shape == (1, 0, 4) and coef.shape == (0, 4)
+        assert torch.isnan(R.pooled_cosine_loss_ref(s, [t], [1.0]))
+
+
+@pytest.mark.parametrize("student_dtype,target_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                                        (torch.float16, torch.float64), (torch.bfloat16, torch.float32)])
+def test_pooled_cosine_mixed_dtypes_are_converted(student_dtype, target_dtype):
+    """Targets of another floating dtype are pooled in the student's accumulation type, as reference.py does."""
+    g = torch.Generator().manual_seed(7)
+    for kind in ("contiguous", "channels_last"):
+        s = _layout(torch.randn(3, 6, 4, 5, generator=g).to(student_dtype), kind)
+        targets = [_layout(torch.randn(3, 6, 2, 3, generator=g).to(target_dtype), kind),
+                   torch.randn(3, 6, generator=g).to(target_dtype)]
+        check_pooled_cosine_outputs(torch.ops.fa_kernels.pooled_cosine_loss(s, targets, [1.0, 0.5], ck.EPS), s,
+                                    targets, [1.0, 0.5])
+
+
+def test_pooled_cosine_channels_last_batch_of_65536():
+    """A batch above gridDim.y's 65535 (the CUDA kernels once put N there)."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(65536, 2, 1, 2, generator=g).contiguous(memory_format=torch.channels_last)
+    t = torch.randn(65536, 2, generator=g)
+    check_pooled_cosine_outputs(torch.ops.fa_kernels.pooled_cosine_loss(s, [t], [1.0], ck.EPS), s, [t], [1.0])
 
 
 def test_pooled_cosine_gradcheck_float64():
@@ -120,22 +128,15 @@ def test_pooled_cosine_bad_arguments():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sign_step_matches_reference(dtype):
-    g = torch.Generator().manual_seed(3)
-    for shape in [(1, 3, 1, 1), (2, 3, 7, 9), (16, 3, 33, 31), (1, 1, 1, 1031)]:
-        for layout in ("contiguous", "channels_last", "noncontig"):
-            xc = _layout(torch.rand(shape, generator=g).to(dtype), layout)
-            x = (xc.float() + 0.02 * torch.randn(shape, generator=g)).clamp(0, 1).to(dtype)
-            x = _layout(x, layout)
-            grad = torch.randn(shape, generator=g)
-            grad[grad.abs() < 0.2] = 0  # sign(0) = 0: no move
-            grad = _layout(grad.to(dtype), layout)
-            ref = R.sign_step_ref(x, grad, xc, 0.01, 0.03)
-            out = ck.sign_step(x, grad, xc, 0.01, 0.03)
-            torch.testing.assert_close(out, ref, atol=SIGN_TOL[dtype], rtol=0)
-            y = x.clone()
-            ck.sign_step_(y, grad, xc, 0.01, 0.03)
-            torch.testing.assert_close(y, ref, atol=SIGN_TOL[dtype], rtol=0)
-            assert y.stride() == x.clone().stride()  # in place keeps the layout
+    for x, grad, xc in sign_step_cases(dtype):
+        ref = R.sign_step_ref(x, grad, xc, 0.01, 0.03)
+        out = ck.sign_step(x, grad, xc, 0.01, 0.03)
+        torch.testing.assert_close(out, ref, atol=SIGN_TOL[dtype], rtol=0)
+        assert out.stride() == torch.empty_like(x).stride()  # x's layout, as the fake kernel says
+        y = x.clone()
+        ck.sign_step_(y, grad, xc, 0.01, 0.03)
+        torch.testing.assert_close(y, ref, atol=SIGN_TOL[dtype], rtol=0)
+        assert y.stride() == x.clone().stride()  # in place keeps the layout
 
 
 def test_sign_step_edge_cases():
@@ -174,6 +175,60 @@ def test_sign_step_bad_arguments():
         ck.sign_step(torch.rand(2, 3), torch.rand(2, 3).double(), torch.rand(2, 3), 0.1, 0.1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apgd_step_matches_reference(dtype):
+    for x, x_prev, grad, xc, step, eps, momentum, lo, hi in apgd_cases(dtype):
+        before = [t.clone() for t in (x, x_prev, grad, xc)]
+        out = ck.apgd_step(x, x_prev, grad, xc, step, eps, momentum, lo, hi)
+        ref = R.apgd_step_ref(x, x_prev, grad, xc, step, eps, momentum, lo, hi)
+        torch.testing.assert_close(out, ref, atol=APGD_TOL[dtype], rtol=0)
+        assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
+        for t, b in zip((x, x_prev, grad, xc), before):  # out of place: the inputs are unchanged
+            torch.testing.assert_close(t, b, atol=0, rtol=0)
+        # inside the ball (up to the result's rounding into dtype) and the box
+        slack = APGD_TOL[dtype] + 1e-6
+        assert ((out.double() - xc.double()).abs() <= eps + slack).all()
+        assert (out >= lo).all() and (out <= hi).all()
+
+
+def test_apgd_step_formula_and_special_cases():
+    x = torch.tensor([0.50, 0.50, 0.50, 0.50, 0.02, 0.98, 0.50])
+    x_prev = torch.tensor([0.48, 0.52, 0.50, 0.47, 0.00, 1.00, 0.49])
+    c = torch.tensor([0.50, 0.50, 0.50, 0.47, 0.00, 1.00, 0.50])
+    g = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, -1.0, -2.0])
+    out = ck.apgd_step(x, x_prev, g, c, 0.02, 0.03, 0.75)
+    # by hand: z = P(x + 0.02 sign g); y = P(0.75 z + 0.25 (2x - x_prev))
+    z = torch.tensor([0.52, 0.52, 0.50, 0.50, 0.03, 0.97, 0.48])
+    expected = (0.75 * z + 0.25 * (2 * x - x_prev))
+    expected = torch.minimum(torch.maximum(expected, c - 0.03), c + 0.03).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # momentum 1 is the plain projected sign step, exactly
+    for x, x_prev, grad, xc, step, eps, _, lo, hi in apgd_cases(torch.float32):
+        torch.testing.assert_close(ck.apgd_step(x, x_prev, grad, xc, step, eps, 1.0, lo, hi),
+                                   ck.sign_step(x, grad, xc, step, eps, lo, hi), atol=0, rtol=0)
+    # the first iterate (x_prev = x) has no momentum term; eps = 0 is the identity on the clean image
+    xr = torch.rand(2, 3, 5, 5)
+    gr = torch.randn_like(xr)
+    torch.testing.assert_close(ck.apgd_step(xr, xr, gr, xr, 0.1, 0.0), xr, atol=0, rtol=0)
+    x0 = (xr + 0.01).clamp(0, 1)
+    torch.testing.assert_close(ck.apgd_step(x0, x0, gr, xr, 0.01, 0.03, 0.75),
+                               R.apgd_step_ref(x0, x0, gr, xr, 0.01, 0.03, 0.75), atol=5e-7, rtol=0)
+
+
+def test_apgd_step_aliasing_and_bad_arguments():
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 6, 6, generator=g)
+    for args in [(x, x, x, x), (x, x.clone(), x, x.clone())]:  # one tensor in several roles
+        ref = R.apgd_step_ref(*[a.clone() for a in args], 0.01, 0.03, 0.75)
+        torch.testing.assert_close(ck.apgd_step(*args, 0.01, 0.03, 0.75), ref, atol=5e-7, rtol=0)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ck.apgd_step(x, x[:1], x, x, 0.01, 0.03)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ck.apgd_step(x, x.double(), x, x, 0.01, 0.03)
+    with pytest.raises(RuntimeError, match="momentum"):
+        ck.apgd_step(x, x, x, x, 0.01, 0.03, 1.5)
+
+
 def test_opcheck():
     assert ck.load(require=True)
     for s, targets, weights in list(sample_inputs())[::3]:
@@ -182,25 +237,28 @@ def test_opcheck():
     for args in [(x.clone(), torch.randn_like(x), x.clone(), 0.01, 0.03, 0.0, 1.0)]:
         torch.library.opcheck(torch.ops.fa_kernels.sign_step, args)
         torch.library.opcheck(torch.ops.fa_kernels.sign_step_, args)
+    for x, x_prev, grad, xc, *params in list(apgd_cases(torch.float32))[::4]:
+        torch.library.opcheck(torch.ops.fa_kernels.apgd_step, (x, x_prev, grad, xc, *map(float, params)))
 
 
 def test_ops_under_torch_compile():
     @torch.compile(backend="aot_eager", fullgraph=True)
     def f(s, t, x, g, c):
         loss = ck.pooled_cosine_loss(s, [t], [2.0])
-        return loss, ck.sign_step(x, g, c, 0.01, 0.03)
+        return loss, ck.sign_step(x, g, c, 0.01, 0.03), ck.apgd_step(x, c, g, c, 0.01, 0.03)
 
     s = torch.randn(2, 4, 3, 3, requires_grad=True)
     t = torch.randn(2, 4)
     x = torch.rand(2, 3, 4, 4)
     g = torch.randn_like(x)
-    loss, y = f(s, t, x, g, x)
+    loss, y, z = f(s, t, x, g, x)
     loss.backward()
     s2 = s.detach().clone().requires_grad_(True)
     R.pooled_cosine_loss_ref(s2, [t], [2.0]).backward()
     torch.testing.assert_close(loss, R.pooled_cosine_loss_ref(s.detach(), [t], [2.0]))
     torch.testing.assert_close(s.grad, s2.grad)
     torch.testing.assert_close(y, R.sign_step_ref(x, g, x, 0.01, 0.03))
+    torch.testing.assert_close(z, R.apgd_step_ref(x, x, g, x, 0.01, 0.03))
 
 
 def test_cuda_sources_were_compiled_in_this_run():
@@ -212,6 +270,7 @@ def test_cuda_sources_were_compiled_in_this_run():
     assert "ops_cuda.cuda.o" in m["objects"]
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::sign_step", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::pooled_cosine_loss", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::apgd_step", "CUDA")
     # the object was compiled from these very sources (the build folder is named by their digest) after they were
     # written; `make test` builds into a folder of the checkout (FA_KERNELS_BUILD), empty in a fresh clone
     obj = os.path.join(m["build_dir"], "ops_cuda.cuda.o")
@@ -222,7 +281,8 @@ def test_cuda_sources_were_compiled_in_this_run():
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(dtype):
-    atol, rtol = TOL[dtype]
+    """The CUDA ops against the reference on the CPU, with CUDA_TOL (kernel_cases.py: --use_fast_math)."""
+    atol, rtol = CUDA_TOL[dtype]
     for s, targets, weights in sample_inputs("cuda", dtype):
         s1 = s.detach().clone().requires_grad_(True)
         out = ck.pooled_cosine_loss(s1, targets, weights)
@@ -240,6 +300,10 @@ def test_cuda_matches_cpu(dtype):
     xv, gv = x.view(-1)[1:].clone()[:-1], g.view(-1)[1:][:-1]
     torch.testing.assert_close(ck.sign_step(xv, gv, xv, 0.01, 0.03), R.sign_step_ref(xv, gv, xv, 0.01, 0.03),
                                atol=SIGN_TOL[dtype], rtol=0)
+    for x, x_prev, grad, xc, *params in apgd_cases(dtype):
+        args = [t.cuda() for t in (x, x_prev, grad, xc)]
+        torch.testing.assert_close(ck.apgd_step(*args, *params).cpu(), R.apgd_step_ref(x, x_prev, grad, xc, *params),
+                                   atol=APGD_TOL[dtype], rtol=0)
 
 
 @needs_gpu

@@ -1,6 +1,10 @@
 // The per-element and per-row math of the fused ops, shared by the CPU (C++) and CUDA kernels.
 //
-// sign step:   y = clamp(clamp(x + step * sign(g), c - eps, c + eps), lo, hi)   (sign(0) = 0)
+// projection:  P(v) = clamp(clamp(v, c - eps, c + eps), lo, hi)   (a NaN stays NaN)
+// sign step:   y = P(x + step * sign(g))   (sign(0) = 0)
+// APGD step:   z = P(x + step * sign(g)); y = P(a z + b (x + (x - x_prev))) with b = 1 - a computed in double by
+//              the caller: x + a (z - x) + (1 - a)(x - x_prev) of Croce & Hein (2020), arranged so that a = 1
+//              gives z exactly (b = 0) and x_prev = x gives no momentum term.
 // cosine term: cos(s, t) = <s, t> / (max(|s|, EPS) * max(|t|, EPS)); a zero vector gives cos = 0 and a
 //              finite gradient, never NaN or inf. d(1 - cos)/ds = -alpha * t + beta * s with
 //              alpha = 1 / (max(|s|,EPS) max(|t|,EPS)), beta = [|s| > EPS] <s,t> / (|s|^3 max(|t|,EPS)).
@@ -22,14 +26,25 @@ FA_HD acc_t sign_of(acc_t g) {
 }
 
 template <typename acc_t>
-FA_HD acc_t sign_step_value(acc_t x, acc_t g, acc_t c, acc_t step, acc_t eps, acc_t lo, acc_t hi) {
-  acc_t y = x + step * sign_of(g);
+FA_HD acc_t project(acc_t y, acc_t c, acc_t eps, acc_t lo, acc_t hi) {
   const acc_t a = c - eps, b = c + eps;
   y = y < a ? a : y;
   y = y > b ? b : y;
   y = y < lo ? lo : y;
   y = y > hi ? hi : y;
   return y;
+}
+
+template <typename acc_t>
+FA_HD acc_t sign_step_value(acc_t x, acc_t g, acc_t c, acc_t step, acc_t eps, acc_t lo, acc_t hi) {
+  return project<acc_t>(x + step * sign_of(g), c, eps, lo, hi);
+}
+
+template <typename acc_t>
+FA_HD acc_t apgd_step_value(acc_t x, acc_t x_prev, acc_t g, acc_t c, acc_t step, acc_t eps, acc_t a, acc_t b,
+                            acc_t lo, acc_t hi) {
+  const acc_t z = sign_step_value<acc_t>(x, g, c, step, eps, lo, hi);
+  return project<acc_t>(a * z + b * (x + (x - x_prev)), c, eps, lo, hi);
 }
 
 template <typename acc_t>

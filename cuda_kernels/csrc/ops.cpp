@@ -1,14 +1,7 @@
-// Op schemas (declared once) and the CPU kernels of the fused ops.
-//
-//   fa_kernels::pooled_cosine_loss(student, targets, weights, eps) -> (loss, pooled_student, pooled_targets, coef)
-//       loss = mean_n sum_j w_j (1 - cos(avgpool_hw(student[n]), pool(target_j[n])))
-//       coef = d loss / d student[n,c,h,w] (the same for every h, w): [N,C]; the backward scales and broadcasts it
-//   fa_kernels::sign_step_(x!, grad, x_clean, step, eps, lo, hi)   x <- clamp(clamp(x + step sign(g), c +- eps), lo, hi)
-//   fa_kernels::sign_step(x, grad, x_clean, step, eps, lo, hi) -> y
+// The CPU kernels of the fused ops (schemas and argument checks: fa_ops.cpp; math: fa_math.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -23,44 +16,6 @@
 #include "fa_ops.h"
 
 namespace fa {
-
-void check_pooled_cosine_args(const at::Tensor& student, at::TensorList targets, at::ArrayRef<double> weights) {
-  TORCH_CHECK(student.dim() == 4, "pooled_cosine_loss: student must be [N,C,H,W], got ", student.sizes());
-  TORCH_CHECK(targets.size() >= 1 && targets.size() <= kMaxTargets,
-              "pooled_cosine_loss: between 1 and ", kMaxTargets, " targets are supported, got ", targets.size());
-  TORCH_CHECK(targets.size() == weights.size(), "pooled_cosine_loss: ", targets.size(), " targets but ",
-              weights.size(), " weights");
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "pooled_cosine_loss: student must be floating point, got ",
-              student.scalar_type());
-  for (size_t j = 0; j < targets.size(); ++j) {
-    const auto& t = targets[j];
-    TORCH_CHECK(t.dim() == 2 || t.dim() == 4, "pooled_cosine_loss: target ", j,
-                " must be [N,C] (pooled) or [N,C,H,W], got ", t.sizes());
-    TORCH_CHECK(t.size(0) == student.size(0) && t.size(1) == student.size(1), "pooled_cosine_loss: target ", j,
-                " has N,C = ", t.size(0), ",", t.size(1), " but the student has ", student.size(0), ",",
-                student.size(1));
-    TORCH_CHECK(t.device() == student.device(), "pooled_cosine_loss: target ", j, " is on ", t.device(),
-                ", the student on ", student.device());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pooled_cosine_loss: target ", j, " must be floating point");
-  }
-}
-
-void check_sign_step_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean) {
-  TORCH_CHECK(x.sizes() == grad.sizes() && x.sizes() == x_clean.sizes(), "sign_step: x ", x.sizes(), ", grad ",
-              grad.sizes(), " and x_clean ", x_clean.sizes(), " must have the same shape");
-  TORCH_CHECK(x.scalar_type() == grad.scalar_type() && x.scalar_type() == x_clean.scalar_type(),
-              "sign_step: x, grad and x_clean must have one dtype, got ", x.scalar_type(), ", ", grad.scalar_type(),
-              ", ", x_clean.scalar_type());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sign_step: floating point tensors expected, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.device() == grad.device() && x.device() == x_clean.device(),
-              "sign_step: x, grad and x_clean must be on one device");
-}
-
-// True when the three tensors can be walked as one flat array in storage order (contiguous, channels_last ...).
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  return a.is_non_overlapping_and_dense() && a.strides() == b.strides() && a.strides() == c.strides();
-}
 
 namespace {
 
@@ -329,23 +284,50 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
+struct Bounds8 {
+  __m256 eps, lo, hi;
+  Bounds8(float eps, float lo, float hi) : eps(_mm256_set1_ps(eps)), lo(_mm256_set1_ps(lo)), hi(_mm256_set1_ps(hi)) {}
+};
+
+// fa_math.h's project(); the operand order keeps the scalar semantics (a NaN in y stays NaN)
+inline __m256 project8(__m256 y, __m256 c, const Bounds8& b) {
+  y = _mm256_max_ps(_mm256_sub_ps(c, b.eps), y);
+  y = _mm256_min_ps(_mm256_add_ps(c, b.eps), y);
+  y = _mm256_max_ps(b.lo, y);
+  return _mm256_min_ps(b.hi, y);
+}
+
+inline __m256 sign8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(g, zero, _CMP_GT_OQ), one),
+                       _mm256_and_ps(_mm256_cmp_ps(g, zero, _CMP_LT_OQ), one));
+}
+
 template <typename scalar_t>
 int64_t sign_step_avx2(scalar_t* po, const scalar_t* px, const scalar_t* pg, const scalar_t* pc, int64_t b,
                        int64_t e, float step, float eps, float lo, float hi) {
-  const __m256 vstep = _mm256_set1_ps(step), veps = _mm256_set1_ps(eps), vlo = _mm256_set1_ps(lo),
-               vhi = _mm256_set1_ps(hi), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const Bounds8 bounds(eps, lo, hi);
+  const __m256 vstep = _mm256_set1_ps(step);
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
-    const __m256 x = load8(px + i), g = load8(pg + i), c = load8(pc + i);
-    const __m256 sgn = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(g, zero, _CMP_GT_OQ), one),
-                                     _mm256_and_ps(_mm256_cmp_ps(g, zero, _CMP_LT_OQ), one));
-    __m256 y = _mm256_add_ps(x, _mm256_mul_ps(vstep, sgn));
-    // operand order keeps the scalar semantics (a NaN in y stays NaN)
-    y = _mm256_max_ps(_mm256_sub_ps(c, veps), y);
-    y = _mm256_min_ps(_mm256_add_ps(c, veps), y);
-    y = _mm256_max_ps(vlo, y);
-    y = _mm256_min_ps(vhi, y);
-    store8(po + i, y);
+    const __m256 x = load8(px + i), c = load8(pc + i);
+    store8(po + i, project8(_mm256_add_ps(x, _mm256_mul_ps(vstep, sign8(load8(pg + i)))), c, bounds));
+  }
+  return i;
+}
+
+// a * z + b * (x + (x - x_prev)) with separate multiplies and adds, as fa_math.h writes it
+template <typename scalar_t>
+int64_t apgd_step_avx2(scalar_t* po, const scalar_t* px, const scalar_t* pp, const scalar_t* pg, const scalar_t* pc,
+                       int64_t b, int64_t e, float step, float eps, float ma, float mb, float lo, float hi) {
+  const Bounds8 bounds(eps, lo, hi);
+  const __m256 vstep = _mm256_set1_ps(step), va = _mm256_set1_ps(ma), vb = _mm256_set1_ps(mb);
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 x = load8(px + i), c = load8(pc + i);
+    const __m256 z = project8(_mm256_add_ps(x, _mm256_mul_ps(vstep, sign8(load8(pg + i)))), c, bounds);
+    const __m256 w = _mm256_add_ps(x, _mm256_sub_ps(x, load8(pp + i)));
+    store8(po + i, project8(_mm256_add_ps(_mm256_mul_ps(va, z), _mm256_mul_ps(vb, w)), c, bounds));
   }
   return i;
 }
@@ -364,37 +346,72 @@ void sign_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Te
     at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
       int64_t i = b;
 #ifdef FA_AVX2
-      if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<scalar_t, float>) i = sign_step_avx2<scalar_t>(po, px, pg, pc, b, e, st, ep, l, h);
+      if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<scalar_t, float>)
+        i = sign_step_avx2<scalar_t>(po, px, pg, pc, b, e, st, ep, l, h);
 #endif
       for (; i < e; ++i) po[i] = static_cast<scalar_t>(sign_step_value<acc_t>(px[i], pg[i], pc[i], st, ep, l, h));
     });
   });
 }
 
+void apgd_step_flat_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& grad,
+                        const at::Tensor& xc, double step, double eps, double momentum, double lo, double hi) {
+  const int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fa_apgd_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pp = x_prev.data_ptr<scalar_t>();
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* pc = xc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    // b = 1 - a in double, then rounded: the value reference.py's (1 - momentum) has
+    const acc_t st = step, ep = eps, ma = momentum, mb = 1.0 - momentum, l = lo, h = hi;
+    at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+      int64_t i = b;
+#ifdef FA_AVX2
+      // float too: GCC leaves this loop of five streams scalar (measured 6x slower than these 8 lanes)
+      if constexpr (!std::is_same_v<scalar_t, double>)
+        i = apgd_step_avx2<scalar_t>(po, px, pp, pg, pc, b, e, st, ep, ma, mb, l, h);
+#endif
+      for (; i < e; ++i)
+        po[i] = static_cast<scalar_t>(apgd_step_value<acc_t>(px[i], pp[i], pg[i], pc[i], st, ep, ma, mb, l, h));
+    });
+  });
+}
+
 void sign_step_inplace_cpu(at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step, double eps,
-                          double lo, double hi) {
-  sign_step_inplace(sign_step_flat_cpu, x, grad, x_clean, step, eps, lo, hi);
+                           double lo, double hi) {
+  check_sign_step_args(x, grad, x_clean);
+  elementwise_inplace([&](const at::Tensor& out, const at::Tensor& xs, const at::Tensor& g,
+                          const at::Tensor& c) { sign_step_flat_cpu(out, xs, g, c, step, eps, lo, hi); },
+                      x, grad, x_clean);
 }
 
 at::Tensor sign_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_clean, double step,
                          double eps, double lo, double hi) {
-  return sign_step_out_of_place(sign_step_flat_cpu, x, grad, x_clean, step, eps, lo, hi);
+  check_sign_step_args(x, grad, x_clean);
+  return elementwise_out_of_place([&](const at::Tensor& out, const at::Tensor& xs, const at::Tensor& g,
+                                      const at::Tensor& c) { sign_step_flat_cpu(out, xs, g, c, step, eps, lo, hi); },
+                                  x, grad, x_clean);
+}
+
+at::Tensor apgd_step_cpu(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& grad,
+                         const at::Tensor& x_clean, double step, double eps, double momentum, double lo, double hi) {
+  check_apgd_step_args(x, x_prev, grad, x_clean, momentum);
+  return elementwise_out_of_place(
+      [&](const at::Tensor& out, const at::Tensor& xs, const at::Tensor& xp, const at::Tensor& g, const at::Tensor& c) {
+        apgd_step_flat_cpu(out, xs, xp, g, c, step, eps, momentum, lo, hi);
+      },
+      x, x_prev, grad, x_clean);
 }
 
 }  // namespace
 
 }  // namespace fa
 
-TORCH_LIBRARY(fa_kernels, m) {
-  // outputs: loss, pooled student [N,C], pooled targets [J,N,C], d loss / d student per H,W position [N,C]
-  m.def("pooled_cosine_loss(Tensor student, Tensor[] targets, float[] weights, float eps) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("sign_step_(Tensor(a!) x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> ()");
-  m.def("sign_step(Tensor x, Tensor grad, Tensor x_clean, float step, float eps, float lo, float hi) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fa_kernels, CPU, m) {
   m.impl("pooled_cosine_loss", &fa::pooled_cosine_loss_cpu);
   m.impl("sign_step_", &fa::sign_step_inplace_cpu);
   m.impl("sign_step", &fa::sign_step_cpu);
+  m.impl("apgd_step", &fa::apgd_step_cpu);
 }
