@@ -1,0 +1,164 @@
+"""What an attack maximises (the objective part of `attacks.run_attack`), through the Detector contract only.
+
+An objective has `prepare(model, clean_images, targets) -> ctx` (once per batch, no gradient: e.g. TOG's clean
+detections), `__call__(model, images, ctx) -> [N]` (each image's value, to maximise; a scalar for the batch
+objective of training) and `repeat(ctx, r)` (the context of r batched restarts). `ctx` is a list with one entry
+per image, so restarts repeat it.
+
+- `DetectionLoss`: the detection loss on ground truth, all terms (`pgd`, `apgd`) or one TOD domain (`cls`, `loc`).
+- TOG (Chow et al. 2020, "Adversarial Objectness Gradient Attacks in Real-time Object Detection Systems"):
+  `TogVanishing` / `TogFabrication` drive every output slot's objectness logit to background / to object (YOLOv3:
+  the objectness of every anchor cell; Faster R-CNN: the RPN objectness of every anchor and the not-background
+  log-odds of every inference proposal); `TogMislabel` minimises the detection loss against the model's own
+  confident clean detections relabelled to their most likely other class (boxes kept); `TogUntargeted` maximises
+  the detection loss against the model's own confident clean detections (no ground truth needed).
+- `ClassWise` (Chen et al., CVPR 2021, "Class-Aware Robust Adversarial Training for Object Detection"): each
+  object's own loss, averaged per class, then over the classes of the image, so frequent classes do not dominate.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class Objective:
+    name = "objective"
+    uses_ground_truth = True
+    per_image = True
+
+    def prepare(self, model, images: torch.Tensor, targets):
+        return list(targets)
+
+    @staticmethod
+    def repeat(ctx, r: int):
+        return list(ctx) * r
+
+    def __call__(self, model, images: torch.Tensor, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _sum_terms(terms: dict, keys: Optional[Sequence[str]]) -> torch.Tensor:
+    return sum(v for k, v in terms.items() if keys is None or k in keys)
+
+
+class DetectionLoss(Objective):
+    """The detection loss against `targets` (all terms, or only `keys`). per_image: [N], each image's own loss
+    (`loss_terms_per_image`); else the batch's scalar loss (`forward_train`, training's normalisers)."""
+
+    def __init__(self, keys: Optional[Sequence[str]] = None, per_image: bool = True):
+        self.keys, self.per_image = keys, per_image
+        self.name = "detection loss" if keys is None else f"detection loss ({', '.join(keys)})"
+
+    def __call__(self, model, images, ctx):
+        if self.per_image:
+            return _sum_terms(model.loss_terms_per_image(images, ctx), self.keys)
+        losses, _ = model.forward_train(images, ctx)
+        return _sum_terms(losses, self.keys)
+
+
+def _bce_mean(logits: torch.Tensor, mask: Optional[torch.Tensor], target: float) -> torch.Tensor:
+    """[N]: mean over the valid slots of BCE(logit, target)."""
+    bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none")
+    if mask is None:
+        return bce.mean(1)
+    m = mask.to(bce.dtype)
+    return (bce * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class TogVanishing(Objective):
+    """Every object disappears: -sum over slot groups of the mean BCE(objectness logit, background)."""
+
+    name = "tog-vanishing"
+    uses_ground_truth = False
+
+    def prepare(self, model, images, targets):
+        return [None] * len(images)
+
+    def __call__(self, model, images, ctx):
+        return -sum(_bce_mean(l, m, 0.0) for l, m in model.objectness_logits(images).values())
+
+
+class TogFabrication(TogVanishing):
+    """Spurious objects everywhere: -sum over slot groups of the mean BCE(objectness logit, object)."""
+
+    name = "tog-fabrication"
+
+    def __call__(self, model, images, ctx):
+        return -sum(_bce_mean(l, m, 1.0) for l, m in model.objectness_logits(images).values())
+
+
+def confident_detections(model, images, score_thres: float, with_class_scores: bool = False) -> List[dict]:
+    """The model's own detections with score >= `score_thres`, as targets (boxes, labels, ignore)."""
+    out = []
+    for d in model.predict(images, with_class_scores=with_class_scores):
+        keep = d["scores"] >= score_thres
+        t = {"boxes": d["boxes"][keep].float(), "labels": d["labels"][keep].long(),
+             "ignore": torch.zeros(int(keep.sum()), dtype=torch.bool, device=d["boxes"].device)}
+        if with_class_scores:
+            t["class_scores"] = d["class_scores"][keep]
+        out.append(t)
+    return out
+
+
+class TogUntargeted(Objective):
+    """The detection loss against the model's own confident clean detections (needs no ground truth)."""
+
+    name = "tog-untargeted"
+    uses_ground_truth = False
+
+    def __init__(self, score_thres: float = 0.5):
+        self.score_thres = score_thres
+
+    def prepare(self, model, images, targets):
+        return confident_detections(model, images, self.score_thres)
+
+    def __call__(self, model, images, ctx):
+        return sum(model.loss_terms_per_image(images, ctx).values())
+
+
+class TogMislabel(TogUntargeted):
+    """Each confident clean detection pushed to its most likely other class, box kept: minus the detection loss
+    against the relabelled detections. Images without detections (or a one-class model) are left unchanged."""
+
+    name = "tog-mislabel"
+
+    def prepare(self, model, images, targets):
+        out = []
+        for t in confident_detections(model, images, self.score_thres, with_class_scores=True):
+            scores = t.pop("class_scores").clone()
+            if len(t["labels"]) and scores.shape[1] > 1:
+                scores[torch.arange(len(scores)), t["labels"]] = -1.0
+                t["labels"] = scores.argmax(1)
+            else:  # nothing to relabel
+                t = {k: v[:0] for k, v in t.items()}
+            out.append(t)
+        return out
+
+    def __call__(self, model, images, ctx):
+        has = torch.tensor([len(t["labels"]) > 0 for t in ctx], device=images.device)
+        return -sum(model.loss_terms_per_image(images, ctx).values()) * has
+
+
+class ClassWise(Objective):
+    """Class-wise loss: per image, the mean over the classes present of the mean object loss of that class
+    (objects' own classification + localization losses, `object_losses`; ignored objects left out). The paper's
+    clipping of each object loss is not applied (it bounds the training signal; an attack wants the full loss)."""
+
+    name = "cwa"
+
+    def __call__(self, model, images, ctx):
+        per_object = model.object_losses(images, ctx)
+        out = []
+        for losses, t in zip(per_object, ctx):
+            ok = ~torch.isnan(losses)
+            if not ok.any():
+                out.append(losses.new_zeros(()))  # no object: nothing to attack, no gradient
+                continue
+            labels = t["labels"].to(losses.device)[ok]
+            vals = losses[ok]
+            classes = labels.unique()
+            per_class = torch.stack([vals[labels == c].mean() for c in classes])
+            out.append(per_class.mean())
+        return torch.stack(out)
