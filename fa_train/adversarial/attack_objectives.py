@@ -9,9 +9,9 @@ per image, so restarts repeat it.
 - TOG (Chow et al. 2020, "Adversarial Objectness Gradient Attacks in Real-time Object Detection Systems"):
   `TogVanishing` / `TogFabrication` drive every output slot's objectness logit to background / to object (YOLOv3:
   the objectness of every anchor cell; Faster R-CNN: the RPN objectness of every anchor and the not-background
-  log-odds of every inference proposal); `TogMislabel` minimises the detection loss against the model's own
-  confident clean detections relabelled to their most likely other class (boxes kept); `TogUntargeted` maximises
-  the detection loss against the model's own confident clean detections (no ground truth needed).
+  log-odds of every inference proposal); `TogMislabel` drives the output slots that produce each confident clean
+  detection to its most likely other class (boxes kept); `TogUntargeted` maximises the detection loss against the
+  model's own confident clean detections (no ground truth needed).
 - `ClassWise` (Chen et al., CVPR 2021, "Class-Aware Robust Adversarial Training for Object Detection"): each
   object's own loss, averaged per class, then over the classes of the image, so frequent classes do not dominate.
 """
@@ -119,26 +119,68 @@ class TogUntargeted(Objective):
 
 
 class TogMislabel(TogUntargeted):
-    """Each confident clean detection pushed to its most likely other class, box kept: minus the detection loss
-    against the relabelled detections. Images without detections (or a one-class model) are left unchanged."""
+    """Each confident clean detection pushed to its most likely other class, box kept. The output slots that carry a
+    detection on the clean image (`output_slots` whose box overlaps it at IoU >= 0.5, weighted by their clean
+    score, so the few slots that produce the detection dominate) are driven to object (BCE of the objectness logit
+    to 1) of the detection's new class (BCE of the class logits to the one-hot new class; cross-entropy for a
+    softmax over classes) with their box on the detection's (GIoU loss); the objective is minus the weighted sum.
+    Images without detections (or a one-class model) are left unchanged.
+
+    Not the detection loss against the relabelled boxes, as TOG's code has it for YOLOv3 with Darknet's ignore
+    threshold: this project's YOLOv3 loss pushes every output not assigned to a target towards background, so
+    minimising it makes the neighbouring outputs that carry a detection vanish instead of changing class."""
 
     name = "tog-mislabel"
+    iou = 0.5
 
     def prepare(self, model, images, targets):
+        import torchvision
+
+        slots = model.output_slots(images)
+        prob = torch.sigmoid(slots["cls"]) if slots["cls_activation"] == "sigmoid" else slots["cls"].softmax(-1)
+        score = torch.sigmoid(slots["obj"]) * prob.max(-1).values
         out = []
-        for t in confident_detections(model, images, self.score_thres, with_class_scores=True):
-            scores = t.pop("class_scores").clone()
-            if len(t["labels"]) and scores.shape[1] > 1:
-                scores[torch.arange(len(scores)), t["labels"]] = -1.0
-                t["labels"] = scores.argmax(1)
-            else:  # nothing to relabel
-                t = {k: v[:0] for k, v in t.items()}
-            out.append(t)
+        for i, t in enumerate(confident_detections(model, images, self.score_thres, with_class_scores=True)):
+            scores = t["class_scores"].clone()
+            empty = {"slots": torch.zeros(0, dtype=torch.long)}
+            if not len(t["labels"]) or scores.shape[1] < 2:
+                out.append(empty)
+                continue
+            scores[torch.arange(len(scores)), t["labels"]] = -1.0
+            new = scores.argmax(1)
+            iou = torchvision.ops.box_iou(t["boxes"].to(slots["boxes"].dtype), slots["boxes"][i].detach())  # [K, S]
+            best, which = iou.max(0)
+            hit = torch.where((best >= self.iou) & slots["valid"][i])[0]
+            if not len(hit):
+                out.append(empty)
+                continue
+            w = score[i][hit].float()
+            out.append({"slots": hit, "weight": w / w.sum().clamp(min=1e-12), "label": new[which[hit]],
+                        "box": t["boxes"][which[hit]]})
         return out
 
     def __call__(self, model, images, ctx):
-        has = torch.tensor([len(t["labels"]) > 0 for t in ctx], device=images.device)
-        return -sum(model.loss_terms_per_image(images, ctx).values()) * has
+        import torchvision
+
+        slots = model.output_slots(images)
+        out = []
+        for i, c in enumerate(ctx):
+            if not len(c["slots"]):
+                out.append(slots["obj"].new_zeros(()))
+                continue
+            idx = c["slots"].to(slots["obj"].device)
+            obj, cls, new = slots["obj"][i][idx], slots["cls"][i][idx], c["label"].to(idx.device)
+            loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj), reduction="none")
+            if slots["cls_activation"] == "softmax":
+                loss = loss + F.cross_entropy(cls, new, reduction="none")
+            else:
+                loss = loss + F.binary_cross_entropy_with_logits(
+                    cls, F.one_hot(new, cls.shape[1]).to(cls.dtype), reduction="none").sum(1)
+            box = slots["boxes"][i][idx]
+            if box.requires_grad:
+                loss = loss + torchvision.ops.generalized_box_iou_loss(box, c["box"].to(box), reduction="none")
+            out.append(-(loss * c["weight"].to(loss)).sum())
+        return torch.stack(out)
 
 
 class ClassWise(Objective):

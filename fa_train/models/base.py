@@ -55,6 +55,14 @@ class Detector(nn.Module):
         or None when all are): TOG's vanishing and fabrication drive them down or up."""
         raise NotImplementedError
 
+    def output_slots(self, images: torch.Tensor) -> Dict[str, object]:
+        """The final outputs before NMS, one slot per candidate detection: "boxes" [N, S, 4] (input pixels,
+        differentiable where the model's boxes are), "obj" [N, S] objectness logits, "cls" [N, S, C] class
+        logits, "valid" [N, S] bool, and
+        "cls_activation" ("sigmoid": independent class probabilities; "softmax": a distribution over classes).
+        TOG-mislabel moves the slots that produce a detection to another class."""
+        raise NotImplementedError
+
     def export_module(self) -> nn.Module:
         raise NotImplementedError
 

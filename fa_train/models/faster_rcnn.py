@@ -302,11 +302,9 @@ class FasterRCNNFPN(Detector):
             out.append(torch.where(seen, total, torch.full_like(total, float("nan"))).to(dtype))
         return out
 
-    def objectness_logits(self, images):
-        """{"rpn": ([N, anchors] RPN objectness logits, None), "roi": ([N, R] log-odds that each of the inference
-        proposals is not background, logsumexp(class logits) - background logit, valid-proposal mask)}: TOG's two
-        stages (the RoI head classifies up to 1000 proposals per image whatever their objectness, so vanishing and
-        fabrication must act on both)."""
+    def _inference_heads(self, images):
+        """The inference branch up to the RoI head's logits, differentiable in the images: RPN objectness of every
+        anchor [N, A], the proposals (transformed pixels) and their class logits [sum R_i, K + 1]."""
         d = self.detector
         with _eval_branch(d):
             image_list, _ = d.transform(list(images))
@@ -321,15 +319,43 @@ class FasterRCNNFPN(Detector):
             boxes, _ = d.rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
             roi = d.roi_heads
             logits, _ = roi.box_predictor(roi.box_head(roi.box_roi_pool(feats, boxes, image_list.image_sizes)))
+        return objectness.view(n, -1), boxes, logits, image_list.image_sizes
+
+    @staticmethod
+    def _pad(parts, n, fill=0.0):
+        """Per-image tensors [R_i, ...] -> [N, max R_i, ...] and the [N, max R_i] mask of real rows."""
+        r = max([len(p) for p in parts] + [1])
+        out = parts[0].new_full((n, r, *parts[0].shape[1:]), fill) if parts else None
+        mask = torch.zeros(n, r, dtype=torch.bool, device=out.device)
+        for i, p in enumerate(parts):
+            out[i, :len(p)] = p
+            mask[i, :len(p)] = True
+        return out, mask
+
+    def objectness_logits(self, images):
+        """{"rpn": ([N, anchors] RPN objectness logits, None), "roi": ([N, R] log-odds that each of the inference
+        proposals is not background, logsumexp(class logits) - background logit, valid-proposal mask)}: TOG's two
+        stages (the RoI head classifies up to 1000 proposals per image whatever their objectness, so vanishing and
+        fabrication must act on both)."""
+        rpn, boxes, logits, _ = self._inference_heads(images)
         fg = torch.logsumexp(logits[:, 1:], 1) - logits[:, 0]
-        sizes = [len(b) for b in boxes]
-        r = max(sizes + [1])
-        padded = fg.new_zeros(n, r)
-        mask = torch.zeros(n, r, dtype=torch.bool, device=fg.device)
-        for i, part in enumerate(fg.split(sizes)):
-            padded[i, :len(part)] = part
-            mask[i, :len(part)] = True
-        return {"rpn": (objectness.view(n, -1), None), "roi": (padded, mask)}
+        padded, mask = self._pad(list(fg.split([len(b) for b in boxes])), len(boxes))
+        return {"rpn": (rpn, None), "roi": (padded, mask)}
+
+    def output_slots(self, images):
+        """Every inference proposal: its box (input pixels; proposals carry no gradient in torchvision),
+        not-background log-odds, foreground class logits (a softmax over classes given an object)."""
+        _, boxes, logits, sizes = self._inference_heads(images)
+        n = len(boxes)
+        scaled = []
+        for b, (h, w) in zip(boxes, sizes):
+            s = torch.tensor([images.shape[-1] / w, images.shape[-2] / h] * 2, device=b.device, dtype=b.dtype)
+            scaled.append(b.detach() * s)
+        split = logits.split([len(b) for b in boxes])
+        obj, valid = self._pad([torch.logsumexp(x[:, 1:], 1) - x[:, 0] for x in split], n)
+        cls, _ = self._pad([x[:, 1:] for x in split], n)
+        box, _ = self._pad(scaled, n)
+        return {"boxes": box, "obj": obj, "cls": cls, "valid": valid, "cls_activation": "softmax"}
 
     @torch.no_grad()
     def _class_scores(self, images, boxes):

@@ -255,6 +255,16 @@ class YoloV3(Detector):
         obj = [p.view(p.shape[0], na, 5 + self.num_classes, *p.shape[-2:])[:, :, 4].flatten(1) for p in preds]
         return {"obj": (torch.cat(obj, 1), None)}
 
+    def output_slots(self, images):
+        """Every anchor at every cell of the three scales: decoded box, objectness logit, class logits."""
+        preds, _ = self._heads(images)
+        na, k = self.anchors.shape[1], 5 + self.num_classes
+        raw = torch.cat([p.view(p.shape[0], na, k, *p.shape[-2:]).permute(0, 1, 3, 4, 2).reshape(p.shape[0], -1, k)
+                         for p in preds], 1)
+        boxes = torchvision.ops.box_convert(self.decode(preds)[..., :4], "cxcywh", "xyxy")
+        return {"boxes": boxes, "obj": raw[..., 4], "cls": raw[..., 5:],
+                "valid": torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device), "cls_activation": "sigmoid"}
+
     def decode(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw head maps -> [N, A, 5 + C]: cx, cy, w, h (input pixels), objectness, class probabilities."""
         out = []
