@@ -123,7 +123,6 @@ class SignStep:
     """PGD: x <- P(x + step * sign(grad)) with a fixed step (default eps / iterations, the paper's protocol)."""
 
     name = "sign"
-    needs_values = False
 
     def __init__(self, step_size: Optional[float] = None):
         self.step_size = step_size
@@ -164,7 +163,6 @@ class APGDStep:
     """
 
     name = "apgd"
-    needs_values = True
 
     def __init__(self, momentum: float = 0.75, rho: float = 0.75, initial_step: float = 2.0,
                  record: bool = False):
