@@ -22,6 +22,9 @@ class BenchResult:
     failures: Optional[List[str]] = None  # deployment gate: None when no gate ran, [] when it passed
     extra: Dict = field(default_factory=dict)  # what the JSON gets beside title/columns/rows
     context: Dict = field(default_factory=dict)  # models, dataset, device: for pictures; never serialised
+    tables: List[tuple] = field(default_factory=list)  # further (caption, rows, columns) after the main table
+    gate_name: str = "gate"  # how the console names the verdict of `failures`
+    figures: List[tuple] = field(default_factory=list)  # (caption, PNG path) already written (--sanity)
 
     @property
     def gate_failed(self) -> bool:
@@ -45,7 +48,46 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = print) -> BenchResu
     s.validate()
     if s.backends:
         return run_deployment(s, log)
+    if s.sanity_dir:
+        return run_sanity(s, log)
     return run_sources(s, log)
+
+
+def attack_title(s: BenchSettings, source: str = "") -> str:
+    """What the attack columns mean, for table titles."""
+    names = s.attacks
+    if names == ("none",):
+        return ""
+    from fa_train.adversarial.suite import PAPER_ROW_ATTACKS
+
+    parts = []
+    rows = [n for n in names if n in PAPER_ROW_ATTACKS]
+    if rows:
+        parts.append(f"{rows[0]} attack{source}, eps {s.eps:g}, step eps/k")
+    others = [n for n in names if n not in PAPER_ROW_ATTACKS]
+    if others:
+        parts.append(", ".join(others) + ("" if rows else f"{source}, eps {s.eps:g}"))
+    if "apgd" in names or "cwa" in names:
+        parts.append(f"APGD {s.apgd_iterations} iterations x {s.restarts} restart{'s' * (s.restarts > 1)}")
+    if len(names) > 1:
+        parts.append("worst = per-image largest-loss candidate")
+    return ", " + "; ".join(parts)
+
+
+def tog_table(details: List[Dict], label: str = "model"):
+    """(caption, rows, columns) of what each TOG attack did to the confident clean detections, or None."""
+    rows = []
+    for d in details:
+        for attack, c in (d.get("tog") or {}).items():
+            n = max(c["clean"], 1)
+            rows.append({label: d["name"], "attack": attack, "clean dets": c["clean"], "kept": c["kept"] / n,
+                         "lost": c["lost"] / n, "relabelled": c["relabelled"] / n, "fabricated": c["fabricated"],
+                         "adv dets": c["adversarial"]})
+    if not rows:
+        return None
+    cols = [label, "attack", "clean dets", "kept", "lost", "relabelled", "fabricated", "adv dets"]
+    return ("TOG: confident clean detections kept / lost / relabelled (fractions), fabricated (count) at IoU 0.5",
+            rows, cols)
 
 
 def run_sources(s: BenchSettings, log=print) -> BenchResult:
@@ -78,18 +120,21 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
             row = {"model": name, "method": method, "clean": res["AP50"], **network_latency(model, loader, dev)}
             details.append({"weights": w, "clean": res})
         else:
-            res = robustness(model, loader, dev, eps=s.eps, steps=s.steps, attack=s.attack, progress=not quiet)
+            res = robustness(model, loader, dev, eps=s.eps, steps=s.steps, attack=s.attacks, progress=not quiet,
+                             apgd_iterations=s.apgd_iterations, restarts=s.restarts, tog_score=s.tog_score,
+                             seed=s.attack_seed)
             row = {"model": name, "method": method, **res["row"]}
-            details.append({"weights": w, **res})
+            details.append({"weights": w, "name": name, **res})
         rows.append(row)
         models.append((name, model))
         say(f"[{name}] done in {time.time() - t0:.0f} s")
     if s.attack == "none":
         columns = ["model", "method", "clean", "ms/img", "p90_ms", "img/s"]
     else:
-        columns = ["model", "method", "clean"] + [f"PGD-{k}" for k in s.steps] + ["advAP", "acAP"]
-    title = f"AP50 on {ds.name}" + ("" if s.attack == "none" else f", {s.attack} attack, eps {s.eps:g}, step eps/k")
-    return BenchResult(title, columns, rows, details=details, extra={"details": details},
+        columns = ["model", "method"] + details[0]["columns"]
+    title = f"AP50 on {ds.name}" + attack_title(s)
+    tables = [t for t in [tog_table(details)] if t]
+    return BenchResult(title, columns, rows, details=details, extra={"details": details}, tables=tables,
                        context={"sources": models, "backends": [], "dataset": ds, "device": dev,
                                 "main": D.is_main()})
 
@@ -102,6 +147,65 @@ def network_latency(model, loader, device) -> Dict:
     images = next(iter(loader))[0].numpy()
     lat = measure_latency(TorchBackend(model, device=device), model.postprocess, images)
     return {"ms/img": lat["ms_median"], "p90_ms": lat["ms_p90"], "img/s": lat["images_per_s"]}
+def run_sanity(s: BenchSettings, log=print) -> BenchResult:
+    """`--sanity DIR`: the gradient-masking checks of fa_train/adversarial/sanity.py on each checkpoint; the verdict
+    table (rows: checkpoint x check), the curves table, DIR/sanity.json, sanity.md and sanity_curves.png.
+    `failures` names every failed check (the command exits 1)."""
+    from fa_train import distributed as D
+    from fa_train.adversarial.sanity import curve_rows, run_checks
+    from fa_train.checkpoint import check_classes, load_model
+    from fa_train.engine import make_loader, resolve_device
+
+    from .plots import sanity_plot
+    from .report import markdown_table, write_json
+
+    if D.env_world_size() > 1:
+        from fa_train.errors import SettingsError
+
+        raise SettingsError("--sanity runs in one process; run it without torchrun")
+    dev = resolve_device(s.device)
+    transfer = None
+    if s.transfer_from:
+        transfer, _ = load_model(s.transfer_from)
+        transfer.to(dev).eval()
+    restarts = s.restarts if s.restarts > 1 else 3
+    rows, curve_table, failures, details, ds = [], [], [], [], None
+    for w in s.weights:
+        model, ckpt = load_model(w)
+        model.to(dev).eval()
+        if ds is None:
+            ds = dataset_for(ckpt, "test", s.data, s.img_size, s.test_split, s.max_images, log=log)
+            loader = make_loader(ds, s.batch_size, False, s.workers)
+        check_classes(ckpt, ds.class_names, w, ds.name)
+        name = os.path.basename(os.path.dirname(os.path.abspath(w))) or w
+        log(f"[{name}] gradient-masking checks on {ds.name} ({len(ds)} images)")
+        res = run_checks(model, loader, dev, transfer_model=transfer, eps=s.eps, iterations=s.apgd_iterations,
+                         restarts=restarts, eps_grid=s.sanity_eps, steps_grid=s.sanity_steps, seed=s.attack_seed,
+                         progress=not s.quiet)
+        for c in res["checks"]:
+            rows.append({"model": name, **c.as_row()})
+            if not c.passed:
+                failures.append(f"{name}: {c.name}: {c.detail} (a sign of {c.sign_of})")
+        curve_table.append(curve_rows(name, res["curves"]))
+        details.append({"weights": w, "name": name, "curves": res["curves"],
+                        "checks": [c.as_row() for c in res["checks"]]})
+    columns = ["model", "check", "result", "detail", "violation is a sign of"]
+    title = (f"gradient-masking checks (Carlini et al. 2019) on {ds.name}: APGD {s.apgd_iterations} iterations at "
+             f"eps {s.eps:g} unless varied" + (f", transfer from {s.transfer_from}" if s.transfer_from else ""))
+    ccols = list(dict.fromkeys(k for r in curve_table for k in r))
+    tables = [("AP50 along the curves (APGD)", curve_table, ccols)]
+    os.makedirs(s.sanity_dir, exist_ok=True)
+    png = sanity_plot(details, os.path.join(s.sanity_dir, "sanity_curves.png"))
+    write_json({"title": title, "columns": columns, "rows": rows, "failures": failures, "details": details},
+               os.path.join(s.sanity_dir, "sanity.json"))
+    with open(os.path.join(s.sanity_dir, "sanity.md"), "w") as f:
+        f.write(f"{title}\n\n{markdown_table(rows, columns)}\n\n{tables[0][0]}\n\n"
+                f"{markdown_table(curve_table, ccols)}\n\nverdict: {'PASS' if not failures else 'FAIL'}\n\n"
+                f"![AP50 against eps and steps](sanity_curves.png)\n")
+    return BenchResult(title, columns, rows, details=details, failures=failures, extra={"details": details},
+                       tables=tables, gate_name="sanity", figures=[("AP50 against eps and against steps (APGD)",
+                                                                    png)],
+                       context={"sources": [], "backends": [], "dataset": ds, "device": dev, "main": True})
 
 
 def run_deployment(s: BenchSettings, log=print) -> BenchResult:
@@ -109,6 +213,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_train import distributed as D
     from fa_train.checkpoint import check_classes, load_model
     from fa_train.engine import make_loader, resolve_device
+    from fa_train.evaluation import robustness_columns
 
     from .backends import BackendError
     from .onnx_export import sha256
@@ -131,19 +236,20 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     check_classes(ckpt, ds.class_names, weights, ds.name)
     loader = make_loader(ds, s.batch_size, False, s.workers)
     check_backend_outputs(model, loaded, s.backends, ds, dev)
-    res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attack, s.cache_dir, wsha,
-                      progress=not s.quiet, source_path=weights)
-    attack = s.attack
-    ap_cols = ["clean"] + ([] if attack == "none" else [f"PGD-{k}" for k in s.steps] + ["advAP", "acAP"])
-    drops = ["drop_clean"] + ([] if attack == "none" else ["drop_advAP"])
+    res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attacks, s.cache_dir, wsha,
+                      progress=not s.quiet, source_path=weights, apgd_iterations=s.apgd_iterations,
+                      restarts=s.restarts, tog_score=s.tog_score, seed=s.attack_seed)
+    none = s.attacks == ("none",)
+    ap_cols = ["clean"] + ([] if none else robustness_columns(s.attacks, s.steps))
+    drops = [k for k in res["rows"][0] if k.startswith("drop_")]
     columns = ["backend", "format", "precision", "provider", "size_MB", *ap_cols, *drops, "drift_clean",
-               *([] if attack == "none" else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
-    title = (f"AP50 on {ds.name}" + ("" if attack == "none" else
-                                      f", {attack} attack from the source weights, eps {s.eps:g}, step eps/k"))
+               *([] if none else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
+    title = f"AP50 on {ds.name}" + attack_title(s, " from the source weights")
     failures = gate(res["rows"], s.max_drop)
     extra = {k: v for k, v in res.items() if k != "rows"}
     extra["gate"] = {"max_drop": s.max_drop, "failures": failures}
     return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures, extra=extra,
+                       gate_name=f"gate (max drop {s.max_drop})",
                        context={"sources": [("source", model)],
                                 "backends": [(r["backend"], b) for r, b in zip(res["rows"][1:], loaded)],
                                 "dataset": ds, "device": dev, "main": True})
@@ -219,8 +325,10 @@ def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]
     if s.md_path:
         with open(s.md_path, "w") as f:
             f.write(f"{result.title}\n\n{markdown_table(result.rows, result.columns)}\n")
+            for caption, rows, columns in result.tables:
+                f.write(f"\n{caption}\n\n{markdown_table(rows, columns)}\n")
             if gated:
-                f.write(f"\ngate (max drop {s.max_drop}): {'PASS' if not result.failures else 'FAIL'}\n")
+                f.write(f"\n{result.gate_name}: {'PASS' if not result.failures else 'FAIL'}\n")
         written.append(s.md_path)
     if s.json_path:
         write_json({"title": result.title, "columns": result.columns, "rows": result.rows, **result.extra},
@@ -239,9 +347,12 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
     ctx = result.context
     sources, backends, ds, dev = ctx["sources"], ctx["backends"], ctx["dataset"], ctx["device"]
     out = s.vis_dir or os.path.join(s.report_dir, "detections")
-    keys = None if s.attack in ("pgd", "none") else attack_loss_keys(sources[0][1], s.attack)
-    paths = visualize(sources, ds, out, dev, num_images=s.num_vis, eps=s.eps, backends=backends, attack_keys=keys,
-                      log=log)
+    domain = [n for n in s.attacks if n in ("cls", "loc")]  # the pictures show PGD-1 of the paper-row attack
+    paths = []
+    if sources:
+        keys = attack_loss_keys(sources[0][1], domain[0]) if domain else None
+        paths = visualize(sources, ds, out, dev, num_images=s.num_vis, eps=s.eps, backends=backends,
+                          attack_keys=keys, log=log)
     figs = [(f"{os.path.basename(p)}: clean and PGD-1 (eps {s.eps:g}); green boxes predicted, white dashed ground "
              f"truth; heat map: Grad-CAM of the aligned layer through the detection loss", p) for p in paths]
     if not s.report_dir:
@@ -257,14 +368,22 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
             f"{'PASS' if not result.failures else 'FAIL'} (max drop {s.max_drop})"
         plots.append(("drop of each backend against the source",
                       drop_plot(result.rows, os.path.join(rd, "deploy_drop.png"), s.max_drop)))
+    elif result.gate_name == "sanity":
+        label, title = "model", "fa-bench: gradient-masking checks"
+        verdict_line = "PASS" if not result.failures else "FAIL: " + "; ".join(result.failures)
     else:
         label, title, verdict_line = "model", "fa-bench: robustness report", ""
-    if s.attack != "none":
-        per = " per backend" if backends else ""
+    plots += list(result.figures)
+    per = " per backend" if backends else ""
+    rows = result.rows if result.gate_name != "sanity" else []
+    if rows and "advAP" in rows[0]:
         plots += [(f"clean AP50 against advAP{per}, dotted lines of equal acAP",
-                   tradeoff_plot(result.rows, os.path.join(rd, "tradeoff.png"), label)),
-                  (f"AP50 against PGD steps{per}", steps_plot(result.rows, s.steps, os.path.join(rd, "steps.png"),
-                                                              label))]
-    rep = write_report(rd, title, [(result.title, result.rows, result.columns)], plots + figs, verdict=verdict_line)
+                   tradeoff_plot(rows, os.path.join(rd, "tradeoff.png"), label)),
+                  (f"AP50 against PGD steps{per}", steps_plot(rows, s.steps, os.path.join(rd, "steps.png"), label))]
+    if rows and "worst" in rows[0]:
+        plots.append((f"clean AP50 against the worst case over attacks{per}, dotted lines of equal (clean + worst)/2",
+                      tradeoff_plot(rows, os.path.join(rd, "tradeoff_worst.png"), label, y_key="worst")))
+    tables = [(result.title, result.rows, result.columns)] + list(result.tables)
+    rep = write_report(rd, title, tables, plots + figs, verdict=verdict_line)
     log(f"report: {rep['html']} and {rep['markdown']}")
     return paths + [rep["html"], rep["markdown"]]

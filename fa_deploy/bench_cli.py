@@ -19,14 +19,39 @@ def _steps(ctx, param, value: str):
     return steps
 
 
+def _numbers(value: str, kind):
+    try:
+        return tuple(kind(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--weights", "weights", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="fa-train checkpoint (repeat for several rows)")
-@click.option("--attack", type=click.Choice(["pgd", "cls", "loc", "none"]), default="pgd",
-              help="pgd: the whole detection loss; cls / loc: one TOD domain; none: clean AP and speed only")
+@click.option("--attack", default="pgd", metavar="NAME[,NAME...]",
+              help="pgd: the paper's PGD-k rows on the whole detection loss; cls / loc: one TOD domain; apgd; "
+                   "tog-vanishing, tog-fabrication, tog-mislabel, tog-untargeted; cwa (class-wise); suite: pgd + "
+                   "apgd + the TOG attacks + cwa, with the worst case; a comma-separated list; none: clean AP and "
+                   "speed only")
 @click.option("--eps", type=float, default=0.03, help="attack budget in [0,1] pixel units")
 @click.option("--steps", default=",".join(map(str, PAPER_STEPS)), callback=_steps,
               help="PGD step counts; step size eps/k")
+@click.option("--apgd-iterations", type=int, default=20, help="APGD's (and cwa's) iterations per restart")
+@click.option("--restarts", type=int, default=1, help="APGD's random starts, run as one batch; best loss per image")
+@click.option("--tog-score", type=float, default=0.5,
+              help="score from which a detection counts as confident: the clean detections TOG-mislabel and "
+                   "TOG-untargeted aim at, and the TOG effect counts")
+@click.option("--attack-seed", type=int, default=0, help="seed of the random starts (each image draws its own)")
+@click.option("--sanity", "sanity_dir", type=click.Path(file_okay=False),
+              help="gradient-masking checks (Carlini et al. 2019) on each checkpoint: verdict table and AP50 curves "
+                   "over eps and steps written to DIR; exit 1 when a check fails")
+@click.option("--transfer-from", type=click.Path(dir_okay=False),
+              help="with --sanity: a checkpoint whose APGD images must not beat the white-box attack")
+@click.option("--sanity-eps", default="0.005,0.01,0.02,0.03,0.05,0.1", callback=lambda c, p, v: _numbers(v, float),
+              help="with --sanity: the eps curve's points")
+@click.option("--sanity-steps", default="1,2,5,10,20,50", callback=lambda c, p, v: _numbers(v, int),
+              help="with --sanity: the steps curve's APGD iteration counts")
 @click.option("--data", help="voc:PATH | coco:PATH | yolo:PATH/data.yaml (--test-split: a yaml key, "
               "default val) | synth[:N] (default: the first checkpoint's training data)")
 @click.option("--test-split", help="split to evaluate (default by dataset)")
@@ -76,9 +101,11 @@ def _run(s: BenchSettings) -> int:
     if not result.context.get("main", True):  # another rank of a torchrun: rank 0 reports
         return 0
     click.echo(console_table(result.rows, result.columns, result.title))
+    for caption, rows, columns in result.tables:
+        click.echo("\n" + console_table(rows, columns, caption))
     if result.failures is not None:
         verdict = "PASS" if not result.failures else "FAIL:\n  " + "\n  ".join(result.failures)
-        click.echo(f"gate (max drop {s.max_drop}): {verdict}")
+        click.echo(f"{result.gate_name}: {verdict}")
     write_outputs(result, s, log)
     return EXIT_GATE if result.gate_failed else 0
 

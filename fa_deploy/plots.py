@@ -1,5 +1,6 @@
-"""Plots (matplotlib, PNG): the clean/robust trade-off with acAP iso-lines (the paper's Figure 2 style), AP50
-against PGD steps, and the per-backend drop of a deployment against its source."""
+"""Plots (matplotlib, PNG): the clean/robust trade-off with acAP iso-lines (the paper's Figure 2 style; advAP or
+the worst case over attacks), AP50 against PGD steps, the per-backend drop of a deployment against its source,
+and `fa-bench --sanity`'s AP50 curves over eps and steps."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -30,15 +31,16 @@ def _nice_step(span: float) -> float:
     return 0.1
 
 
-def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
-    """Clean AP50 (x) against advAP (y), one point per row (with error bars where rows carry `clean_std` /
-    `advAP_std`), zoomed on the points; dotted lines of equal acAP = (clean + advAP) / 2."""
+def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model", y_key: str = "advAP") -> str:
+    """Clean AP50 (x) against advAP (y; or `y_key`, e.g. "worst", the worst case over attacks), one point per row
+    (with error bars where rows carry `clean_std` / `<y_key>_std`), zoomed on the points; dotted lines of equal
+    acAP = (clean + y) / 2."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
     xs = [r["clean"] for r in rows]
-    ys = [r["advAP"] for r in rows]
+    ys = [r[y_key] for r in rows]
     dx = [r.get("clean_std", 0.0) for r in rows]
-    dy = [r.get("advAP_std", 0.0) for r in rows]
+    dy = [r.get(f"{y_key}_std", 0.0) for r in rows]
     x0, x1 = min(x - d for x, d in zip(xs, dx)), max(x + d for x, d in zip(xs, dx))
     y0, y1 = min(y - d for y, d in zip(ys, dy)), max(y + d for y, d in zip(ys, dy))
     padx, pady = max(0.02, 0.1 * (x1 - x0)), max(0.02, 0.1 * (y1 - y0))
@@ -54,8 +56,8 @@ def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
             ax.text(xlim[1], y_at_right, f"acAP {level:.3g} ", fontsize=6, color="grey", va="bottom", ha="right")
     offsets = [(5, 4), (5, -10), (-40, 4), (-40, -10)]
     for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
-        if "clean_std" in r or "advAP_std" in r:
-            ax.errorbar([x], [y], xerr=[r.get("clean_std", 0.0)], yerr=[r.get("advAP_std", 0.0)], fmt="o",
+        if "clean_std" in r or f"{y_key}_std" in r:
+            ax.errorbar([x], [y], xerr=[r.get("clean_std", 0.0)], yerr=[r.get(f"{y_key}_std", 0.0)], fmt="o",
                         capsize=3, zorder=3)
         else:
             ax.scatter([x], [y], s=40, zorder=3)
@@ -64,8 +66,9 @@ def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model") -> str:
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_xlabel("clean AP50")
-    ax.set_ylabel("advAP (mean AP50 over PGD steps)")
-    ax.set_title("clean against adversarial AP50 (dotted: equal acAP)", fontsize=9)
+    ax.set_ylabel("advAP (mean AP50 over PGD steps)" if y_key == "advAP" else
+                  "worst-case AP50 over attacks" if y_key == "worst" else y_key)
+    ax.set_title(f"clean against adversarial AP50 (dotted: equal (clean + {y_key}) / 2)", fontsize=9)
     ax.grid(alpha=0.2)
     return _save(fig, path)
 
@@ -95,10 +98,11 @@ def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
     names = [str(r["backend"]) for r in rows] or ["(no backend)"]
     x = np.arange(len(names))
-    clean = [r.get("drop_clean", 0.0) for r in rows] or [0.0]
-    adv = [r.get("drop_advAP", np.nan) for r in rows] or [0.0]
-    ax.bar(x - 0.18, clean, 0.36, label="clean AP50 drop")
-    ax.bar(x + 0.18, adv, 0.36, label="advAP drop")
+    keys = [k for k in (rows[0] if rows else {"drop_clean": 0.0}) if k.startswith("drop_")]
+    w = 0.72 / len(keys)
+    for j, k in enumerate(keys):
+        vals = [r.get(k, np.nan) for r in rows] or [0.0]
+        ax.bar(x - 0.36 + w * (j + 0.5), vals, w, label=f"{k[5:]}{' AP50' if k == 'drop_clean' else ''} drop")
     ax.axhline(max_drop, color="red", linestyle="--", linewidth=1, label=f"gate: max drop {max_drop:g}")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x)
@@ -106,4 +110,35 @@ def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
     ax.set_ylabel("source minus backend (AP50)")
     ax.set_title("robustness a deployment loses", fontsize=9)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def sanity_plot(details: List[Dict], path: str) -> str:
+    """`fa-bench --sanity`: AP50 against eps (left) and against APGD iterations (right), one line per checkpoint,
+    the clean AP50 dotted; a curve that rises, or stays up at the largest eps, points at gradient masking."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.0, 3.8), dpi=100)
+    for i, d in enumerate(details):
+        c = d["curves"]
+        color = f"C{i % 10}"
+        a.plot([e for e, _ in c["eps_curve"]], [v for _, v in c["eps_curve"]], marker="o", color=color,
+               label=d["name"])
+        b.plot([k for k, _ in c["steps_curve"]], [v for _, v in c["steps_curve"]], marker="o", color=color,
+               label=d["name"])
+        for ax in (a, b):
+            ax.axhline(c["clean"], color=color, linestyle=":", linewidth=0.8)
+        if c.get("transfer") is not None:
+            b.scatter([c["iterations"]], [c["transfer"]], marker="x", color=color, zorder=3,
+                      label=f"{d['name']}: transfer")
+    a.set_xlabel("eps")
+    a.set_xscale("log")
+    a.set_title(f"AP50 against eps (APGD, {details[0]['curves']['iterations']} iterations)", fontsize=9)
+    b.set_xlabel("APGD iterations")
+    b.set_xscale("log")
+    b.set_title(f"AP50 against iterations (eps {details[0]['curves']['eps']:g})", fontsize=9)
+    for ax in (a, b):
+        ax.set_ylabel("AP50")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.2)
+        ax.legend(fontsize=7)
     return _save(fig, path)

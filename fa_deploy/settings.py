@@ -12,7 +12,7 @@ PAPER_STEPS = (1, 3, 5, 10)
 
 def flag_of(name: str) -> str:
     return "--" + {"json_path": "json", "md_path": "markdown", "vis_dir": "visualize", "report_dir": "report",
-                   "out_dir": "out", "dynamic": "dynamic-batch"}.get(name, name).replace("_", "-")
+                   "out_dir": "out", "dynamic": "dynamic-batch", "sanity_dir": "sanity"}.get(name, name).replace("_", "-")
 
 
 def _positive_int(obj, name, minimum=1, optional=False):
@@ -66,6 +66,45 @@ class BenchSettings:
     cross_model: bool = False
     providers: Tuple[str, ...] = ()  # ONNX Runtime providers for --backend ONNX files (cpu, cuda, tensorrt); () = auto
     allow_cpu_fallback: bool = False  # a requested GPU provider that does not load: run on the CPU instead of failing
+    apgd_iterations: int = 20
+    restarts: int = 1
+    tog_score: float = 0.5
+    attack_seed: int = 0
+    sanity_dir: Optional[str] = None
+    transfer_from: Optional[str] = None
+    sanity_eps: Tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
+    sanity_steps: Tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+
+    @property
+    def attacks(self) -> Tuple[str, ...]:
+        """--attack as attack names ("suite" expanded; fa_train/adversarial/suite.py)."""
+        from fa_train.adversarial.suite import parse_attacks
+
+        return parse_attacks(self.attack)
+
+    def _validate_attacks(self):
+        try:
+            names = self.attacks
+        except ValueError as e:
+            raise SettingsError(f"--attack {self.attack}: {e}") from None
+        _positive_int(self, "apgd_iterations")
+        _positive_int(self, "restarts")
+        _positive_int(self, "attack_seed", minimum=0)
+        if not (0.0 <= self.tog_score <= 1.0):
+            raise SettingsError(f"--tog-score {self.tog_score}: must be in [0, 1]")
+        if self.sanity_dir:
+            if names == ("none",):
+                raise SettingsError("--sanity checks attacks: it cannot run with --attack none")
+            if self.backends:
+                raise SettingsError("--sanity checks checkpoints (--weights), not --backend files")
+            check_output_dir(self.sanity_dir, "--sanity")
+            self.sanity_eps, self.sanity_steps = tuple(sorted(self.sanity_eps)), tuple(sorted(self.sanity_steps))
+            if not self.sanity_eps or not all(0 < e <= 1 for e in self.sanity_eps):
+                raise SettingsError(f"--sanity-eps {self.sanity_eps}: values in (0, 1]")
+            if not self.sanity_steps or min(self.sanity_steps) < 1:
+                raise SettingsError(f"--sanity-steps {self.sanity_steps}: integers >= 1")
+        elif self.transfer_from:
+            raise SettingsError("--transfer-from is a check of --sanity: give --sanity DIR too")
 
     def validate(self) -> "BenchSettings":
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
@@ -82,6 +121,7 @@ class BenchSettings:
                 raise SettingsError(f"--backend {b} is given twice")
         if not (0.0 <= self.eps <= 1.0) or self.eps != self.eps:
             raise SettingsError(f"--eps {self.eps}: must be in [0, 1] (pixel units of images in [0, 1])")
+        self._validate_attacks()
         if self.attack != "none" and self.eps == 0:
             raise SettingsError("--eps 0: an attack needs a budget > 0 (or use --attack none)")
         if not self.steps or min(self.steps) < 1:

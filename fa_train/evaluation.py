@@ -135,48 +135,103 @@ def attack_loss_keys(model, attack: str):
     return model.loss_domains[attack]
 
 
-def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, attack: str = "pgd",
-               progress: bool = True, postprocess_kw: Optional[dict] = None, log=None) -> Dict:
-    """The paper's protocol: clean AP50 and AP50 under PGD-k (step eps/k, no random start) for each k;
-    advAP = mean over k, acAP = (clean + advAP) / 2.
+def robustness_columns(names: Sequence[str], steps=PAPER_STEPS, worst: Optional[bool] = None) -> List[str]:
+    """The AP50 columns `robustness` fills for these attacks (after "clean")."""
+    from .adversarial.suite import PAPER_ROW_ATTACKS
 
-    Each batch's adversarial images are made and evaluated before the next batch, so memory stays flat.
+    cols = []
+    if any(n in PAPER_ROW_ATTACKS for n in names):
+        cols += [f"PGD-{k}" for k in steps] + ["advAP", "acAP"]
+    cols += [n for n in names if n not in PAPER_ROW_ATTACKS]
+    if _with_worst(names, worst):
+        cols.append("worst")
+    return cols
+
+
+def _with_worst(names, worst):
+    return len(names) > 1 if worst is None else worst
+
+
+def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, attack="pgd",
+               progress: bool = True, postprocess_kw: Optional[dict] = None, log=None, apgd_iterations: int = 20,
+               restarts: int = 1, tog_score: float = 0.5, seed: int = 0, worst: Optional[bool] = None) -> Dict:
+    """AP50 under attacks. `attack`: one name, a comma-separated list or a sequence of names, "suite" for the
+    paper's PGD rows + apgd + the TOG attacks + cwa (fa_train/adversarial/suite.py).
+
+    The paper's protocol (pgd, cls, loc): clean AP50 and AP50 under PGD-k (step eps/k, no random start) for each
+    k; advAP = mean over k, acAP = (clean + advAP) / 2. Every other attack adds its AP50 column. With more than
+    one attack (or `worst=True`), "worst": per image the adversarial candidate with the largest ground-truth
+    detection loss over all attacks, AP50 over those images, and never above any single attack's AP50 (see
+    `suite.worst_row`). TOG attacks also count what they did to the confident clean detections (`tog`).
+
+    Every attack maximises each image's own loss, its random starts seeded by the image id: results do not
+    depend on the batch size. Each batch's adversarial images are made and evaluated before the next batch, so
+    memory stays flat.
     """
     from tqdm import tqdm
 
-    from .adversarial.attacks import pgd_attack
+    from .adversarial.suite import (PAPER_ROW_ATTACKS, TOG_ATTACKS, AttackSettings, TogEffects, WorstCase,
+                                    attack_plan, candidates, parse_attacks, worst_row)
 
-    keys = attack_loss_keys(model, attack)
+    names = parse_attacks(attack)
+    settings = AttackSettings(eps, tuple(steps), apgd_iterations, restarts, tog_score, seed)
+    plan = attack_plan(model, names, settings)
+    with_worst = _with_worst(names, worst)
     dataset = loader.dataset
     model.eval()
-    names = ["clean"] + [f"PGD-{k}" for k in steps]
-    results = {n: [] for n in names}
+    pk = postprocess_kw or {}
+    columns = [c.column for c in plan]
+    results = {n: [] for n in ["clean"] + columns + (["worst"] if with_worst else [])}
+    effects = {c.column: TogEffects() for c in plan if c.attack in TOG_ATTACKS}
     t0, n_img = time.time(), 0
-    bar = tqdm(loader, desc=f"{attack} eps={eps:g} steps={','.join(map(str, steps))}", leave=False,
-               disable=None if progress else True, unit="batch")
+    bar = tqdm(loader, desc=f"{','.join(names)} eps={eps:g}", leave=False, disable=None if progress else True,
+               unit="batch")
     for images, targets, metas in bar:
         images = images.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        keys = [m["image_id"] for m in metas]
         with torch.inference_mode():
-            results["clean"] += detections_to_coco(model.predict(images, **(postprocess_kw or {})), metas,
-                                                   dataset.label_to_cat_id)
-        for k in steps:
-            bar.set_postfix(attack=f"PGD-{k}", img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
-            adv = pgd_attack(model, images, targets, eps=eps, steps=k, step_size=eps / k, loss_keys=keys)
+            clean = model.predict(images, **pk)
+        results["clean"] += detections_to_coco(clean, metas, dataset.label_to_cat_id)
+        wc = WorstCase(len(images)) if with_worst else None
+        worst_dets = [None] * len(images)
+        for col, adv, loss in candidates(model, images, targets, plan, image_keys=keys, need_losses=with_worst):
+            bar.set_postfix(attack=col.column, img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
             with torch.inference_mode():
-                results[f"PGD-{k}"] += detections_to_coco(model.predict(adv, **(postprocess_kw or {})), metas,
-                                                          dataset.label_to_cat_id)
+                dets = model.predict(adv, **pk)
+            results[col.column] += detections_to_coco(dets, metas, dataset.label_to_cat_id)
+            if wc is not None:
+                for i in torch.where(wc.update(col.column, loss))[0].tolist():
+                    worst_dets[i] = dets[i]
+                worst_dets = [d if d is not None else dets[i] for i, d in enumerate(worst_dets)]  # NaN losses
+            if col.column in effects:
+                for c, a in zip(clean, dets):
+                    effects[col.column].add(c, a, tog_score)
+        if with_worst:
+            results["worst"] += detections_to_coco(worst_dets, metas, dataset.label_to_cat_id)
         n_img += len(images)
         bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
     results = {n: D.gather_list(r) for n, r in results.items()}  # shards of every rank, then pycocotools once
     n_img = int(D.all_reduce_values([n_img])[0])
+    tog = {}
+    for c, e in effects.items():
+        counts = e.as_dict()
+        tog[c] = dict(zip(counts, (int(v) for v in D.all_reduce_values(list(counts.values())))))
     per = None
     if D.is_main():
         gt = coco_ground_truth(dataset)
         per = {n: coco_evaluate(gt, r, dataset.class_names) for n, r in results.items()}
     per = D.broadcast_object(per)
-    row = {n: per[n]["AP50"] for n in names}
-    row["advAP"] = sum(row[f"PGD-{k}"] for k in steps) / len(steps)
-    row["acAP"] = (row["clean"] + row["advAP"]) / 2
-    return {"row": row, "details": per, "eps": eps, "steps": list(steps), "attack": attack, "images": n_img,
-            "seconds": time.time() - t0}
+    row = {n: per[n]["AP50"] for n in ["clean"] + columns}
+    if any(n in PAPER_ROW_ATTACKS for n in names):
+        row["advAP"] = sum(row[f"PGD-{k}"] for k in steps) / len(steps)
+        row["acAP"] = (row["clean"] + row["advAP"]) / 2
+    out = {"eps": eps, "steps": list(steps), "attack": ",".join(names), "attacks": list(names),
+           "columns": ["clean"] + robustness_columns(names, steps, worst), "images": n_img, "tog": tog,
+           "settings": {"apgd_iterations": apgd_iterations, "restarts": restarts, "tog_score": tog_score,
+                        "seed": seed}}
+    if with_worst:
+        row["worst"], out["worst_from"] = worst_row(row, per["worst"]["AP50"], columns)
+        out["worst_loss_selected"] = per["worst"]["AP50"]
+    out.update(row=row, details=per, seconds=time.time() - t0)
+    return out

@@ -5,7 +5,7 @@ only through these methods, so YOLOv3 and Faster R-CNN FPN are interchangeable.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,33 @@ class Detector(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- what the attacks need (fa_train/adversarial): each image's own losses, its objects' losses, the logits that
+    # output slots hold an object. All are functions of each image alone: batching never changes an image's value,
+    # and any sampling inside is deterministic (evaluation attacks must not depend on --batch-size or on the RNG).
+
+    def loss_terms_per_image(self, images: torch.Tensor, targets: Targets) -> Dict[str, torch.Tensor]:
+        """The `forward_train` loss terms by name, each [N]: image i's terms as if it were a batch of one (its own
+        normalisers), against any `targets` (ground truth, the model's own detections, relabelled boxes, none)."""
+        raise NotImplementedError
+
+    def object_losses(self, images: torch.Tensor, targets: Targets) -> List[torch.Tensor]:
+        """Per image, [M_i]: each target object's own classification + localization loss (the outputs assigned
+        to it), in the order of `targets[i]`; NaN for ignored objects. The class-wise attack averages them."""
+        raise NotImplementedError
+
+    def objectness_logits(self, images: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Per group of output slots, ([N, S] logits that the slot holds an object, [N, S] bool mask of valid slots
+        or None when all are): TOG's vanishing and fabrication drive them down or up."""
+        raise NotImplementedError
+
+    def output_slots(self, images: torch.Tensor) -> Dict[str, object]:
+        """The final outputs before NMS, one slot per candidate detection: "boxes" [N, S, 4] (input pixels,
+        differentiable where the model's boxes are), "obj" [N, S] objectness logits, "cls" [N, S, C] class
+        logits, "valid" [N, S] bool, and
+        "cls_activation" ("sigmoid": independent class probabilities; "softmax": a distribution over classes).
+        TOG-mislabel moves the slots that produce a detection to another class."""
+        raise NotImplementedError
+
     def export_module(self) -> nn.Module:
         raise NotImplementedError
 
@@ -44,6 +71,8 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, **kw) -> List[Detections]:
+        """Detections after NMS; `with_class_scores=True` adds "class_scores" [K, C], each detection's probability
+        per class (TOG-mislabel picks the most likely other class from it)."""
         raw = self.export_module()(images)
         if isinstance(raw, torch.Tensor):
             raw = (raw,)

@@ -21,7 +21,10 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -82,6 +85,59 @@ def _loss_mode(detector: FasterRCNN):
     try:
         for m in mods:
             m.training = True
+        yield
+    finally:
+        for m, was in zip(mods, modes):
+            m.training = was
+
+
+class SeededSampler:
+    """torchvision's balanced positive/negative sampler (same counts, same uniform choice) drawing from a generator
+    seeded afresh for every image: which anchors and proposals an image's loss uses depends on that image alone,
+    never on the batch it is in or on the global RNG. Used by the attacks' losses; training keeps torchvision's."""
+
+    def __init__(self, base, seed: int = 0):
+        self.batch_size_per_image, self.positive_fraction = base.batch_size_per_image, base.positive_fraction
+        self.seed = seed
+
+    def __call__(self, matched_idxs):
+        pos_idx, neg_idx = [], []
+        for m in matched_idxs:
+            g = torch.Generator().manual_seed(self.seed)
+            positive = torch.where(m >= 1)[0]
+            negative = torch.where(m == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            perm1 = torch.randperm(positive.numel(), generator=g)[:num_pos].to(m.device)
+            perm2 = torch.randperm(negative.numel(), generator=g)[:num_neg].to(m.device)
+            pos_mask = torch.zeros_like(m, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(m, dtype=torch.uint8)
+            pos_mask[positive[perm1]] = 1
+            neg_mask[negative[perm2]] = 1
+            pos_idx.append(pos_mask)
+            neg_idx.append(neg_mask)
+        return pos_idx, neg_idx
+
+
+@contextlib.contextmanager
+def _seeded_sampling(detector: FasterRCNN, seed: int = 0):
+    rpn, roi = detector.rpn, detector.roi_heads
+    old = rpn.fg_bg_sampler, roi.fg_bg_sampler
+    try:
+        rpn.fg_bg_sampler, roi.fg_bg_sampler = SeededSampler(old[0], seed), SeededSampler(old[1], seed)
+        yield
+    finally:
+        rpn.fg_bg_sampler, roi.fg_bg_sampler = old
+
+
+@contextlib.contextmanager
+def _eval_branch(detector: FasterRCNN):
+    """RPN, RoI heads and transform in their inference branch (test-time proposal counts, no resize jitter)."""
+    mods = [detector.transform, detector.rpn, detector.roi_heads]
+    modes = [m.training for m in mods]
+    try:
+        for m in mods:
+            m.training = False
         yield
     finally:
         for m, was in zip(mods, modes):
@@ -156,6 +212,166 @@ class FasterRCNNFPN(Detector):
         image_list, _ = self.detector.transform(list(images))
         return self._backbone(image_list)[1]
 
+    # -- the attacks' view (Detector contract): per-image losses with seeded sampling, object losses, objectness
+
+    def _attack_pass(self, images, targets):
+        """One forward of `forward_train`'s training branch with per-image bookkeeping: per image, the RPN's and
+        the RoI head's sampled outputs, their labels, regression targets and matched objects. Sampling is
+        `SeededSampler`'s, so each image's terms depend on that image alone."""
+        d = self.detector
+        rpn, roi = d.rpn, d.roi_heads
+        tv_targets = self._tv_targets(targets)
+        kept = [torch.where(~t["ignore"].bool())[0] if "ignore" in t else torch.arange(len(t["boxes"]))
+                for t in targets]  # index of each torchvision target in the caller's targets
+        with _loss_mode(d), _seeded_sampling(d):
+            image_list, tv_targets = d.transform(list(images), tv_targets)
+            feats = d.backbone(image_list.tensors)
+            levels = list(feats.values())
+            objectness, deltas = rpn.head(levels)
+            anchors = rpn.anchor_generator(image_list, levels)
+            n = len(anchors)
+            per_level = [o[0].numel() for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(n, -1, 4)
+            boxes, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
+            rpn_parts = []
+            objectness, deltas = objectness.view(n, -1), deltas.view(n, -1, 4)
+            for i, (a, t) in enumerate(zip(anchors, tv_targets)):
+                if t["boxes"].numel():
+                    matched = rpn.proposal_matcher(rpn.box_similarity(t["boxes"], a))
+                else:
+                    matched = torch.full((len(a),), -1, dtype=torch.int64, device=a.device)
+                labels, matched_boxes = rpn.assign_targets_to_anchors([a], [t])
+                reg = rpn.box_coder.encode(matched_boxes, [a])[0]
+                pos, neg = rpn.fg_bg_sampler(labels)
+                pos, neg = torch.where(pos[0])[0], torch.where(neg[0])[0]
+                rpn_parts.append({"logits": objectness[i], "deltas": deltas[i], "labels": labels[0], "reg": reg,
+                                  "pos": pos, "sampled": torch.cat([pos, neg]), "obj": kept[i].to(a.device)[
+                                      matched[pos].clamp(min=0)] if len(kept[i]) else matched[pos]})
+            props, matched_idxs, labels, reg_targets = roi.select_training_samples(boxes, tv_targets)
+            feats_roi = roi.box_head(roi.box_roi_pool(feats, props, image_list.image_sizes))
+            class_logits, box_reg = roi.box_predictor(feats_roi)
+        sizes = [len(p) for p in props]
+        roi_parts = []
+        for i, (cl, br) in enumerate(zip(class_logits.split(sizes), box_reg.split(sizes))):
+            pos = torch.where(labels[i] > 0)[0]
+            roi_parts.append({"class_logits": cl, "box_reg": br, "labels": labels[i], "reg": reg_targets[i],
+                              "pos": pos, "obj": kept[i].to(cl.device)[matched_idxs[i][pos]] if len(kept[i])
+                              else matched_idxs[i][pos]})
+        return rpn_parts, roi_parts
+
+    def loss_terms_per_image(self, images, targets):
+        """torchvision's four loss terms of each image as torchvision computes them for a batch of that image
+        alone, the RPN's 256 anchors and the RoI head's 512 proposals sampled by `SeededSampler`."""
+        rpn_parts, roi_parts = self._attack_pass(images, targets)
+        terms = {"loss_objectness": [], "loss_rpn_box_reg": [], "loss_classifier": [], "loss_box_reg": []}
+        for r, h in zip(rpn_parts, roi_parts):
+            s, pos = r["sampled"], r["pos"]
+            terms["loss_objectness"].append(F.binary_cross_entropy_with_logits(r["logits"][s], r["labels"][s]))
+            terms["loss_rpn_box_reg"].append(F.smooth_l1_loss(r["deltas"][pos], r["reg"][pos], beta=1 / 9,
+                                                              reduction="sum") / s.numel())
+            cls_loss, box_loss = fastrcnn_loss(h["class_logits"], h["box_reg"], [h["labels"]], [h["reg"]])
+            terms["loss_classifier"].append(cls_loss)
+            terms["loss_box_reg"].append(box_loss)
+        return {k: torch.stack(v) for k, v in terms.items()}
+
+    def object_losses(self, images, targets):
+        """Per object: the mean over its sampled positive proposals of cross-entropy + smooth-L1 box loss, plus the
+        mean over its sampled positive anchors of objectness BCE + smooth-L1; NaN for ignored objects."""
+        rpn_parts, roi_parts = self._attack_pass(images, targets)
+        out = []
+        for t, r, h in zip(targets, rpn_parts, roi_parts):
+            m = len(t["boxes"])
+            dtype = h["class_logits"].dtype
+            total = h["class_logits"].new_zeros(m)
+            seen = torch.zeros(m, dtype=torch.bool, device=total.device)
+            pos = r["pos"]
+            if len(pos):
+                a = F.binary_cross_entropy_with_logits(r["logits"][pos], r["labels"][pos], reduction="none") + \
+                    F.smooth_l1_loss(r["deltas"][pos], r["reg"][pos], beta=1 / 9, reduction="none").sum(1)
+                total = total + _mean_by(a, r["obj"], m)
+                seen[r["obj"]] = True
+            pos = h["pos"]
+            if len(pos):
+                lab = h["labels"][pos]
+                deltas = h["box_reg"].reshape(len(h["box_reg"]), -1, 4)[pos, lab]
+                b = F.cross_entropy(h["class_logits"][pos], lab, reduction="none") + \
+                    F.smooth_l1_loss(deltas, h["reg"][pos], beta=1 / 9, reduction="none").sum(1)
+                total = total + _mean_by(b, h["obj"], m)
+                seen[h["obj"]] = True
+            out.append(torch.where(seen, total, torch.full_like(total, float("nan"))).to(dtype))
+        return out
+
+    def _inference_heads(self, images):
+        """The inference branch up to the RoI head's logits, differentiable in the images: RPN objectness of every
+        anchor [N, A], the proposals (transformed pixels) and their class logits [sum R_i, K + 1]."""
+        d = self.detector
+        with _eval_branch(d):
+            image_list, _ = d.transform(list(images))
+            feats = d.backbone(image_list.tensors)
+            levels = list(feats.values())
+            objectness, deltas = d.rpn.head(levels)
+            anchors = d.rpn.anchor_generator(image_list, levels)
+            n = len(anchors)
+            per_level = [o[0].numel() for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+            proposals = d.rpn.box_coder.decode(deltas.detach(), anchors).view(n, -1, 4)
+            boxes, _ = d.rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
+            roi = d.roi_heads
+            logits, _ = roi.box_predictor(roi.box_head(roi.box_roi_pool(feats, boxes, image_list.image_sizes)))
+        return objectness.view(n, -1), boxes, logits, image_list.image_sizes
+
+    @staticmethod
+    def _pad(parts, n, fill=0.0):
+        """Per-image tensors [R_i, ...] -> [N, max R_i, ...] and the [N, max R_i] mask of real rows."""
+        r = max([len(p) for p in parts] + [1])
+        out = parts[0].new_full((n, r, *parts[0].shape[1:]), fill) if parts else None
+        mask = torch.zeros(n, r, dtype=torch.bool, device=out.device)
+        for i, p in enumerate(parts):
+            out[i, :len(p)] = p
+            mask[i, :len(p)] = True
+        return out, mask
+
+    def objectness_logits(self, images):
+        """{"rpn": ([N, anchors] RPN objectness logits, None), "roi": ([N, R] log-odds that each of the inference
+        proposals is not background, logsumexp(class logits) - background logit, valid-proposal mask)}: TOG's two
+        stages (the RoI head classifies up to 1000 proposals per image whatever their objectness, so vanishing and
+        fabrication must act on both)."""
+        rpn, boxes, logits, _ = self._inference_heads(images)
+        fg = torch.logsumexp(logits[:, 1:], 1) - logits[:, 0]
+        padded, mask = self._pad(list(fg.split([len(b) for b in boxes])), len(boxes))
+        return {"rpn": (rpn, None), "roi": (padded, mask)}
+
+    def output_slots(self, images):
+        """Every inference proposal: its box (input pixels; proposals carry no gradient in torchvision),
+        not-background log-odds, foreground class logits (a softmax over classes given an object)."""
+        _, boxes, logits, sizes = self._inference_heads(images)
+        n = len(boxes)
+        scaled = []
+        for b, (h, w) in zip(boxes, sizes):
+            s = torch.tensor([images.shape[-1] / w, images.shape[-2] / h] * 2, device=b.device, dtype=b.dtype)
+            scaled.append(b.detach() * s)
+        split = logits.split([len(b) for b in boxes])
+        obj, valid = self._pad([torch.logsumexp(x[:, 1:], 1) - x[:, 0] for x in split], n)
+        cls, _ = self._pad([x[:, 1:] for x in split], n)
+        box, _ = self._pad(scaled, n)
+        return {"boxes": box, "obj": obj, "cls": cls, "valid": valid, "cls_activation": "softmax"}
+
+    @torch.no_grad()
+    def _class_scores(self, images, boxes):
+        """[K_i, C] class probabilities of given boxes (input pixels) through the RoI head (background dropped)."""
+        d = self.detector
+        with _eval_branch(d):
+            image_list, _ = d.transform(list(images))
+            scaled = []
+            for b, (h, w) in zip(boxes, image_list.image_sizes):
+                s = torch.tensor([w / images.shape[-1], h / images.shape[-2]] * 2, device=b.device, dtype=b.dtype)
+                scaled.append(b * s)
+            feats = d.backbone(image_list.tensors)
+            roi = d.roi_heads
+            logits, _ = roi.box_predictor(roi.box_head(roi.box_roi_pool(feats, scaled, image_list.image_sizes)))
+        return list(logits.softmax(-1)[:, 1:].split([len(b) for b in boxes]))
+
     @torch.no_grad()
     def predict(self, images, **kw):
         was = self.detector.training
@@ -164,7 +380,11 @@ class FasterRCNNFPN(Detector):
             out = self.detector(list(images))
         finally:
             self.detector.train(was)
-        return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
+        dets = [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
+        if kw.get("with_class_scores"):
+            for det, cs in zip(dets, self._class_scores(images, [d_["boxes"] for d_ in dets])):
+                det["class_scores"] = cs
+        return dets
 
     # -- deployment: the raw output is [N, max_det, 6] detections (x1, y1, x2, y2 in input pixels, score, label),
     # zero rows past each image's detections; deployed as two networks with torchvision's own code as the glue
@@ -300,6 +520,13 @@ class _BoxPart(nn.Module):
 
     def forward(self, x):
         return self.box_predictor(self.box_head(x))
+
+
+def _mean_by(values: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
+    """[m]: the mean of `values` per `index` (0 where an index has none)."""
+    total = values.new_zeros(m).index_add(0, index, values)
+    count = values.new_zeros(m).index_add(0, index, torch.ones_like(values))
+    return total / count.clamp(min=1)
 
 
 @register_model("fasterrcnn_resnet50_fpn")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..distributed import normalizer, sync_normalizers
+from ..distributed import normalizer
 from . import register_model
 from .base import Detector, Targets
 
@@ -233,14 +233,37 @@ class YoloV3(Detector):
         preds, mid = self._heads(images)
         return yolo_loss(preds, targets, self.anchors, self.strides, self.num_classes, self.cfg.loss), mid
 
-    def per_image_losses(self, images, targets) -> torch.Tensor:
-        """[N] total detection loss of each image, from one batched forward (TOD's per-image choice).
+    def loss_terms_per_image(self, images, targets) -> Dict[str, torch.Tensor]:
+        """`forward_train`'s terms, [N] each, every image with its own normalisers, from one batched forward.
         Equal to a forward of each image alone when BatchNorm is frozen (eval), as it is in attacks."""
         preds, _ = self._heads(images)
-        with sync_normalizers(False):  # one image's own loss, never a share of a global batch
-            return torch.stack([sum(yolo_loss([p[i:i + 1] for p in preds], targets[i:i + 1], self.anchors,
-                                              self.strides, self.num_classes, self.cfg.loss).values())
-                                for i in range(len(images))])
+        return yolo_loss_per_image(preds, targets, self.anchors, self.strides, self.num_classes, self.cfg.loss)
+
+    def per_image_losses(self, images, targets) -> torch.Tensor:
+        """[N] total detection loss of each image (TOD's per-image choice)."""
+        return sum(self.loss_terms_per_image(images, targets).values())
+
+    def object_losses(self, images, targets) -> List[torch.Tensor]:
+        preds, _ = self._heads(images)
+        return yolo_object_losses(preds, targets, self.anchors, self.strides, self.num_classes, self.cfg.loss)
+
+    def objectness_logits(self, images):
+        """{"obj": ([N, A] objectness logit of every anchor at every cell of the three scales, None)}: the map
+        TOG's YOLOv3 attacks act on."""
+        preds, _ = self._heads(images)
+        na = self.anchors.shape[1]
+        obj = [p.view(p.shape[0], na, 5 + self.num_classes, *p.shape[-2:])[:, :, 4].flatten(1) for p in preds]
+        return {"obj": (torch.cat(obj, 1), None)}
+
+    def output_slots(self, images):
+        """Every anchor at every cell of the three scales: decoded box, objectness logit, class logits."""
+        preds, _ = self._heads(images)
+        na, k = self.anchors.shape[1], 5 + self.num_classes
+        raw = torch.cat([p.view(p.shape[0], na, k, *p.shape[-2:]).permute(0, 1, 3, 4, 2).reshape(p.shape[0], -1, k)
+                         for p in preds], 1)
+        boxes = torchvision.ops.box_convert(self.decode(preds)[..., :4], "cxcywh", "xyxy")
+        return {"boxes": boxes, "obj": raw[..., 4], "cls": raw[..., 5:],
+                "valid": torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device), "cls_activation": "sigmoid"}
 
     def decode(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw head maps -> [N, A, 5 + C]: cx, cy, w, h (input pixels), objectness, class probabilities."""
@@ -262,8 +285,9 @@ class YoloV3(Detector):
         return _YoloExport(self)
 
     def postprocess(self, raw, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
-                    pre_nms_topk: int = 3000):
-        """Shared by every backend: raw [N, A, 5+C] (torch or numpy) -> per-image detections after NMS."""
+                    pre_nms_topk: int = 3000, with_class_scores: bool = False):
+        """Shared by every backend: raw [N, A, 5+C] (torch or numpy) -> per-image detections after NMS
+        (`with_class_scores`: also each detection's class probabilities, "class_scores" [K, C])."""
         pred = raw[0] if isinstance(raw, (list, tuple)) else raw
         pred = torch.as_tensor(pred).float()
         results = []
@@ -277,6 +301,8 @@ class YoloV3(Detector):
             boxes = torchvision.ops.box_convert(p[idx, :4], "cxcywh", "xyxy")
             keep = torchvision.ops.batched_nms(boxes, sc, cls, iou_thres)[:max_det]
             results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": cls[keep]})
+            if with_class_scores:
+                results[-1]["class_scores"] = p[idx[keep], 5:]
         return results
 
 
@@ -312,11 +338,12 @@ def build_targets(preds, targets: Targets, anchors: torch.Tensor, strides, iou_t
         ign = t.get("ignore")
         ign = torch.zeros(len(boxes), device=device) if ign is None else ign.to(device).float()
         cxcywh = torchvision.ops.box_convert(boxes, "xyxy", "cxcywh")
+        local = torch.arange(len(boxes), device=device, dtype=torch.float32)
         rows.append(torch.cat([torch.full((len(boxes), 1), float(b), device=device), labels[:, None], cxcywh,
-                               ign[:, None]], 1))
+                               ign[:, None], local[:, None]], 1))
     if not rows:
         return [None] * len(preds)
-    T = torch.cat(rows)  # [M, 7]: img, cls, cx, cy, w, h, ignore
+    T = torch.cat(rows)  # [M, 8]: img, cls, cx, cy, w, h, ignore, index of the object in its image's targets
     all_anchors = anchors.view(-1, 2).to(device)
     wh = T[:, 4:6]
     inter = torch.min(wh[:, None], all_anchors[None]).prod(-1)
@@ -337,15 +364,57 @@ def build_targets(preds, targets: Targets, anchors: torch.Tensor, strides, iou_t
         out.append({
             "b": t[:, 0].long(), "a": ai, "gj": gj, "gi": gi, "cls": t[:, 1].long(),
             "tbox": torch.cat([gxy - torch.stack([gi, gj], 1).float(), t[:, 4:6] / s], 1),  # cell units
-            "anchor": anchors[l].to(device)[ai] / s, "ignore": t[:, 6] > 0,
+            "anchor": anchors[l].to(device)[ai] / s, "ignore": t[:, 6] > 0, "obj": t[:, 7].long(),
         })
     return out
 
 
-def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: YoloLossConfig) -> Dict[str, torch.Tensor]:
-    """GIoU box loss, BCE objectness (target = GIoU of the positive, clamped at 0) and BCE classification."""
+def _level_terms(p, a, num_classes: int, na: int, dtype):
+    """One output level against its assigned positives, unreduced: (objectness BCE x weight [n, na, h, w], the
+    weights, and for the kept positives a dict: image `b`, object index `obj`, `giou` loss [P], class BCE `cls`
+    [P, C] (None with one class), objectness BCE `obj_bce` [P]; None without positives)."""
+    device = p.device
+    n, _, h, w = p.shape
+    p = p.to(dtype).view(n, na, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
+    tobj = torch.zeros(p.shape[:4], device=device, dtype=dtype)
+    weight = torch.ones_like(tobj)
+    pos = None
+    if a is not None and len(a["b"]):
+        ps = p[a["b"], a["a"], a["gj"], a["gi"]]
+        keep = ~a["ignore"]
+        # positives of ignored boxes: no loss at all on their cells, neither positive nor background
+        weight[a["b"][~keep], a["a"][~keep], a["gj"][~keep], a["gi"][~keep]] = 0.0
+        if keep.any():
+            ps_k = ps[keep]
+            pxy = ps_k[:, :2].sigmoid()
+            pwh = torch.exp(ps_k[:, 2:4].clamp(max=10.0)) * a["anchor"][keep]
+            pbox = torch.cat([pxy, pwh], 1)
+            tbox = a["tbox"][keep]
+            pb = torchvision.ops.box_convert(pbox, "cxcywh", "xyxy")
+            tb = torchvision.ops.box_convert(tbox, "cxcywh", "xyxy")
+            giou_loss = torchvision.ops.generalized_box_iou_loss(pb, tb, reduction="none")
+            bk, ak, jk, ik = a["b"][keep], a["a"][keep], a["gj"][keep], a["gi"][keep]
+            tobj[bk, ak, jk, ik] = (1.0 - giou_loss.detach()).clamp(0).to(dtype)
+            weight[bk, ak, jk, ik] = 1.0
+            cls = None
+            if num_classes > 1:
+                tcls = F.one_hot(a["cls"][keep], num_classes).to(dtype)
+                cls = F.binary_cross_entropy_with_logits(ps_k[:, 5:], tcls, reduction="none")
+            pos = {"b": bk, "obj": a["obj"][keep], "giou": giou_loss, "cls": cls, "logit": ps_k[:, 4],
+                   "tobj": tobj[bk, ak, jk, ik]}
+    bce = F.binary_cross_entropy_with_logits(p[..., 4], tobj, reduction="none")
+    return bce * weight, weight, pos
+
+
+def _loss_dtype(preds):
     # float32 at least (AMP runs the network in float16), float64 when the model is float64 (gradient checks)
-    dtype = torch.float64 if preds[0].dtype == torch.float64 else torch.float32
+    return torch.float64 if preds[0].dtype == torch.float64 else torch.float32
+
+
+def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: YoloLossConfig) -> Dict[str, torch.Tensor]:
+    """GIoU box loss, BCE objectness (target = GIoU of the positive, clamped at 0) and BCE classification, with
+    the batch's normalisers (training: global over ranks inside a distributed step)."""
+    dtype = _loss_dtype(preds)
     device = preds[0].device
     zero = torch.zeros((), device=device, dtype=dtype)
     assigned = build_targets(preds, targets, anchors, strides, cfg.iou_t)
@@ -353,44 +422,73 @@ def yolo_loss(preds, targets: Targets, anchors, strides, num_classes: int, cfg: 
     # per level: sums and their denominators (positives, positives x classes, weighted cells); the denominators
     # go through one `normalizer` call, global over ranks inside a distributed training step
     box_sums, cls_sums, obj_sums, counts = [], [], [], []
-    for l, (p, a) in enumerate(zip(preds, assigned)):
-        n, _, h, w = p.shape
-        p = p.to(dtype).view(n, na, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
-        tobj = torch.zeros(p.shape[:4], device=device, dtype=dtype)
-        weight = torch.ones_like(tobj)
+    for p, a in zip(preds, assigned):
+        wbce, weight, pos = _level_terms(p, a, num_classes, na, dtype)
         box_sum, cls_sum, n_pos = zero, zero, zero
-        if a is not None and len(a["b"]):
-            ps = p[a["b"], a["a"], a["gj"], a["gi"]]
-            keep = ~a["ignore"]
-            # positives of ignored boxes: no loss at all on their cells, neither positive nor background
-            weight[a["b"][~keep], a["a"][~keep], a["gj"][~keep], a["gi"][~keep]] = 0.0
-            if keep.any():
-                ps_k = ps[keep]
-                pxy = ps_k[:, :2].sigmoid()
-                pwh = torch.exp(ps_k[:, 2:4].clamp(max=10.0)) * a["anchor"][keep]
-                pbox = torch.cat([pxy, pwh], 1)
-                tbox = a["tbox"][keep]
-                pb = torchvision.ops.box_convert(pbox, "cxcywh", "xyxy")
-                tb = torchvision.ops.box_convert(tbox, "cxcywh", "xyxy")
-                giou_loss = torchvision.ops.generalized_box_iou_loss(pb, tb, reduction="none")
-                box_sum = giou_loss.sum()
-                n_pos = torch.tensor(float(len(giou_loss)), device=device, dtype=dtype)
-                bk, ak, jk, ik = a["b"][keep], a["a"][keep], a["gj"][keep], a["gi"][keep]
-                tobj[bk, ak, jk, ik] = (1.0 - giou_loss.detach()).clamp(0).to(dtype)
-                weight[bk, ak, jk, ik] = 1.0
-                if num_classes > 1:
-                    tcls = F.one_hot(a["cls"][keep], num_classes).to(dtype)
-                    cls_sum = F.binary_cross_entropy_with_logits(ps_k[:, 5:], tcls, reduction="sum")
-        bce = F.binary_cross_entropy_with_logits(p[..., 4], tobj, reduction="none")
+        if pos is not None:
+            box_sum = pos["giou"].sum()
+            n_pos = torch.tensor(float(len(pos["giou"])), device=device, dtype=dtype)
+            if pos["cls"] is not None:
+                cls_sum = pos["cls"].sum()
         box_sums.append(box_sum)
         cls_sums.append(cls_sum)
-        obj_sums.append((bce * weight).sum())
+        obj_sums.append(wbce.sum())
         counts += [n_pos, n_pos * num_classes, weight.sum().detach()]
     denom = normalizer(torch.stack(counts)).view(-1, 3)
     lbox = sum(s / d for s, d in zip(box_sums, denom[:, 0].clamp(min=1e-12)))
     lcls = sum(s / d for s, d in zip(cls_sums, denom[:, 1].clamp(min=1e-12)))
     lobj = sum(cfg.obj_balance[l] * s / d for l, (s, d) in enumerate(zip(obj_sums, denom[:, 2].clamp(min=1.0))))
     return {"box": cfg.giou_gain * lbox, "obj": cfg.obj_gain * lobj, "cls": cfg.cls_gain * lcls}
+
+
+def yolo_loss_per_image(preds, targets: Targets, anchors, strides, num_classes: int,
+                        cfg: YoloLossConfig) -> Dict[str, torch.Tensor]:
+    """The terms of `yolo_loss`, [N] each: image i's terms with image i's own normalisers, from one batched pass
+    (what `yolo_loss` gives for image i alone, up to float summation order). The evaluation attacks' objective."""
+    dtype = _loss_dtype(preds)
+    n, device = preds[0].shape[0], preds[0].device
+    assigned = build_targets(preds, targets, anchors, strides, cfg.iou_t)
+    na = anchors.shape[1]
+    lbox = torch.zeros(n, device=device, dtype=dtype)
+    lcls, lobj = torch.zeros_like(lbox), torch.zeros_like(lbox)
+    for l, (p, a) in enumerate(zip(preds, assigned)):
+        wbce, weight, pos = _level_terms(p, a, num_classes, na, dtype)
+        lobj = lobj + cfg.obj_balance[l] * wbce.sum((1, 2, 3)) / weight.sum((1, 2, 3)).detach().clamp(min=1.0)
+        if pos is not None:
+            n_pos = torch.zeros(n, device=device, dtype=dtype).index_add_(0, pos["b"], torch.ones_like(pos["giou"]))
+            box = torch.zeros(n, device=device, dtype=dtype).index_add(0, pos["b"], pos["giou"])
+            lbox = lbox + box / n_pos.clamp(min=1e-12)
+            if pos["cls"] is not None:
+                cls = torch.zeros(n, device=device, dtype=dtype).index_add(0, pos["b"], pos["cls"].sum(1))
+                lcls = lcls + cls / (n_pos * num_classes).clamp(min=1e-12)
+    return {"box": cfg.giou_gain * lbox, "obj": cfg.obj_gain * lobj, "cls": cfg.cls_gain * lcls}
+
+
+def yolo_object_losses(preds, targets: Targets, anchors, strides, num_classes: int,
+                       cfg: YoloLossConfig) -> List[torch.Tensor]:
+    """Per image [M_i]: each object's loss, the mean over its positives of giou_gain x GIoU loss + cls_gain x mean
+    class BCE + obj_gain x objectness BCE; NaN for ignored objects (they have no positives)."""
+    dtype = _loss_dtype(preds)
+    device = preds[0].device
+    sizes = [len(t["boxes"]) for t in targets]
+    offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
+    total = torch.zeros(int(offsets[-1]), device=device, dtype=dtype)
+    count = torch.zeros_like(total)
+    assigned = build_targets(preds, targets, anchors, strides, cfg.iou_t)
+    na = anchors.shape[1]
+    for p, a in zip(preds, assigned):
+        _, _, pos = _level_terms(p, a, num_classes, na, dtype)
+        if pos is None:
+            continue
+        loss = cfg.giou_gain * pos["giou"] + cfg.obj_gain * F.binary_cross_entropy_with_logits(
+            pos["logit"], pos["tobj"], reduction="none")
+        if pos["cls"] is not None:
+            loss = loss + cfg.cls_gain * pos["cls"].mean(1)
+        row = offsets[pos["b"]] + pos["obj"]
+        total = total.index_add(0, row, loss)
+        count = count.index_add(0, row, torch.ones_like(loss))
+    per = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    return list(per.split(sizes))
 
 
 # ---------------------------------------------------------------------------------------------- builder

@@ -1,0 +1,204 @@
+"""The named attacks of `fa-bench --attack` (each an objective x step rule x budget of `attacks.run_attack`), the
+suite, the per-image worst case over attacks, and what TOG's attacks do to the detections.
+
+| name | objective | step rule | budget |
+| --- | --- | --- | --- |
+| pgd (PGD-k for each k of --steps) | detection loss on ground truth | sign step eps/k | k iterations, clean start |
+| cls / loc | one TOD domain of the loss | sign step eps/k | k iterations, clean start |
+| apgd | detection loss on ground truth | APGD | --apgd-iterations x --restarts random starts |
+| tog-vanishing / -fabrication / -mislabel / -untargeted | TOG's objectives | sign step eps/4 (TOG's 2/255 at 8/255) | 10 iterations, random start |
+| cwa | class-wise loss | APGD | --apgd-iterations, random start |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .attack_objectives import (ClassWise, DetectionLoss, TogFabrication, TogMislabel, TogUntargeted,
+                                TogVanishing)
+from .attacks import APGDStep, Budget, SignStep, frozen_batchnorm, per_image_losses, run_attack
+
+PAPER_ROW_ATTACKS = ("pgd", "cls", "loc")
+TOG_ATTACKS = ("tog-vanishing", "tog-fabrication", "tog-mislabel", "tog-untargeted")
+ATTACKS = PAPER_ROW_ATTACKS + ("apgd",) + TOG_ATTACKS + ("cwa",)
+SUITE = ("pgd", "apgd") + TOG_ATTACKS + ("cwa",)
+TOG_ITERATIONS = 10
+TOG_STEP_FRACTION = 0.25  # TOG's eps_iter / eps = (2/255) / (8/255)
+
+
+def parse_attacks(spec) -> Tuple[str, ...]:
+    """'pgd' | 'suite' | 'pgd,apgd,cwa' | 'none' -> attack names in a fixed order; ValueError naming the problem."""
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p and p.strip()]
+    if not parts:
+        raise ValueError("no attack given")
+    if "none" in parts:
+        if len(parts) > 1:
+            raise ValueError("'none' cannot be combined with attacks")
+        return ("none",)
+    names = []
+    for p in parts:
+        for name in (SUITE if p == "suite" else (p,)):
+            if name not in ATTACKS:
+                raise ValueError(f"{name!r}: unknown attack; available: {', '.join(ATTACKS)}, suite, none")
+            if name not in names:
+                names.append(name)
+    rows = [n for n in names if n in PAPER_ROW_ATTACKS]
+    if len(rows) > 1:
+        raise ValueError(f"{' and '.join(rows)}: only one of pgd, cls, loc per run (they share the PGD-k columns)")
+    return tuple(sorted(names, key=ATTACKS.index))
+
+
+@dataclass
+class AttackSettings:
+    eps: float = 0.03
+    steps: Tuple[int, ...] = (1, 3, 5, 10)
+    apgd_iterations: int = 20
+    restarts: int = 1
+    tog_score: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class Column:
+    """One adversarial image set: its column name, the attack it belongs to, and objective x rule x budget."""
+
+    column: str
+    attack: str
+    objective: object
+    rule: object
+    budget: Budget
+    ground_truth_values: bool = False  # the values run_attack returns are the ground-truth loss itself
+
+    @property
+    def passes(self) -> float:
+        """Forward/backward passes it costs (a forward alone counted as 1/3)."""
+        b = self.budget
+        p = b.iterations * b.restarts
+        if isinstance(self.rule, APGDStep) or b.restarts > 1:
+            p += b.restarts / 3  # the last iterate's loss
+        if isinstance(self.objective, TogUntargeted):
+            p += 1 / 3  # the clean detections
+        return p
+
+
+def attack_plan(model, names: Sequence[str], s: AttackSettings) -> List[Column]:
+    cols = []
+    for name in names:
+        if name in PAPER_ROW_ATTACKS:
+            keys = None if name == "pgd" else model.loss_domains[name]
+            for k in s.steps:
+                cols.append(Column(f"PGD-{k}", name, DetectionLoss(keys), SignStep(s.eps / k), Budget(s.eps, k)))
+        elif name == "apgd":
+            cols.append(Column("apgd", name, DetectionLoss(), APGDStep(),
+                               Budget(s.eps, s.apgd_iterations, s.restarts, random_start=True, seed=s.seed),
+                               ground_truth_values=True))
+        elif name == "cwa":
+            cols.append(Column("cwa", name, ClassWise(), APGDStep(),
+                               Budget(s.eps, s.apgd_iterations, 1, random_start=True, seed=s.seed)))
+        else:
+            obj = {"tog-vanishing": TogVanishing(), "tog-fabrication": TogFabrication(),
+                   "tog-mislabel": TogMislabel(s.tog_score), "tog-untargeted": TogUntargeted(s.tog_score)}[name]
+            cols.append(Column(name, name, obj, SignStep(TOG_STEP_FRACTION * s.eps),
+                               Budget(s.eps, TOG_ITERATIONS, 1, random_start=True, seed=s.seed)))
+    return cols
+
+
+def ground_truth_losses(model, images, targets) -> torch.Tensor:
+    """[N] each image's own detection loss on ground truth (no gradient, BatchNorm frozen): the worst case's key."""
+    with torch.no_grad(), frozen_batchnorm(model):
+        return per_image_losses(model, images, targets).detach().to(torch.float64).cpu()
+
+
+def candidates(model, images, targets, plan: Sequence[Column], image_keys=None,
+               need_losses: bool = False) -> Iterator[Tuple[Column, torch.Tensor, Optional[torch.Tensor]]]:
+    """Per column of the plan: (column, adversarial images, [N] ground-truth loss at them when `need_losses`)."""
+    for col in plan:
+        res = run_attack(model, col.objective, col.rule, col.budget, images, targets, image_keys=image_keys)
+        loss = None
+        if need_losses:
+            loss = res.values if (col.ground_truth_values and res.values is not None) else \
+                ground_truth_losses(model, res.images, targets)
+        yield col, res.images, loss
+
+
+class WorstCase:
+    """Per image, the candidate with the largest ground-truth detection loss over every attack's images
+    (AutoAttack's per-example worst case, on the detection loss). `update` per column, `choice` at the end."""
+
+    def __init__(self, n: int):
+        self.loss = torch.full((n,), -float("inf"), dtype=torch.float64)
+        self.source = [None] * n
+
+    def update(self, column: str, loss: torch.Tensor) -> torch.Tensor:
+        """Returns the [N] mask of images whose worst candidate is now `column`'s."""
+        better = loss > self.loss
+        self.loss = torch.where(better, loss, self.loss)
+        for i in torch.where(better)[0].tolist():
+            self.source[i] = column
+        return better
+
+
+def worst_row(row: Dict[str, float], selected_ap: float, columns: Sequence[str]) -> Tuple[float, str]:
+    """The worst-case AP50: the lowest of the loss-selected images' AP50 and every attack's own AP50 (each
+    attack's image set is also a choice the per-image adversary has), so it is never above any single attack;
+    returns (value, which assignment gave it)."""
+    best, src = selected_ap, "per-image largest loss"
+    for c in columns:
+        if c in row and row[c] < best:
+            best, src = row[c], c
+    return best, src
+
+
+# ---------------------------------------------------------------------------------------------- TOG effects
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torchvision
+
+    if len(a) == 0 or len(b) == 0:
+        return torch.zeros(len(a), len(b))
+    return torchvision.ops.box_iou(a.float().cpu(), b.float().cpu())
+
+
+@dataclass
+class TogEffects:
+    """Confident clean detections (score >= threshold) against the adversarial image's: kept (same class at IoU
+    >= 0.5), relabelled (only another class there), lost (nothing there); fabricated = adversarial detections
+    matching no clean detection. Greedy one-to-one matching, clean detections in decreasing score."""
+
+    clean: int = 0
+    kept: int = 0
+    lost: int = 0
+    relabelled: int = 0
+    fabricated: int = 0
+    adversarial: int = 0
+
+    def add(self, clean: dict, adv: dict, score_thres: float, iou_thres: float = 0.5) -> None:
+        c_keep = clean["scores"].cpu() >= score_thres
+        a_keep = adv["scores"].cpu() >= score_thres
+        cb, cl, cs = clean["boxes"].cpu()[c_keep], clean["labels"].cpu()[c_keep], clean["scores"].cpu()[c_keep]
+        ab, al = adv["boxes"].cpu()[a_keep], adv["labels"].cpu()[a_keep]
+        iou = _iou(cb, ab)
+        used = torch.zeros(len(ab), dtype=torch.bool)
+        for i in torch.argsort(cs, descending=True).tolist():
+            ok = (iou[i] >= iou_thres) & ~used if len(ab) else torch.zeros(0, dtype=torch.bool)
+            same = ok & (al == cl[i])
+            if same.any():
+                j = int(torch.where(same, iou[i], torch.full_like(iou[i], -1)).argmax())
+                self.kept += 1
+            elif ok.any():
+                j = int(torch.where(ok, iou[i], torch.full_like(iou[i], -1)).argmax())
+                self.relabelled += 1
+            else:
+                self.lost += 1
+                continue
+            used[j] = True
+        self.clean += len(cb)
+        self.adversarial += len(ab)
+        self.fabricated += int((~used).sum())
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"clean": self.clean, "kept": self.kept, "lost": self.lost, "relabelled": self.relabelled,
+                "fabricated": self.fabricated, "adversarial": self.adversarial}
