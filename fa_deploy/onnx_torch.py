@@ -8,10 +8,10 @@ float32, the same scales and zero points.
 
 - float16 (`fp16="emulate"`, the default): a float16 tensor of the file is a float32 torch tensor holding float16
   values. Every node whose output the file types float16 computes in float32 on float16 inputs and rounds its
-  output to the nearest float16 (round half to even, as a Cast does): what ONNX Runtime's CPU kernels do for
-  float16 nodes (they cast to float32, compute, cast back), at float32 speed (PyTorch's float16 convolutions on
-  a CPU are ~15x slower). The rounding's gradient is the identity (straight-through), so gradients stay float32
-  and do not underflow. `fp16="native"` keeps float16 torch tensors instead (for a GPU).
+  output to the nearest float16 (round half to even, as a Cast does), so every activation the file stores in
+  float16 is a float16 value, as on float16 hardware, at float32 speed (PyTorch's float16 convolutions on a CPU
+  are ~15x slower). The rounding's gradient is the identity (straight-through), so gradients stay float32 and
+  do not underflow. `fp16="native"` keeps float16 torch tensors instead (for a GPU).
 - int8 (QDQ): a QuantizeLinear followed by DequantizeLinear with the same scale and zero point is one
   fake-quantization, `(clamp(round(x / s) + z, qmin, qmax) - z) * s`, with ONNX's round half to even, the
   file's own scales and zero points, per tensor or per channel; its gradient is straight-through for the
@@ -67,26 +67,27 @@ def _broadcast(p: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 
 class FakeQuant(torch.autograd.Function):
-    """y = (clamp(round(x / s) + z, qmin, qmax) - z) * s: ONNX QuantizeLinear then DequantizeLinear, round half
-    to even, the division as ONNX Runtime's kernel does it. Backward: g where the clamp is inactive, else 0
-    (straight-through for the rounding, the true gradient of the clamp)."""
+    """y = (clamp(round(x / s) + z, qmin, qmax) - z) * s: ONNX QuantizeLinear then DequantizeLinear (round half to
+    even, the division as ONNX Runtime's kernel does it), computed as clamp(x, (qmin - z) s, (qmax - z) s) / s,
+    rounded, times s: the same values in four in-place passes. Backward: g where the quantizer does not saturate
+    (|x / s| inside the range by less than half a step), else 0: straight-through for the rounding, the true
+    gradient of the clamp, in one fused pass (hardtanh's backward). `s` and `z` are Python numbers (per tensor)
+    or tensors already shaped to broadcast (per channel)."""
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
-        q = torch.round(x / s)
-        if z is not None:
-            q += z
-        mask = (q >= qmin) & (q <= qmax)
-        q.clamp_(qmin, qmax)
-        if z is not None:
-            q -= z
-        ctx.save_for_backward(mask)
-        return q.mul_(s)
+        lo, hi = qmin - z, qmax - z
+        ctx.save_for_backward(x)
+        ctx.bounds = ((lo - 0.5) * s, (hi + 0.5) * s)
+        return torch.clamp(x, lo * s, hi * s).div_(s).round_().mul_(s)
 
     @staticmethod
     def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask, None, None, None, None
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        if isinstance(lo, torch.Tensor):
+            return g * ((x > lo) & (x < hi)), None, None, None, None
+        return torch.ops.aten.hardtanh_backward(g, x, lo, hi), None, None, None, None
 
 
 class Quantize(torch.autograd.Function):
@@ -320,11 +321,14 @@ def _dequantize(a, at, g):
 
 
 def _fake_quant(a, at, g):
-    x, s = a[0], a[1]
-    z = a[2] if len(a) > 2 else None
-    axis = at.get("axis", 1)
-    zz = None if z is None or not z.any() else _broadcast(z.to(s.dtype), axis, x.dim())
-    y = FakeQuant.apply(x, _broadcast(s, axis, x.dim()), zz, *at["qrange"])
+    x = a[0]
+    if "scale" in at:  # per tensor, read once from the file's constants
+        s, z = at["scale"], at["zero_point"]
+    else:
+        axis = at.get("axis", 1)
+        s = _broadcast(a[1], axis, x.dim())
+        z = _broadcast(a[2].to(a[1].dtype), axis, x.dim()) if len(a) > 2 and a[2] is not None else 0.0
+    y = FakeQuant.apply(x, s, z, *at["qrange"])
     return (y,) * len(g.outputs_of_current)  # one value for every DequantizeLinear it replaced
 
 
@@ -386,8 +390,7 @@ def _attrs(node) -> dict:
     out = {}
     for a in node.attribute:
         v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else (list(v) if isinstance(v, (list, tuple)) or
-                                                               type(v).__name__ == "RepeatedScalarContainer" else v)
+        out[a.name] = v.decode() if isinstance(v, bytes) else list(v) if isinstance(v, (list, tuple)) else v
     return out
 
 
@@ -422,19 +425,18 @@ class OnnxGraph(nn.Module):
         self.fp16 = fp16
         self._ctx = _Ctx(fp16)
         g = proto.graph
-        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        unknown = sorted({n.op_type for n in g.node if n.op_type not in OPS and n.op_type != "Constant"})
+        if unknown or any(n.domain not in ("", "ai.onnx") for n in g.node):
+            raise GraphError(f"{self.name}: operators outside what the twin interprets: "
+                             f"{unknown or sorted({n.domain for n in g.node})} (supported: {sorted(OPS)})")
         types = _elem_types(proto)
         inits = {i.name for i in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in inits]
         self.output_names = [o.name for o in g.output]
         self.types = types
-        unknown = sorted({n.op_type for n in g.node if n.op_type not in OPS and n.op_type != "Constant"})
-        if unknown or any(n.domain not in ("", "ai.onnx") for n in g.node):
-            raise GraphError(f"{self.name}: operators outside what the twin interprets: "
-                             f"{unknown or sorted({n.domain for n in g.node})} (supported: {sorted(OPS)})")
         consts: Dict[str, torch.Tensor] = {}
         for i in g.initializer:
-            consts[i.name] = self._const(numpy_helper.to_array(i), i.data_type)
+            consts[i.name] = self._const(numpy_helper.to_array(i))
         steps: List[_Step] = []
         for node in g.node:
             at = _attrs(node)
@@ -442,7 +444,7 @@ class OnnxGraph(nn.Module):
                 (key, val), = ((k, v) for k, v in at.items())
                 if key != "value":
                     raise GraphError(f"{self.name}: Constant {node.name} with {key}: only 'value' is interpreted")
-                consts[node.output[0]] = self._const(numpy_helper.to_array(val), val.data_type)
+                consts[node.output[0]] = self._const(numpy_helper.to_array(val))
                 types[node.output[0]] = val.data_type
                 continue
             out_types = [types.get(o, self._fallback_type(node, at, types)) for o in node.output]
@@ -469,20 +471,21 @@ class OnnxGraph(nn.Module):
         self._steps = live
         self._static = static
         self._const_keys = {}
-        self.constants = nn.Module()  # buffers, so .to(device) moves them
-        for i, (n, v) in enumerate(consts.items()):
-            self.constants.register_buffer(f"c{i}", v, persistent=False)
-            self._const_keys[n] = f"c{i}"
+        used = {i for st in live for i in st.inputs} | set(self.output_names)
+        self.constants = nn.Module()  # buffers, so .to(device) moves them; folded-away ones are dropped
+        for n, v in consts.items():
+            if n in used:
+                key = f"c{len(self._const_keys)}"
+                self.constants.register_buffer(key, v, persistent=False)
+                self._const_keys[n] = key
         self._plans: Dict[tuple, tuple] = {}
         self._static_cache: Dict[tuple, Dict[str, torch.Tensor]] = {}
 
     # -- construction helpers
-    def _const(self, arr: np.ndarray, onnx_type: int) -> torch.Tensor:
-        if arr.dtype == np.float16:
-            t = torch.from_numpy(arr.astype(np.float32) if self.fp16 == "emulate" else arr.copy())
-        else:
-            t = torch.from_numpy(np.array(arr, copy=True))
-        return t
+    def _const(self, arr: np.ndarray) -> torch.Tensor:
+        if arr.dtype == np.float16 and self.fp16 == "emulate":
+            arr = arr.astype(np.float32)  # float16 values, exactly
+        return torch.from_numpy(np.array(arr, copy=True))
 
     @staticmethod
     def _fallback_type(node, at, types) -> int:
@@ -519,10 +522,14 @@ class OnnxGraph(nn.Module):
                     for d in deq:
                         drop.add(id(d))
                     outs = [d.outputs[0] for d in deq]
-                    out.append(_Step("FakeQuant", st.name, st.inputs, outs,
-                                     {"axis": st.attrs.get("axis", 1), "qrange": qrange, "q_output": st.outputs[0],
-                                      "q_type": st.types[0]},
-                                     [d.types[0] for d in deq], _fake_quant))
+                    attrs = {"axis": st.attrs.get("axis", 1), "qrange": qrange, "q_output": st.outputs[0],
+                             "q_type": st.types[0]}
+                    s = consts.get(st.inputs[1])
+                    z = consts.get(st.inputs[2]) if len(st.inputs) > 2 and st.inputs[2] else torch.zeros(())
+                    if s is not None and z is not None and s.numel() == 1 and z.numel() == 1:
+                        attrs.update(scale=float(s), zero_point=float(z))
+                    out.append(_Step("FakeQuant", st.name, st.inputs, outs, attrs, [d.types[0] for d in deq],
+                                     _fake_quant))
                     continue
             out.append(st)
         return out
@@ -599,7 +606,7 @@ class OnnxGraph(nn.Module):
                 raise GraphError(f"{self.name}: input {n!r} not given")
         env.update(feeds)
         key = (names,) + tuple((n, tuple(feeds[n].shape), feeds[n].dtype, feeds[n].device) for n in self.input_names)
-        cached = self._static_cache.get(key)
+        cached = self._static_cache.get(key) if boundary else {}  # nothing shape-only needed: no cache
         if cached is not None:
             env.update(cached)
             steps, free = dynamic, dyn_free
@@ -621,6 +628,8 @@ class OnnxGraph(nn.Module):
                     if t not in keep:
                         env.pop(t, None)
         if cached is None:
+            if len(self._static_cache) >= 64:  # input shapes seen: a handful in practice; never grow unbounded
+                self._static_cache.pop(next(iter(self._static_cache)))
             self._static_cache[key] = {n: env[n] for n in boundary}
         return [env[n] for n in names]
 

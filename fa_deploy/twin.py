@@ -18,20 +18,28 @@ gradients through the deployed precision (white-box on fp16 / int8) instead of o
   model), a `.pipeline.json` manifest of parts, or a TensorRT engine (attacked through the twin of the ONNX file
   it was built from, named in its sidecar).
 
-Reference and tolerances (measured on the test fixtures' tiny models and on 416 px YOLOv3 / 64 px Faster R-CNN,
-see README "Twins"):
-- fp32: ONNX Runtime CPU; the twin differs by float32 summation order only.
+Reference and tolerances (`TOLERANCES`, measured on the test fixtures; README "Twins of the deployed files"):
+- fp32: ONNX Runtime CPU; the twin differs by float32 summation order only (1e-5 here).
 - fp16: ONNX Runtime CPU. Its CPU kernels do not compute in float16: it casts float16 nodes to float32 and then
   removes the Cast pairs between them, so it runs float32 arithmetic on float16 weights with no float16 rounding
-  of activations. The twin rounds every float16 node output as the file specifies (and as float16 hardware
-  does); the tolerance covers that rounding, a few float16 ulps.
-- int8: ONNX Runtime CPU with its Q/DQ-to-integer-kernel fusion (`session.disable_quant_qdq`) off, i.e. the
-  file's quantize / dequantize nodes executed as specified. With the fusion on, ONNX Runtime's x86 kernels on a
-  CPU without VNNI (this machine: AVX2 only) multiply u8 x s8 with `vpmaddubsw`, which saturates pairs of
-  products at int16, so they compute a different function from the file (up to several quantization steps per
-  layer); its high-precision mode (`session.x64quantprecision`) crashes on graphs that share quantization
-  parameters (Faster R-CNN's RPN head). Against the unfused reference the twin differs only where float32
-  summation order moves a value across a rounding boundary: one quantization step of one element, rarely.
+  of activations (measured: its outputs are not even float16 values). The twin rounds every float16 node output
+  as the file specifies (as float16 hardware does); the tolerance covers that rounding: Polygraphy's atol = rtol
+  = 2e-2, at most 0.1 % of elements outside (the fixtures: max 7e-3 on Faster R-CNN features, none beyond 2e-3
+  on YOLOv3's predictions).
+- int8: ONNX Runtime's integer kernels in its high-precision mode (`session.x64quantprecision`). By default its
+  x86 kernels on a CPU without VNNI (this machine: AVX2 only) multiply u8 x s8 with `vpmaddubsw`, which
+  saturates pairs of products at int16, so they compute a different function from the file (measured: mean
+  0.68 against 0.04 off on the fixture's predictions); the high-precision mode does not saturate (a no-op on
+  VNNI CPUs). Its s8 -> u8 pass fails on initializers shared between nodes, so the reference loads the file with
+  shared constants copied per reader (same values). A quantized network is discontinuous: float summation order
+  moves a value across a rounding boundary now and then, and one step early on moves more values later (the
+  fixture: 12 % of YOLOv3's predictions differ, 0.09 % by more than 10 %), so comparing free-running outputs
+  cannot tell a correct twin from one with a wrong scale. The check is per layer instead: ONNX Runtime's integer
+  activations are exposed (which leaves its outputs unchanged, tested), each fake-quantized activation of the
+  twin, computed from ONNX Runtime's own inputs to that layer, must be within one quantization step everywhere
+  and a step apart on at most 1 % of its elements (measured: at most 0.05 %; a scale off by 2x: 27 % to 100 %,
+  up to 64 steps), and the outputs computed on that footing match to 1e-4. The free-running difference is
+  reported (`free_running`), not gated.
 """
 from __future__ import annotations
 
@@ -378,7 +386,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         FasterRCNNFPN.__init__(self, arch.pop("num_classes"), **arch)
         d = self.detector
         d.backbone = _Call(lambda x: self._features_of(x)[0])
-        d.rpn.head = _Call(lambda feats: self._rpn_out)
+        d.rpn.head = _Call(lambda feats: self._take_rpn_out())
         d.roi_heads.box_head = _Call(self._box_head)
         d.roi_heads.box_predictor = nn.Identity()
         self._init_twin(graphs, files, source)
@@ -396,6 +404,10 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         n = len(FPN_LEVELS)
         self._rpn_out = (outs[n:2 * n], outs[2 * n:3 * n])  # read by the RPN head right after
         return OrderedDict(zip(FPN_LEVELS, outs[:n])), outs[-1]
+
+    def _take_rpn_out(self):
+        out, self._rpn_out = self._rpn_out, None
+        return out
 
     def _features(self, image_list):
         return self._features_of(image_list.tensors)
