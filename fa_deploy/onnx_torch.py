@@ -67,12 +67,14 @@ def _broadcast(p: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 
 class FakeQuant(torch.autograd.Function):
-    """y = (clamp(round(x / s) + z, qmin, qmax) - z) * s: ONNX QuantizeLinear then DequantizeLinear (round half to
-    even, the division as ONNX Runtime's kernel does it), computed as clamp(x, (qmin - z) s, (qmax - z) s) / s,
-    rounded, times s: the same values in four in-place passes. Backward: g where the quantizer does not saturate
-    (|x / s| inside the range by less than half a step), else 0: straight-through for the rounding, the true
-    gradient of the clamp, in one fused pass (hardtanh's backward). `s` and `z` are Python numbers (per tensor)
-    or tensors already shaped to broadcast (per channel)."""
+    """y = (clamp(round(x / s) + z, qmin, qmax) - z) * s: ONNX QuantizeLinear then DequantizeLinear, round half to
+    even, computed as clamp(x, (qmin - z) s, (qmax - z) s) / s, rounded, times s: the same values in four
+    in-place passes. The division is ONNX's: PyTorch's fused fake-quantize kernel rounds x * (1 / s) instead,
+    which moves exact half-step ties (a LeakyRelu's 0.1 k s re-quantized with s: 2 % of the values of a layer
+    one step off, measured). `s` and `z` are Python numbers (per tensor) or tensors shaped to broadcast (per
+    channel). Backward: g where the quantizer does not saturate (x / s inside the integer range by less than
+    half a step), else 0: straight-through for the rounding, the true gradient of the clamp, in one fused pass
+    (hardtanh's backward)."""
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
@@ -159,8 +161,8 @@ def _maxpool(a, at, g):
     if begin != end:
         x = F.pad(x, [p for d in reversed(range(nd)) for p in (begin[d], end[d])], value=float("-inf"))
         begin = [0] * nd
-    return (F.max_pool2d(x, k, stride=at.get("strides", [1] * nd), padding=begin, dilation=at.get("dilations", [1] * nd),
-                         ceil_mode=bool(at.get("ceil_mode", 0))),)
+    return (F.max_pool2d(x, k, stride=at.get("strides", [1] * nd), padding=begin,
+                         dilation=at.get("dilations", [1] * nd), ceil_mode=bool(at.get("ceil_mode", 0))),)
 
 
 def _div(a, at, g):
@@ -332,6 +334,11 @@ def _fake_quant(a, at, g):
     return (y,) * len(g.outputs_of_current)  # one value for every DequantizeLinear it replaced
 
 
+def _requantized(a, at, g):
+    """A FakeQuant whose input is already on its grid: the identity (see OnnxGraph._on_grid)."""
+    return (a[0],) * len(g.outputs_of_current)
+
+
 def _unary(fn):
     return lambda a, at, g: (fn(a[0]),)
 
@@ -352,6 +359,9 @@ OPS: Dict[str, Callable] = {
     "Expand": _expand, "Slice": _slice, "Range": _range, "Flatten": _flatten, "Resize": _resize, "Cast": _cast,
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }
+# ops whose outputs are some of their data inputs' values: a quantization grid survives them
+_SELECTING = {"Identity", "MaxPool", "Relu", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
+              "Expand", "Slice", "Flatten", "Resize"}
 # outputs that only select or move input values: in emulated float16 they need no rounding
 _EXACT = {"Identity", "MaxPool", "Relu", "Clip", "Concat", "Shape", "Gather", "Unsqueeze", "Squeeze", "Reshape",
           "Transpose", "Expand", "Slice", "Flatten", "Resize", "Cast", "Range", "QuantizeLinear"}
@@ -453,6 +463,7 @@ class OnnxGraph(nn.Module):
             steps.append(_Step(node.op_type, node.name, list(node.input), list(node.output), at, out_types,
                                OPS[node.op_type]))
         steps = self._fuse_qdq(steps, consts)
+        self._on_grid(steps)
         for st in steps:
             st.round16 = [fp16 == "emulate" and t == FLOAT16 and st.op not in _EXACT for t in st.types]
         # fold what depends on constants only (dequantized weights and biases, Identity copies of initializers)
@@ -533,6 +544,27 @@ class OnnxGraph(nn.Module):
                     continue
             out.append(st)
         return out
+
+    @staticmethod
+    def _on_grid(steps: List[_Step]) -> None:
+        """A fake quantization of values already on its grid is the identity, exactly (values and gradient: in
+        range, the straight-through gradient is 1): a Relu, MaxPool, Resize, Concat... of fake-quantized tensors
+        with the same scale, zero point and range, re-quantized with them (ResNet's Relus: a quarter of its
+        quantizers). Such steps only pass their input on."""
+        producers = {o: st for st in steps for o in st.outputs}
+
+        def grid(st):
+            return (st.attrs["scale"], st.attrs["zero_point"], st.attrs["qrange"]) if st.op == "FakeQuant" and \
+                "scale" in st.attrs else None
+
+        for st in steps:
+            src = producers.get(st.inputs[0])
+            if grid(st) is None or src is None or src.op not in _SELECTING:
+                continue
+            data = [i for i in (src.inputs if src.op == "Concat" else src.inputs[:1]) if i]
+            if data and all(producers.get(i) is not None and grid(producers[i]) == grid(st) for i in data):
+                st.fn = _requantized
+                st.attrs["on_grid"] = True
 
     def _call(self, st: _Step, args) -> tuple:
         self._ctx.current_types = st.types

@@ -18,14 +18,14 @@ gradients through the deployed precision (white-box on fp16 / int8) instead of o
   model), a `.pipeline.json` manifest of parts, or a TensorRT engine (attacked through the twin of the ONNX file
   it was built from, named in its sidecar).
 
-Reference and tolerances (`TOLERANCES`, measured on the test fixtures; README "Twins of the deployed files"):
-- fp32: ONNX Runtime CPU; the twin differs by float32 summation order only (1e-5 here).
+Reference and tolerances (`TOLERANCES`; atol in units of the output's RMS), measured on the test fixtures and on
+a random-weight ResNet-50 FPN at 320 px (README "Twins of the deployed files"):
+- fp32: ONNX Runtime CPU; the twin differs by float32 summation order only (at most 2e-5 x RMS); atol = rtol = 1e-4.
 - fp16: ONNX Runtime CPU. Its CPU kernels do not compute in float16: it casts float16 nodes to float32 and then
   removes the Cast pairs between them, so it runs float32 arithmetic on float16 weights with no float16 rounding
   of activations (measured: its outputs are not even float16 values). The twin rounds every float16 node output
-  as the file specifies (as float16 hardware does); the tolerance covers that rounding: Polygraphy's atol = rtol
-  = 2e-2, at most 0.1 % of elements outside (the fixtures: max 7e-3 on Faster R-CNN features, none beyond 2e-3
-  on YOLOv3's predictions).
+  as the file specifies (as float16 hardware does); the tolerance covers that rounding: measured at most
+  1.3e-2 x RMS (7e-3 on the trained fixture), so atol 3e-2, rtol 2e-2, at most 0.1 % of elements outside.
 - int8: ONNX Runtime's integer kernels in its high-precision mode (`session.x64quantprecision`). By default its
   x86 kernels on a CPU without VNNI (this machine: AVX2 only) multiply u8 x s8 with `vpmaddubsw`, which
   saturates pairs of products at int16, so they compute a different function from the file (measured: mean
@@ -45,24 +45,26 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN
+from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN, _Call  # _Call: a function as a module
 from fa_train.models.yolov3 import YoloConfig, YoloV3
 
 from .onnx_torch import FLOAT16, OnnxGraph
 
-# Polygraphy's convention: an element fails when |twin - ort| > atol and > rtol * |ort|; an output passes when its
-# values are finite and at most max_fail_fraction of its elements fail. int8 adds the quantized activations, each
-# compared in quantization steps with the layer fed ONNX Runtime's own inputs: at most max_steps apart anywhere,
-# and at most max_flip_fraction of the elements one step apart.
+# Polygraphy's convention with atol in units of the output's root mean square: an element fails when
+# |twin - ort| > atol * rms(ort) and > rtol * |ort| (float error scales with the magnitudes computed: trained
+# weights give activations of ~1, random ones ~70); an output passes when its values are finite and at most
+# max_fail_fraction of its elements fail. int8 adds the quantized activations, each compared in quantization
+# steps with the layer fed ONNX Runtime's own inputs: at most max_steps apart anywhere, and at most
+# max_flip_fraction of the elements one step apart.
 TOLERANCES = {
     "fp32": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0},
-    "fp16": {"atol": 2e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
+    "fp16": {"atol": 3e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
     "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 1e-2},
 }
 # the ONNX Runtime session options of the reference, per precision (see the module docstring for why)
@@ -156,8 +158,10 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], na
             out[name] = {"passed": False, "error": f"shape {b.shape} != ONNX Runtime's {a.shape}"}
             continue
         diff = np.abs(a - b)
-        fails = (diff > tol["atol"]) & (diff > tol["rtol"] * np.abs(a))
-        entry = {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        rms = float(np.sqrt(np.mean(a * a))) if a.size else 0.0
+        fails = (diff > tol["atol"] * (rms or 1.0)) & (diff > tol["rtol"] * np.abs(a))
+        entry = {"rms": rms, "max_abs": float(diff.max(initial=0.0)),
+                 "mean_abs": float(diff.mean()) if diff.size else 0.0,
                  "max_rel": float((diff / np.maximum(np.abs(a), 1e-12)).max(initial=0.0)),
                  "fail_fraction": float(fails.mean()) if fails.size else 0.0, "finite": bool(np.isfinite(b).all())}
         entry["passed"] = entry["finite"] and entry["fail_fraction"] <= tol["max_fail_fraction"]
@@ -232,7 +236,8 @@ def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str
             got = free
     report["outputs"] = compare(ref[:len(outs)], got, outs, tol)
     bad = [f"{'tap' if n not in twin.output_names else 'output'} {n}: " + (o["error"] if "error" in o else
-                              f"{o['fail_fraction']:.3%} of elements outside atol {tol['atol']:g} / rtol {tol['rtol']:g}"
+                              f"{o['fail_fraction']:.3%} of elements outside atol {tol['atol']:g} x rms "
+                              f"{o['rms']:.3g} / rtol {tol['rtol']:g}"
                               f" (allowed {tol['max_fail_fraction']:.3%}), max abs {o['max_abs']:.3g}, mean abs "
                               f"{o['mean_abs']:.3g}{'' if o['finite'] else ', non-finite values'}")
            for n, o in report["outputs"].items() if not o["passed"]]
@@ -240,7 +245,8 @@ def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str
         a["passed"] = a["max_steps"] <= tol["max_steps"] + 1e-3 and a["flip_fraction"] <= tol["max_flip_fraction"]
         if not a["passed"]:
             bad.append(f"activation {n}: {a['flip_fraction']:.3%} of elements a step or more apart (allowed "
-                       f"{tol['max_flip_fraction']:.3%}), up to {a['max_steps']:.3g} steps (allowed {tol['max_steps']:g})")
+                       f"{tol['max_flip_fraction']:.3%}), up to {a['max_steps']:.3g} steps (allowed "
+                       f"{tol['max_steps']:g})")
     report["passed"] = not bad
     if bad:
         raise TwinMismatch(f"{onnx_path}: the {precision} twin does not compute what the file computes (against "
@@ -299,17 +305,6 @@ def conv_output(graph: OnnxGraph, weight_prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- detector twins
-
-
-class _Call(nn.Module):
-    """A function where torchvision expects a module (kept unregistered: it may be a method of the twin itself)."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 class DeployedTwin:
@@ -394,8 +389,8 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         self.backbone_input = bb.input_names[0]
         self.backbone_outputs = list(bb.output_names)
         if len(self.backbone_outputs) != 3 * len(FPN_LEVELS):
-            raise TwinError(f"{files['backbone']}: {len(self.backbone_outputs)} outputs, expected {3 * len(FPN_LEVELS)} "
-                            f"(FPN levels, objectness, deltas)")
+            raise TwinError(f"{files['backbone']}: {len(self.backbone_outputs)} outputs, expected "
+                            f"{3 * len(FPN_LEVELS)} (FPN levels, objectness, deltas)")
         self.mid_name = scope_output(bb, "backbone/body/layer4")
         self._rpn_out = None
 
