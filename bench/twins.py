@@ -4,8 +4,9 @@ backward (`forward_train` on ground truth, then the gradient with respect to the
     python bench/twins.py [--model yolov3|fasterrcnn|both] [--img-size 416] [--frcnn-size 320] [--batch 1] [--iters 5]
 
 Random weights (speed does not depend on them; int8 is calibrated on random images), exported with fa-export's
-own functions, each twin verified against ONNX Runtime before it is timed. The runs alternate between the source
-and the twins, median of --iters after a warm-up, so a machine whose load drifts affects every row alike.
+own functions, each twin verified against ONNX Runtime before it is timed. Each round runs the source and the twins
+in a shuffled order; medians of --iters rounds after a warm-up, of wall time and of the process's CPU time (the
+steadier figure on a machine shared with other jobs).
 Not a test.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -93,26 +95,30 @@ def bench(name, model, paths, size, batch, iters):
         twin = load_twin(path, verify_images=torch.rand(2, 3, size, size, generator=g))
         print(f"  {p} twin built and verified in {time.perf_counter() - t0:.1f} s", flush=True)
         rows[f"twin {p}"] = twin
-    times = {k: [] for k in rows}
+    wall = {k: [] for k in rows}
+    cpu = {k: [] for k in rows}
+    order = list(rows)
     for i in range(iters + 1):  # the first round is the warm-up
-        for k, m in rows.items():
+        random.Random(i).shuffle(order)  # no row always runs right after another
+        for k in order:
             torch.manual_seed(i)  # Faster R-CNN samples proposals at random: the same draw for every row
-            t0 = time.perf_counter()
-            attack_step(m, x, targets)
+            t0, c0 = time.perf_counter(), time.process_time()
+            attack_step(rows[k], x, targets)
             if i:
-                times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["source fp32 (eager)"])
-    base_min = min(times["source fp32 (eager)"])
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    src = "source fp32 (eager)"
     out = []
     print(f"{name}: forward + input gradient of forward_train, batch {batch}, {size} px, {torch.get_num_threads()} "
-          f"threads, {iters} rounds")
-    # on a shared machine other jobs only ever add time: the minimum is the steadier figure, the median is shown too
-    print(f"  {'model':<22} {'median ms':>10} {'x source':>9} {'min ms':>9} {'x source':>9}")
-    for k, ts in times.items():
-        med, lo = statistics.median(ts), min(ts)
-        print(f"  {k:<22} {med * 1000:10.1f} {med / base:9.2f} {lo * 1000:9.1f} {lo / base_min:9.2f}")
-        out.append({"model": name, "row": k, "median_ms": med * 1000, "x_source_median": med / base,
-                    "min_ms": lo * 1000, "x_source_min": lo / base_min})
+          f"threads, median of {iters} rounds")
+    # on a shared machine other jobs stretch wall time; the process's CPU time (all its threads) is the steadier cost
+    print(f"  {'model':<22} {'wall ms':>9} {'x source':>9} {'CPU ms':>9} {'x source':>9}")
+    for k in rows:
+        w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+        xw, xc = w / statistics.median(wall[src]), c / statistics.median(cpu[src])
+        print(f"  {k:<22} {w * 1000:9.1f} {xw:9.2f} {c * 1000:9.1f} {xc:9.2f}")
+        out.append({"model": name, "row": k, "wall_ms": w * 1000, "x_source_wall": xw, "cpu_ms": c * 1000,
+                    "x_source_cpu": xc})
     return out
 
 
