@@ -195,12 +195,16 @@ class FasterRCNNFPN(Detector):
         body = self.detector.backbone.body(image_list.tensors)
         return body, body["3"]
 
+    def _features(self, image_list):
+        """The FPN levels and the M-th layer from one backbone pass (a deployment twin runs its network here)."""
+        body, mid = self._backbone(image_list)
+        return self.detector.backbone.fpn(body), mid
+
     def forward_train(self, images, targets):
         d = self.detector
         with _loss_mode(d):
             image_list, tv_targets = d.transform(list(images), self._tv_targets(targets))
-            body, mid = self._backbone(image_list)
-            feats = d.backbone.fpn(body)
+            feats, mid = self._features(image_list)
             proposals, rpn_losses = d.rpn(image_list, feats, tv_targets)
             _, det_losses = d.roi_heads(feats, proposals, image_list.image_sizes, tv_targets)
         losses = OrderedDict()

@@ -1,0 +1,513 @@
+"""Differentiable twins of deployed files: a torch Detector that computes what an exported ONNX file computes,
+proven equal to ONNX Runtime's outputs of that file before anything may use it, so an attack loop can take
+gradients through the deployed precision (white-box on fp16 / int8) instead of only transferring from the source.
+
+- The network is the file's graph interpreted in PyTorch (`fa_deploy/onnx_torch.py`), not the model rebuilt with
+  the file's settings: float16 nodes exactly where the file has them, the file's own int8 scales and zero points
+  (fake quantization, straight-through rounding), so the twin is the deployed graph by construction. Everything
+  around the network is the model's own code: YOLOv3's `yolo_loss` on the head maps the file's decode reads,
+  its `postprocess`; for Faster R-CNN torchvision's transform, anchors, proposals, RoIAlign, losses and
+  detection post-processing with the two part twins in place of the backbone + RPN head and of the box head, so
+  the whole deployment is differentiable end to end with respect to the input images.
+- `YoloTwin` and `FasterRCNNTwin` are the model classes with their networks replaced; they keep the Detector
+  contract (`forward_train`, `predict`, `postprocess`, `features`, `loss_domains`) and refuse to run until
+  `verify(images)` has passed: `verify_twin` compares every output with ONNX Runtime on the same inputs,
+  Polygraphy style (an element fails when it is outside both atol and rtol), with the tolerances of
+  `TOLERANCES`, and raises `TwinMismatch` naming the file and the output, with the numbers.
+- `load_twin(path, verify_images)` opens what fa-export wrote: a whole-model `.onnx` (its sidecar describes the
+  model), a `.pipeline.json` manifest of parts, or a TensorRT engine (attacked through the twin of the ONNX file
+  it was built from, named in its sidecar).
+
+Reference and tolerances (`TOLERANCES`; atol in units of the output's RMS), measured on the test fixtures and on
+a random-weight ResNet-50 FPN at 320 px (README "Twins of the deployed files"):
+- fp32: ONNX Runtime CPU; the twin differs by float32 summation order only (at most 2e-5 x RMS); atol = rtol = 1e-4.
+- fp16: ONNX Runtime CPU. Its CPU kernels do not compute in float16: it casts float16 nodes to float32 and then
+  removes the Cast pairs between them, so it runs float32 arithmetic on float16 weights with no float16 rounding
+  of activations (measured: its outputs are not even float16 values). The twin rounds every float16 node output
+  as the file specifies (as float16 hardware does); the tolerance covers that rounding: measured at most
+  1.3e-2 x RMS (7e-3 on the trained fixture), so atol 3e-2, rtol 2e-2, at most 0.1 % of elements outside.
+- int8: ONNX Runtime's integer kernels in its high-precision mode (`session.x64quantprecision`). By default its
+  x86 kernels on a CPU without VNNI (this machine: AVX2 only) multiply u8 x s8 with `vpmaddubsw`, which
+  saturates pairs of products at int16, so they compute a different function from the file (measured: mean
+  0.68 against 0.04 off on the fixture's predictions); the high-precision mode does not saturate (a no-op on
+  VNNI CPUs). Its s8 -> u8 pass fails on initializers shared between nodes, so the reference loads the file with
+  shared constants copied per reader (same values). A quantized network is discontinuous: float summation order
+  moves a value across a rounding boundary now and then, and one step early on moves more values later (the
+  fixture: 12 % of YOLOv3's predictions differ, 0.09 % by more than 10 %), so comparing free-running outputs
+  cannot tell a correct twin from one with a wrong scale. The check is per layer instead: ONNX Runtime's integer
+  activations are exposed (which leaves its outputs unchanged, tested), each fake-quantized activation of the
+  twin, computed from ONNX Runtime's own inputs to that layer, must be within one quantization step everywhere
+  and a step apart on at most 1 % of its elements (measured: at most 0.05 %; a scale off by 2x: 27 % to 100 %,
+  up to 64 steps), and the outputs computed on that footing match to 1e-4. The free-running difference is
+  reported (`free_running`), not gated.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN, _Call  # _Call: a function as a module
+from fa_train.models.yolov3 import YoloConfig, YoloV3
+
+from .onnx_torch import FLOAT16, OnnxGraph
+
+# Polygraphy's convention with atol in units of the output's root mean square: an element fails when
+# |twin - ort| > atol * rms(ort) and > rtol * |ort| (float error scales with the magnitudes computed: trained
+# weights give activations of ~1, random ones ~70); an output passes when its values are finite and at most
+# max_fail_fraction of its elements fail. int8 adds the quantized activations, each compared in quantization
+# steps with the layer fed ONNX Runtime's own inputs: at most max_steps apart anywhere, and at most
+# max_flip_fraction of the elements one step apart.
+TOLERANCES = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0},
+    "fp16": {"atol": 3e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
+    "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 1e-2},
+}
+# the ONNX Runtime session options of the reference, per precision (see the module docstring for why)
+REFERENCE_CONFIG = {"fp32": {}, "fp16": {}, "int8": {"session.x64quantprecision": "1"}}
+
+
+class TwinError(RuntimeError):
+    """A twin that cannot be built or used (no sidecar, an unknown model, not verified yet)."""
+
+
+class TwinMismatch(TwinError):
+    """The twin does not compute what the file computes: refused, with the numbers."""
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+def graph_precision(graph: OnnxGraph) -> str:
+    """int8 when the graph quantizes, fp16 when it holds float16 tensors, else fp32: read from the file itself."""
+    if graph.fake_quant_steps() or any(st.op in ("QuantizeLinear", "DequantizeLinear") for st in graph._steps):
+        return "int8"
+    if any(t == FLOAT16 for t in graph.types.values()):
+        return "fp16"
+    return "fp32"
+
+
+def _unshared(model) -> None:
+    """Nothing constant shared between nodes: a DequantizeLinear of a constant read by several nodes is repeated
+    for each reader, then every initializer read by several nodes is copied for each reader (values unchanged).
+    ONNX Runtime's s8 -> u8 pass of its high-precision int8 mode fails on shared ones ('Attempt to replace the
+    existing tensor'), e.g. on Faster R-CNN's RPN head, whose weights serve the five FPN levels."""
+    import copy
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: Dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    copies = []
+    for node in list(g.node):
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and len(readers.get(node.output[0], [])) > 1:
+            for k, reader in enumerate(readers[node.output[0]][1:], 1):
+                dq = copy.deepcopy(node)
+                dq.name, dq.output[0] = f"{node.name}__reader{k}", f"{node.output[0]}__reader{k}"
+                reader.input[:] = [dq.output[0] if i == node.output[0] else i for i in reader.input]
+                copies.append(dq)
+    nodes = copies + list(g.node)  # constant-only nodes may come first
+    del g.node[:]
+    g.node.extend(nodes)
+    seen: Dict[str, int] = {}
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in inits:
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    dup = copy.deepcopy(inits[name])
+                    dup.name = f"{name}__copy{seen[name]}"
+                    g.initializer.append(dup)
+                    node.input[j] = dup.name
+
+
+def reference_session(onnx_path: str, precision: str, expose: Dict[str, int] = None):
+    """ONNX Runtime (CPU) on the file, configured as REFERENCE_CONFIG says; `expose` adds intermediate tensors
+    ({name: ONNX element type}) to the outputs (for int8, the quantized activations: exposing them leaves the
+    integer kernels' results unchanged, checked on the fixtures)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for k, v in REFERENCE_CONFIG[precision].items():
+        so.add_session_config_entry(k, v)
+    if precision != "int8" and not expose:
+        return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    model = onnx.load(onnx_path)
+    if precision == "int8":
+        _unshared(model)
+    have = {o.name for o in model.graph.output}
+    for name, elem in (expose or {}).items():
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str],
+            tol: dict) -> Dict[str, dict]:
+    out = {}
+    for name, a, b in zip(names, reference, candidate):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            out[name] = {"passed": False, "error": f"shape {b.shape} != ONNX Runtime's {a.shape}"}
+            continue
+        diff = np.abs(a - b)
+        rms = float(np.sqrt(np.mean(a * a))) if a.size else 0.0
+        fails = (diff > tol["atol"] * (rms or 1.0)) & (diff > tol["rtol"] * np.abs(a))
+        entry = {"rms": rms, "max_abs": float(diff.max(initial=0.0)),
+                 "mean_abs": float(diff.mean()) if diff.size else 0.0,
+                 "max_rel": float((diff / np.maximum(np.abs(a), 1e-12)).max(initial=0.0)),
+                 "fail_fraction": float(fails.mean()) if fails.size else 0.0, "finite": bool(np.isfinite(b).all())}
+        entry["passed"] = entry["finite"] and entry["fail_fraction"] <= tol["max_fail_fraction"]
+        out[name] = entry
+    return out
+
+
+def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
+    """ONNX Runtime's integers of a fake-quantized activation, dequantized with the twin's scale and zero point."""
+    from .onnx_torch import _broadcast
+
+    s = graph.constant(st.inputs[1])
+    z = graph.constant(st.inputs[2]) if len(st.inputs) > 2 and st.inputs[2] else None
+    v = torch.from_numpy(np.asarray(q)).to(s.device, s.dtype)
+    axis = st.attrs.get("axis", 1)
+    if z is not None:
+        v = v - _broadcast(z.to(s.dtype), axis, v.dim())
+    return v * _broadcast(s, axis, v.dim())
+
+
+def _activation_steps(graph: OnnxGraph, steps, record, force) -> Dict[str, dict]:
+    from .onnx_torch import _broadcast
+
+    out = {}
+    for st in steps:
+        name = st.outputs[0]
+        if name not in record:
+            continue
+        s = _broadcast(graph.constant(st.inputs[1]), st.attrs.get("axis", 1), record[name].dim())
+        d = ((record[name] - force[name]).abs() / s).double()
+        out[st.attrs["q_output"]] = {"flip_fraction": float((d > 0.5).double().mean()) if d.numel() else 0.0,
+                                     "max_steps": float(d.max()) if d.numel() else 0.0}
+    return out
+
+
+def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str] = None,
+                tolerance: Optional[dict] = None, taps: Sequence[str] = ()) -> dict:
+    """The twin's outputs against ONNX Runtime's outputs of `onnx_path` on the same `inputs` (one array, or a dict
+    by input name); returns the report, or raises TwinMismatch naming the file and each failing output. `taps`:
+    intermediate tensors checked the same way (those a Detector twin's loss and features read), exposed as extra
+    outputs of ONNX Runtime's session.
+
+    int8: quantized networks are discontinuous, so float summation order alone moves a few values across a
+    rounding boundary, and a one-step difference early on moves more of them later (measured on the test
+    fixture: 0.09 % of YOLOv3's predictions beyond 10 %). So each layer is checked on ONNX Runtime's own
+    inputs: ONNX Runtime's integer activations are exposed, each fake-quantized activation of the twin is
+    compared with them in quantization steps and then replaced by them, and the outputs are compared on that
+    footing; the free-running difference is reported too (`free_running`), not gated."""
+    precision = precision or graph_precision(twin)
+    tol = tolerance or TOLERANCES[precision]
+    feeds = inputs if isinstance(inputs, dict) else {twin.input_names[0]: inputs}
+    feeds = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in feeds.items()}
+    device = next(iter(twin.constants.buffers()), torch.zeros(())).device
+    feeds_t = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
+    outs = list(twin.output_names) + [t for t in taps if t not in twin.output_names]
+    fq = twin.fake_quant_steps() if precision == "int8" else []
+    expose = {t: twin.tensor_type(t) for t in outs if t not in twin.output_names}
+    expose.update({st.attrs["q_output"]: st.attrs["q_type"] for st in fq})
+    ref = reference_session(onnx_path, precision, expose).run(outs + [n for n in expose if n not in outs], feeds)
+    report = {"file": os.path.abspath(onnx_path), "precision": precision, "tolerance": tol,
+              "reference": {"onnxruntime": "CPUExecutionProvider", "session_config": REFERENCE_CONFIG[precision]},
+              "inputs": {k: list(v.shape) for k, v in feeds.items()}}
+    with torch.no_grad():
+        free = [o.float().cpu().numpy() for o in twin.run(feeds_t, outs)]
+        if fq:
+            force = {o: _dequantized(twin, st, q) for st, q in zip(fq, ref[len(outs):]) for o in st.outputs}
+            record: Dict[str, torch.Tensor] = {}
+            got = [o.float().cpu().numpy() for o in twin.run(feeds_t, outs, force=force, record=record)]
+            report["activations"] = _activation_steps(twin, fq, record, force)
+            report["free_running"] = compare(ref[:len(outs)], free, outs, tol)
+        else:
+            got = free
+    report["outputs"] = compare(ref[:len(outs)], got, outs, tol)
+    bad = [f"{'tap' if n not in twin.output_names else 'output'} {n}: " + (o["error"] if "error" in o else
+                              f"{o['fail_fraction']:.3%} of elements outside atol {tol['atol']:g} x rms "
+                              f"{o['rms']:.3g} / rtol {tol['rtol']:g}"
+                              f" (allowed {tol['max_fail_fraction']:.3%}), max abs {o['max_abs']:.3g}, mean abs "
+                              f"{o['mean_abs']:.3g}{'' if o['finite'] else ', non-finite values'}")
+           for n, o in report["outputs"].items() if not o["passed"]]
+    for n, a in report.get("activations", {}).items():
+        a["passed"] = a["max_steps"] <= tol["max_steps"] + 1e-3 and a["flip_fraction"] <= tol["max_flip_fraction"]
+        if not a["passed"]:
+            bad.append(f"activation {n}: {a['flip_fraction']:.3%} of elements a step or more apart (allowed "
+                       f"{tol['max_flip_fraction']:.3%}), up to {a['max_steps']:.3g} steps (allowed "
+                       f"{tol['max_steps']:g})")
+    report["passed"] = not bad
+    if bad:
+        raise TwinMismatch(f"{onnx_path}: the {precision} twin does not compute what the file computes (against "
+                           f"ONNX Runtime on {len(next(iter(feeds.values())))} inputs): " + "; ".join(bad))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- taps
+
+
+def _readers(graph: OnnxGraph) -> Dict[str, list]:
+    out: Dict[str, list] = {}
+    for st in graph._steps:
+        for i in st.inputs:
+            out.setdefault(i, []).append(st)
+    return out
+
+
+def follow_representation(graph: OnnxGraph, tensor: str) -> str:
+    """From a tensor to the value its consumers read: through the Cast, QuantizeLinear / DequantizeLinear (fused
+    or not) that only change how it is stored (a float16 head map cast to float32 for the decode, an int8
+    activation dequantized for the next layer)."""
+    readers = _readers(graph)
+    while True:
+        nxt = [st for st in readers.get(tensor, []) if st.op != "Shape"]
+        if nxt and all(st.op in ("Cast", "FakeQuant", "QuantizeLinear", "DequantizeLinear") for st in nxt) and \
+                len({(st.op, tuple(st.inputs)) for st in nxt}) == 1:
+            # equivalent readers (one Cast per consumer): follow the one that feeds more than shape arithmetic
+            tensor = next((st for st in nxt if any(r.op != "Shape" for r in readers.get(st.outputs[0], []))),
+                          nxt[0]).outputs[0]
+        else:
+            return tensor
+
+
+def scope_output(graph: OnnxGraph, scope: str) -> str:
+    """The value leaving a module scope of the exported graph (node names are the module paths, '/a/b/Conv'):
+    the output of its last computing node, as its readers see it."""
+    marks = (f"/{scope}/", f"/model/{scope}/")
+    last = None
+    for st in graph._steps:
+        if st.name.startswith(marks) and st.op not in ("FakeQuant", "QuantizeLinear", "DequantizeLinear", "Cast"):
+            last = st
+    if last is None:
+        raise TwinError(f"{graph.name}: no node of module {scope!r} in the graph")
+    return follow_representation(graph, last.outputs[0])
+
+
+def conv_output(graph: OnnxGraph, weight_prefix: str) -> str:
+    """The value read downstream of the convolution whose weight is named after `weight_prefix` (a parameter path
+    such as 'branch32.pred')."""
+    for st in graph._steps:
+        if st.op == "Conv" and len(st.inputs) > 1 and any(
+                st.inputs[1].startswith(p) for p in (f"model.{weight_prefix}.", f"{weight_prefix}.")):
+            return follow_representation(graph, st.outputs[0])
+    raise TwinError(f"{graph.name}: no convolution with weights {weight_prefix}.* in the graph")
+
+
+# ---------------------------------------------------------------------------------------------- detector twins
+
+
+class DeployedTwin:
+    """What every twin adds to its model class: the part graphs, their files, and the verification gate."""
+
+    graphs: nn.ModuleDict
+    files: Dict[str, str]
+    verification: Optional[Dict[str, dict]] = None
+
+    def _init_twin(self, graphs: Dict[str, OnnxGraph], files: Dict[str, str], source: str):
+        self.graphs = nn.ModuleDict(graphs)
+        self.files = dict(files)
+        self.source = source
+        self.precisions = {k: graph_precision(g) for k, g in graphs.items()}
+        self.verification = None
+        self.eval()
+
+    @property
+    def precision(self) -> str:
+        """The deployment's precision: int8 when any part is quantized, else fp16 when any is float16."""
+        p = set(self.precisions.values())
+        return "int8" if "int8" in p else "fp16" if "fp16" in p else "fp32"
+
+    def _run(self, part: str, feeds: Dict[str, torch.Tensor], names: Sequence[str]) -> List[torch.Tensor]:
+        if self.verification is None:
+            raise TwinError(f"{self.source}: twin not verified against ONNX Runtime; call verify(images) first "
+                            f"(or load_twin(path, verify_images))")
+        return self.graphs[part].run(feeds, names)
+
+    def verify(self, images) -> Dict[str, dict]:
+        raise NotImplementedError
+
+
+class YoloTwin(DeployedTwin, YoloV3):
+    """YOLOv3 whose network is the deployed file: the loss reads the three head maps the file's decode reads,
+    `features` the last Darknet-53 stage as the file computes it; predictions are the file's own decode."""
+
+    def __init__(self, cfg: YoloConfig, graph: OnnxGraph, path: str):
+        YoloV3.__init__(self, cfg)
+        for name in ("backbone", "branch32", "lateral32", "branch16", "lateral16", "branch8"):
+            delattr(self, name)  # the file holds the network
+        self._init_twin({"model": graph}, {"model": path}, path)
+        self.head_names = [conv_output(graph, p) for p in self.export_keep_float32]  # stride 32, 16, 8
+        self.mid_name = scope_output(graph, "backbone")
+        self.input_name = graph.input_names[0]
+
+    def _heads(self, images):
+        *heads, mid = self._run("model", {self.input_name: images}, self.head_names + [self.mid_name])
+        return heads, mid
+
+    def features(self, images):
+        return self._run("model", {self.input_name: images}, [self.mid_name])[0]
+
+    def export_module(self) -> nn.Module:
+        return _Call(lambda images: self._run("model", {self.input_name: images}, self.graphs["model"].output_names)[0])
+
+    def verify(self, images) -> Dict[str, dict]:
+        self.verification = None
+        x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
+        self.verification = {"model": verify_twin(self.graphs["model"], self.files["model"], x,
+                                                  taps=self.head_names + [self.mid_name])}
+        return self.verification
+
+
+class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
+    """Faster R-CNN FPN deployed as two networks, with torchvision's glue between them: the `backbone` part twin
+    runs where the ResNet + FPN + RPN head run, the `roi_heads` part twin where the box head + predictor run;
+    transform, anchors, proposals + NMS, MultiScaleRoIAlign, losses and post-processing are torchvision's own
+    code, so losses against ground truth and detections come through the twin end to end."""
+
+    def __init__(self, arch: dict, graphs: Dict[str, OnnxGraph], files: Dict[str, str], source: str):
+        arch = dict(arch)
+        arch.pop("name", None)
+        FasterRCNNFPN.__init__(self, arch.pop("num_classes"), **arch)
+        d = self.detector
+        d.backbone = _Call(lambda x: self._features_of(x)[0])
+        d.rpn.head = _Call(lambda feats: self._take_rpn_out())
+        d.roi_heads.box_head = _Call(self._box_head)
+        d.roi_heads.box_predictor = nn.Identity()
+        self._init_twin(graphs, files, source)
+        bb = graphs["backbone"]
+        self.backbone_input = bb.input_names[0]
+        self.backbone_outputs = list(bb.output_names)
+        if len(self.backbone_outputs) != 3 * len(FPN_LEVELS):
+            raise TwinError(f"{files['backbone']}: {len(self.backbone_outputs)} outputs, expected "
+                            f"{3 * len(FPN_LEVELS)} (FPN levels, objectness, deltas)")
+        self.mid_name = scope_output(bb, "backbone/body/layer4")
+        self._rpn_out = None
+
+    def _features_of(self, x):
+        outs = self._run("backbone", {self.backbone_input: x}, self.backbone_outputs + [self.mid_name])
+        n = len(FPN_LEVELS)
+        self._rpn_out = (outs[n:2 * n], outs[2 * n:3 * n])  # read by the RPN head right after
+        return OrderedDict(zip(FPN_LEVELS, outs[:n])), outs[-1]
+
+    def _take_rpn_out(self):
+        out, self._rpn_out = self._rpn_out, None
+        return out
+
+    def _features(self, image_list):
+        return self._features_of(image_list.tensors)
+
+    def features(self, images):
+        image_list, _ = self.detector.transform(list(images))
+        return self._run("backbone", {self.backbone_input: image_list.tensors}, [self.mid_name])[0]
+
+    def _box_head(self, x):
+        g = self.graphs["roi_heads"]
+        if x.shape[0] == 0:
+            k = self.num_classes + 1
+            return x.new_zeros(0, k), x.new_zeros(0, 4 * k)
+        return tuple(self._run("roi_heads", {g.input_names[0]: x}, g.output_names))
+
+    def part_modules(self) -> dict:
+        return dict(self.graphs)
+
+    def verify(self, images) -> Dict[str, dict]:
+        """Each part against ONNX Runtime on the inputs the deployed pipeline gives it: the backbone on the
+        transformed images, the RoI heads on the pooled RoI features of those images (computed with ONNX
+        Runtime's backbone part and the glue, as `PipelineBackend` runs it)."""
+        from .backends import OrtBackend
+
+        self.verification = None
+        x = torch.as_tensor(np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images,
+                                       np.float32))
+        with torch.no_grad():
+            transformed = self.detector.transform(list(x))[0].tensors.numpy()
+        seen: List[np.ndarray] = []
+        ort_roi = OrtBackend(self.files["roi_heads"], ["CPUExecutionProvider"])
+
+        def record(feats):
+            seen.append(np.array(feats))
+            return ort_roi.raw(feats)
+
+        ort_backbone = OrtBackend(self.files["backbone"], ["CPUExecutionProvider"])
+        self.run_split(x.numpy(), ort_backbone.raw, record)
+        pooled = np.concatenate(seen) if seen else np.zeros((0,), np.float32)
+        if pooled.size == 0:
+            raise TwinError(f"{self.source}: no RoI features on the verify images to check the roi_heads part with")
+        reports = {"backbone": verify_twin(self.graphs["backbone"], self.files["backbone"], transformed,
+                                           taps=[self.mid_name]),
+                   "roi_heads": verify_twin(self.graphs["roi_heads"], self.files["roi_heads"], pooled)}
+        self.verification = reports
+        return reports
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _onnx_behind_engine(path: str) -> str:
+    from .export import read_sidecar
+
+    side = read_sidecar(path) or {}
+    onnx_path = side.get("onnx")
+    if not onnx_path or not os.path.isfile(onnx_path):
+        raise TwinError(f"{path}: a TensorRT engine is attacked through the twin of the ONNX file it was built from, "
+                        f"but its sidecar names none that exists ({onnx_path!r})")
+    return onnx_path
+
+
+def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
+    """The twin of an exported file (whole-model `.onnx`, `.pipeline.json`, or a TensorRT engine / engine pipeline:
+    the twin of the ONNX file(s) it was built from). With `verify_images` ([N,3,H,W] in [0,1]) it is verified
+    before it is returned; a twin that does not match raises TwinMismatch. Without, `verify` must be called
+    before the twin will run."""
+    from fa_train.models import create_model
+
+    from .backends import ENGINE_SUFFIXES
+    from .export import read_sidecar
+    from .loading import PIPELINE_SUFFIX
+
+    if not os.path.isfile(path):
+        raise TwinError(f"{path}: file not found")
+    if path.endswith(PIPELINE_SUFFIX):
+        from .split import read_manifest
+
+        info = read_manifest(path)
+        base = os.path.dirname(os.path.abspath(path))
+        files = {k: os.path.join(base, v) for k, v in info["parts"].items()}
+        if info["format"] == "tensorrt-pipeline":
+            files = {k: _onnx_behind_engine(v) for k, v in files.items()}
+        arch = dict(info["model"])
+        if arch.get("name") != FasterRCNNFPN.model_name or set(files) != {"backbone", "roi_heads"}:
+            raise TwinError(f"{path}: no twin for a {arch.get('name')} pipeline of parts {sorted(files)}")
+        graphs = {k: OnnxGraph(v, fp16=fp16) for k, v in files.items()}
+        twin = FasterRCNNTwin(arch, graphs, files, path)
+    else:
+        if os.path.splitext(path)[1].lower() in ENGINE_SUFFIXES:
+            return load_twin(_onnx_behind_engine(path), verify_images, fp16)
+        side = read_sidecar(path)
+        if not side or "model" not in side:
+            raise TwinError(f"{path}: no fa-export sidecar ({path}.json) describing the model; the twin needs it")
+        arch = dict(side["model"])
+        name = arch.pop("name")
+        if name != YoloV3.model_name:
+            raise TwinError(f"{path}: no whole-model twin for {name!r} (a Faster R-CNN is deployed as a pipeline: "
+                            f"load its .pipeline.json)")
+        ref = create_model(name, **arch)  # the configuration (anchors, strides, loss gains) of the source model
+        twin = YoloTwin(ref.cfg, OnnxGraph(path, fp16=fp16), path)
+    if verify_images is not None:
+        twin.verify(verify_images)
+    return twin
+
+
+__all__ = ["TOLERANCES", "REFERENCE_CONFIG", "TwinError", "TwinMismatch", "verify_twin", "load_twin", "YoloTwin",
+           "FasterRCNNTwin", "graph_precision", "follow_representation", "scope_output", "conv_output"]

@@ -1,0 +1,264 @@
+"""Differentiable twins of the deployed files (fa_deploy/twin.py, fa_deploy/onnx_torch.py): equal to ONNX Runtime's
+outputs of the same file for fp32 / fp16 / int8 YOLOv3 and both Faster R-CNN parts, int8 with int32 and with float
+biases; a wrong twin refused with the numbers; gradients to the input; PGD on the int8 twin raises the loss of
+the deployed file itself."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import train_tiny_frcnn
+from fa_deploy.cli import export_main
+from fa_deploy.onnx_torch import OnnxGraph
+from fa_deploy.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin,
+                            reference_session, verify_twin)
+from fa_train.checkpoint import load_model
+from test_deploy import exported, overfit  # noqa: F401  (the tiny YOLOv3 that memorised two images, exported)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _data(weights, n, split):
+    """n images of a split of the checkpoint's data [n,3,64,64] (no augmentation) and their ground truth."""
+    from fa_deploy.bench import dataset_for
+
+    _, ckpt = load_model(str(weights))
+    ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it[0] for it in items]), [it[1] for it in items]
+
+
+@pytest.fixture(scope="module")
+def yolo_data(overfit):
+    return _data(overfit, 2, "shapes:train")  # the overfit model's own two images: it detects them
+
+
+@pytest.fixture(scope="module")
+def frcnn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("twin-frcnn")
+    r = train_tiny_frcnn(d)
+    assert r.exit_code == 0, r.output
+    w = d / "run" / "last.pt"
+    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--calib-images", "4", "--verify-images", "2"])
+    assert r.exit_code == 0, r.output
+    return w, d / "run" / "export", _data(w, 2, "shapes:test")
+
+
+def _loss(model, x, targets):
+    losses, _ = model.forward_train(x, targets)
+    return sum(losses.values())
+
+
+def test_yolo_twins_equal_onnxruntime(overfit, exported, yolo_data):
+    x, targets = yolo_data
+    source, _ = load_model(str(overfit))
+    source.eval()
+    for prec in PRECISIONS:
+        twin = load_twin(str(exported[prec]), verify_images=x)
+        assert isinstance(twin, YoloTwin) and twin.precision == prec
+        rep = twin.verification["model"]
+        assert rep["passed"] and rep["tolerance"] == TOLERANCES[prec]
+        # the three head maps the loss reads and the M-th layer are checked too, not only the decoded output
+        assert len(rep["outputs"]) == 5 and all(o["passed"] for o in rep["outputs"].values())
+        if prec == "fp16":  # float16 kept as float16 torch tensors (for a GPU) verifies too
+            assert load_twin(str(exported[prec]), verify_images=x, fp16="native").verification["model"]["passed"]
+        if prec == "int8":  # every quantized activation, in steps, on ONNX Runtime's own inputs
+            assert len(rep["activations"]) > 40
+            assert max(a["max_steps"] for a in rep["activations"].values()) <= 1.0 + 1e-3
+            assert "free_running" in rep
+        with torch.no_grad():
+            twin_loss, src_loss = float(_loss(twin, x, targets)), float(_loss(source, x, targets))
+            pred = twin.predict(x)
+        if prec == "fp32":  # the fp32 file is the source model: same loss, same detections
+            assert twin_loss == pytest.approx(src_loss, rel=1e-4)
+            ref = source.predict(x)
+            assert torch.allclose(pred[0]["boxes"][:5], ref[0]["boxes"][:5], atol=1e-2)
+        assert np.isfinite(twin_loss) and len(pred) == 2 and twin.features(x).shape[1] == source.mid_channels
+
+
+def test_frcnn_twins_equal_onnxruntime_parts_and_pipeline(frcnn):
+    from fa_deploy.split import PipelineBackend
+
+    w, out, (x, targets) = frcnn
+    source, _ = load_model(str(w))
+    source.eval()
+    for prec in PRECISIONS:
+        manifest = out / f"last.{prec}.pipeline.json"
+        twin = load_twin(str(manifest), verify_images=x)
+        assert isinstance(twin, FasterRCNNTwin)
+        assert twin.precisions == {"backbone": prec, "roi_heads": "fp32" if prec == "int8" else prec}
+        assert set(twin.verification) == {"backbone", "roi_heads"}
+        assert all(r["passed"] for r in twin.verification.values())
+        assert len(twin.verification["backbone"]["outputs"]) == 16  # 15 outputs + layer4 (the M-th layer)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            twin_loss = float(_loss(twin, x, targets))
+            torch.manual_seed(0)  # the same proposal sampling for both
+            src_loss = float(_loss(source, x, targets))
+            raw = twin.export_module()(x).numpy()
+        assert np.isfinite(twin_loss) and twin.features(x).shape[1] == source.mid_channels
+        if prec == "fp32":
+            assert twin_loss == pytest.approx(src_loss, rel=1e-4)
+            # the twin's pipeline is the deployed pipeline: same detections as PipelineBackend on the same files
+            np.testing.assert_allclose(raw, PipelineBackend(str(manifest), ["CPUExecutionProvider"]).raw(x.numpy())[0],
+                                       atol=1e-3, rtol=1e-3)
+
+
+def _float_bias_int8(fp32_path, out_path, x):
+    """The int8 form with float convolution biases (ONNX Runtime's QuantizeBias: False), as fa-export is moving to."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from fa_deploy.export import _CalibrationReader, decode_nodes
+    from fa_train.models.yolov3 import YoloV3
+
+    exclude = decode_nodes(onnx.load(str(fp32_path)), YoloV3.export_keep_float32)
+    quantize_static(str(fp32_path), str(out_path), _CalibrationReader([x]), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+
+
+def _int32_bias_dqs(path):
+    m = onnx.load(str(path))
+    inits = {i.name: i.data_type for i in m.graph.initializer}
+    return sum(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == onnx.TensorProto.INT32
+               for n in m.graph.node)
+
+
+def test_int8_twin_with_int32_and_with_float_biases(exported, yolo_data, tmp_path):
+    x, _ = yolo_data
+    assert _int32_bias_dqs(exported["int8"]) > 0  # today's export: int32 biases, dequantized
+    float_bias = tmp_path / "last.int8.onnx"
+    _float_bias_int8(exported["fp32"], float_bias, x.numpy())
+    assert _int32_bias_dqs(float_bias) == 0
+    rep = verify_twin(OnnxGraph(str(float_bias)), str(float_bias), x.numpy())
+    assert rep["precision"] == "int8" and rep["passed"]
+
+
+def _scaled_activation(path, which, factor):
+    """The int8 model with one activation's quantization scale multiplied by `factor` (in memory)."""
+    name = OnnxGraph(str(path)).fake_quant_steps()[which].attrs["q_output"]
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == name)
+    s = inits[q.input[1]]
+    s.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(s) * np.float32(factor), s.name))
+    return m, q.output[0]
+
+
+def test_wrong_twin_is_refused_with_the_numbers(exported, yolo_data, frcnn):
+    x, targets = yolo_data
+    for which in (3, -5):  # an early and a late activation
+        wrong, name = _scaled_activation(exported["int8"], which, 2.0)
+        with pytest.raises(TwinMismatch) as e:
+            verify_twin(OnnxGraph(wrong), str(exported["int8"]), x.numpy())
+        msg = str(e.value)
+        assert str(exported["int8"]) in msg and name in msg and "steps" in msg
+    # a twin is never used unverified, and a failed verify leaves it unusable
+    twin = load_twin(str(exported["int8"]))
+    with pytest.raises(TwinError, match="not verified"):
+        twin.forward_train(x, targets)
+    twin.graphs["model"] = OnnxGraph(_scaled_activation(exported["int8"], 3, 2.0)[0])
+    with pytest.raises(TwinMismatch):
+        twin.verify(x)
+    with pytest.raises(TwinError, match="not verified"):
+        twin.predict(x)
+    # the same for a Faster R-CNN part
+    w, out, (fx, _) = frcnn
+    part = out / "last.int8.backbone.onnx"
+    wrong, name = _scaled_activation(part, 10, 0.5)
+    transformed = load_model(str(w))[0].detector.transform(list(fx))[0].tensors.numpy()
+    with pytest.raises(TwinMismatch, match="last.int8.backbone.onnx"):
+        verify_twin(OnnxGraph(wrong), str(part), transformed)
+
+
+def test_exposing_int8_activations_leaves_onnxruntime_outputs_unchanged(exported, yolo_data, frcnn):
+    """The int8 check reads ONNX Runtime's integer activations; exposing them must not change what it computes."""
+    x, _ = yolo_data
+    w, out, (fx, _) = frcnn
+    transformed = load_model(str(w))[0].detector.transform(list(fx))[0].tensors.numpy()
+    for path, inp in ((exported["int8"], x.numpy()), (out / "last.int8.backbone.onnx", transformed)):
+        g = OnnxGraph(str(path))
+        expose = {st.attrs["q_output"]: st.attrs["q_type"] for st in g.fake_quant_steps()}
+        plain = reference_session(str(path), "int8").run(g.output_names, {g.input_names[0]: inp})
+        exposed = reference_session(str(path), "int8", expose).run(g.output_names, {g.input_names[0]: inp})
+        for a, b in zip(plain, exposed):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gradients_reach_the_input(exported, yolo_data, frcnn):
+    x, targets = yolo_data
+    w, out, (fx, ftargets) = frcnn
+    twins = [(load_twin(str(exported[p]), verify_images=x), x, targets) for p in PRECISIONS]
+    twins.append((load_twin(str(out / "last.int8.pipeline.json"), verify_images=fx), fx, ftargets))
+    for twin, images, t in twins:
+        xx = images.clone().requires_grad_(True)
+        _loss(twin, xx, t).backward()
+        g = xx.grad
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, twin.source
+        assert not list(twin.parameters())  # the file's weights are constants of the twin, never trained
+
+
+def _deployed_loss(path, twin, x, targets):
+    """The detection loss of the deployed file itself: ONNX Runtime's head maps (exposed from the default session,
+    as the backend runs it), through the model's own yolo_loss."""
+    import onnxruntime as ort
+
+    from fa_train.models.yolov3 import yolo_loss
+
+    m = onnx.load(str(path))
+    for name in twin.head_names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    heads = [torch.from_numpy(h) for h in s.run(twin.head_names, {"images": x.numpy()})]
+    return float(sum(yolo_loss(heads, targets, twin.anchors, twin.strides, twin.num_classes, twin.cfg.loss).values()))
+
+
+def test_pgd_on_the_int8_twin_raises_the_deployed_files_loss(exported, yolo_data):
+    from fa_train.adversarial.attacks import pgd_attack
+
+    x, targets = yolo_data
+    twin = load_twin(str(exported["int8"]), verify_images=x)
+    adv = pgd_attack(twin, x, targets, eps=0.03, steps=3)
+    assert (adv - x).abs().max() <= 0.03 + 1e-6 and not torch.equal(adv, x)
+    with torch.no_grad():
+        assert float(_loss(twin, adv, targets)) > 1.2 * float(_loss(twin, x, targets))
+    # the file itself: ONNX Runtime's loss rises with the twin's, and the twin still matches it on the attacked images
+    clean, attacked = (_deployed_loss(exported["int8"], twin, im, targets) for im in (x, adv))
+    assert attacked > 1.2 * clean
+    assert twin.verify(adv)["model"]["passed"]
+
+
+def test_load_twin_of_engines_and_bad_inputs(exported, yolo_data, frcnn, tmp_path):
+    x, _ = yolo_data
+    engine = tmp_path / "last.int8.engine"  # a TensorRT engine is attacked through the ONNX file it was built from
+    engine.write_bytes(b"not read")
+    (tmp_path / "last.int8.engine.json").write_text(json.dumps({"format": "tensorrt", "onnx": str(exported["int8"])}))
+    twin = load_twin(str(engine), verify_images=x)
+    assert twin.files["model"] == str(exported["int8"]) and twin.precision == "int8"
+    # an engine pipeline: each part's engine names its ONNX part
+    _, out, _ = frcnn
+    info = json.loads((out / "last.fp16.pipeline.json").read_text())
+    for part, onnx_name in info["parts"].items():
+        (tmp_path / f"{part}.engine").write_bytes(b"not read")
+        (tmp_path / f"{part}.engine.json").write_text(json.dumps({"onnx": str(out / onnx_name)}))
+    info.update(format="tensorrt-pipeline", parts={p: f"{p}.engine" for p in info["parts"]})
+    (tmp_path / "last.fp16.engine.pipeline.json").write_text(json.dumps(info))
+    twin = load_twin(str(tmp_path / "last.fp16.engine.pipeline.json"))
+    assert isinstance(twin, FasterRCNNTwin) and twin.files["backbone"] == str(out / "last.fp16.backbone.onnx")
+    assert twin.precision == "fp16" and twin.verification is None
+    (tmp_path / "last.int8.engine.json").write_text(json.dumps({"format": "tensorrt"}))
+    with pytest.raises(TwinError, match="built from"):
+        load_twin(str(engine))
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(exported["fp32"].read_bytes())
+    with pytest.raises(TwinError, match="no fa-export sidecar"):
+        load_twin(str(bare))
+    m = onnx.load(str(exported["fp32"]))
+    m.graph.node[-1].op_type = "Einsum"
+    with pytest.raises(Exception, match="operators outside what the twin interprets"):
+        OnnxGraph(m)
