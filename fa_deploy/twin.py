@@ -455,7 +455,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
 
 
 def _onnx_behind_engine(path: str) -> str:
-    from .export import read_sidecar
+    from .metadata import read_sidecar
 
     side = read_sidecar(path) or {}
     onnx_path = side.get("onnx")
@@ -473,8 +473,8 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
     from fa_train.models import create_model
 
     from .backends import ENGINE_SUFFIXES
-    from .export import read_sidecar
     from .loading import PIPELINE_SUFFIX
+    from .metadata import onnx_metadata, read_sidecar
 
     if not os.path.isfile(path):
         raise TwinError(f"{path}: file not found")
@@ -494,10 +494,11 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
     else:
         if os.path.splitext(path)[1].lower() in ENGINE_SUFFIXES:
             return load_twin(_onnx_behind_engine(path), verify_images, fp16)
-        side = read_sidecar(path)
-        if not side or "model" not in side:
-            raise TwinError(f"{path}: no fa-export sidecar ({path}.json) describing the model; the twin needs it")
-        arch = dict(side["model"])
+        model_info = (read_sidecar(path) or {}).get("model") or onnx_metadata(path).get("model")
+        if not model_info:
+            raise TwinError(f"{path}: neither a fa-export sidecar ({path}.json) nor the file's metadata describes the "
+                            f"model; the twin needs it")
+        arch = dict(model_info)
         name = arch.pop("name")
         if name != YoloV3.model_name:
             raise TwinError(f"{path}: no whole-model twin for {name!r} (a Faster R-CNN is deployed as a pipeline: "

@@ -16,7 +16,6 @@ from fa_deploy.onnx_torch import OnnxGraph
 from fa_deploy.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin,
                             reference_session, verify_twin)
 from fa_train.checkpoint import load_model
-from test_deploy import exported, overfit  # noqa: F401  (the tiny YOLOv3 that memorised two images, exported)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -112,7 +111,7 @@ def _float_bias_int8(fp32_path, out_path, x):
     """The int8 form with float convolution biases (ONNX Runtime's QuantizeBias: False), as fa-export is moving to."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from fa_deploy.export import _CalibrationReader, decode_nodes
+    from fa_deploy.onnx_export import _CalibrationReader, decode_nodes
     from fa_train.models.yolov3 import YoloV3
 
     exclude = decode_nodes(onnx.load(str(fp32_path)), YoloV3.export_keep_float32)
