@@ -209,7 +209,8 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
 
 
 def run_deployment(s: BenchSettings, log=print) -> BenchResult:
-    """The harness: adversarial images from the source weights, every backend on the same images, the gate."""
+    """The harness: every backend on the same clean images and on the adversarial images of each threat (from the
+    source weights; from the backend's verified twin: white-box and differential), the gate on the worst case."""
     from fa_train import distributed as D
     from fa_train.checkpoint import check_classes, load_model
     from fa_train.engine import make_loader, resolve_device
@@ -217,8 +218,9 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
 
     from .backends import BackendError
     from .onnx_export import sha256
-    from .harness import gate, run_harness
+    from .harness import distinct_names, gate, run_harness
     from .loading import load_backend
+    from .threats import file_hash, load_twins
 
     if D.env_world_size() > 1:
         raise BackendError("--backend runs in one process (the exported models are not sharded); "
@@ -236,22 +238,41 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     check_classes(ckpt, ds.class_names, weights, ds.name)
     loader = make_loader(ds, s.batch_size, False, s.workers)
     check_backend_outputs(model, loaded, s.backends, ds, dev)
+    names = distinct_names(list(s.backends))
+    threats = s.threats
+    twins, hashes = None, None
+    if any(t != "transfer" for t in threats):
+        import torch
+
+        verify = torch.stack([ds[i][0] for i in range(min(2, len(ds)))])
+        log(f"threats {', '.join(threats)}: building the differentiable twin of each backend and verifying it "
+            f"against ONNX Runtime")
+        twins = load_twins(s.backends, names, verify, dev, log=log)
+        hashes = [file_hash(b) for b in s.backends]
     res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attacks, s.cache_dir, wsha,
                       progress=not s.quiet, source_path=weights, apgd_iterations=s.apgd_iterations,
-                      restarts=s.restarts, tog_score=s.tog_score, seed=s.attack_seed)
+                      restarts=s.restarts, tog_score=s.tog_score, seed=s.attack_seed, threats=threats, twins=twins,
+                      backend_hashes=hashes, diff_weight=s.diff_weight, detect_score=s.detect_score)
     none = s.attacks == ("none",)
     ap_cols = ["clean"] + ([] if none else robustness_columns(s.attacks, s.steps))
     drops = [k for k in res["rows"][0] if k.startswith("drop_")]
-    columns = ["backend", "format", "precision", "provider", "size_MB", *ap_cols, *drops, "drift_clean",
-               *([] if none else ["drift_adv"]), "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
-    title = f"AP50 on {ds.name}" + attack_title(s, " from the source weights")
-    failures = gate(res["rows"], s.max_drop)
+    misses = ["misses_clean"] + ([] if none else ["misses_adv"])
+    columns = ["backend", *([] if none else ["threat"]), "format", "precision", "provider", "size_MB", *ap_cols,
+               *drops, *misses, "drift_clean", *([] if none else ["drift_adv"]), "ms/img", "p90_ms", "img/s",
+               "pre_ms", "post_ms"]
+    title = f"AP50 on {ds.name}" + attack_title(s, " from the source weights" if threats == ("transfer",) else "")
+    if not none:
+        title += f"; threats: {', '.join(threats)}" + (f" (differential weight {s.diff_weight:g})"
+                                                       if "differential" in threats else "")
+    failures = gate(res["rows"], s.max_drop, s.max_deploy_misses)
     extra = {k: v for k, v in res.items() if k != "rows"}
-    extra["gate"] = {"max_drop": s.max_drop, "failures": failures}
+    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "failures": failures}
+    gate_name = f"gate (max drop {s.max_drop}" + (f", max deployment-only misses {s.max_deploy_misses:.0%}"
+                                                  if s.max_deploy_misses is not None else "") + \
+        (", worst case over threats)" if len(threats) > 1 else ")")
     return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures, extra=extra,
-                       gate_name=f"gate (max drop {s.max_drop})",
-                       context={"sources": [("source", model)],
-                                "backends": [(r["backend"], b) for r, b in zip(res["rows"][1:], loaded)],
+                       gate_name=gate_name,
+                       context={"sources": [("source", model)], "backends": list(zip(names, loaded)),
                                 "dataset": ds, "device": dev, "main": True})
 
 
@@ -364,8 +385,9 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
     os.makedirs(rd, exist_ok=True)
     plots = []
     if backends:
-        label, title, verdict_line = "backend", "fa-bench: deployment report", \
-            f"{'PASS' if not result.failures else 'FAIL'} (max drop {s.max_drop})"
+        label, title = "backend", "fa-bench: deployment report"
+        verdict_line = f"{result.gate_name}: " + ("PASS" if not result.failures else
+                                                  "FAIL: " + "; ".join(result.failures))
         plots.append(("drop of each backend against the source",
                       drop_plot(result.rows, os.path.join(rd, "deploy_drop.png"), s.max_drop)))
     elif result.gate_name == "sanity":

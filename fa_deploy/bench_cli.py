@@ -67,6 +67,17 @@ def _numbers(value: str, kind):
                    "--weights")
 @click.option("--max-drop", type=float, default=0.02,
               help="with --backend: exit 1 when a backend's clean AP50 or advAP is lower than the source's by more")
+@click.option("--max-deploy-misses", type=float, default=0.1, show_default=True,
+              help="with --backend: exit 1 when a backend misses more than this fraction of the objects the source "
+                   "detects on the same images (deployment-only misses), worst case over --threat")
+@click.option("--threat", help="with --backend: transfer (images from the source weights), whitebox (from the "
+              "backend's verified differentiable twin), differential (from the twin, keeping the source's detections), "
+              "a comma-separated list, or all (default)")
+@click.option("--diff-weight", type=float, default=1.0, show_default=True,
+              help="differential threat: weight of the penalty on changing the source's detections")
+@click.option("--detect-score", type=float, default=0.25, show_default=True,
+              help="score from which a detection counts as detecting an object (deployment-only misses, and the "
+                   "source detections the differential threat keeps)")
 @click.option("--cross-model", is_flag=True,
               help="with --backend: compare files exported from other weights than --weights (an error otherwise)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="keep the adversarial images on disk to reuse")

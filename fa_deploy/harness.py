@@ -1,10 +1,11 @@
-"""The deployment harness: adversarial images made once from the source weights' gradients (the paper's PGD rows
-by default, or any of fa-bench's attacks), every backend evaluated on the same clean and adversarial images, and a
-parity gate on the robustness a deployment loses.
+"""The deployment harness: every backend evaluated on the same clean images and on adversarial images made three
+ways (`--threat`, fa_deploy/threats.py): from the source weights' gradients (transfer: the same images for every
+backend), on the backend's own differentiable twin (white-box), and on the twin against the source's agreement
+(differential); the paper's PGD rows by default, or any of fa-bench's attacks. Per backend and threat: AP50,
+deployment-only misses and output drift; a gate on each backend's worst case over its threats.
 
-Engines cannot be differentiated, so the attack is the source model's (a transfer setting for the deployed
-model, white-box for the source). Each batch's adversarial images are generated and evaluated on every backend
-before the next batch, so memory stays flat as the test set grows; `cache_dir` keeps them on disk to reuse.
+Each batch's adversarial images are generated and evaluated on every backend before the next batch, so memory
+stays flat as the test set grows; `cache_dir` keeps them on disk to reuse (keyed by threat and deployed file).
 """
 from __future__ import annotations
 
@@ -71,48 +72,84 @@ def _column_cache_id(col) -> tuple:
     return (f"{col.column}|it{b.iterations}|r{b.restarts}|s{b.seed}|score{getattr(obj, 'score_thres', '')}", 0)
 
 
-def _adversarial_inputs(model, plan, clean, targets, keys, cache_dir, weights_sha, dataset, eps, bar,
-                        with_losses: bool):
-    """Per column of the attack plan, the batch's adversarial images (from `cache_dir` when there) and, for the
-    worst case, each image's ground-truth loss on the source."""
+def _adversarial_inputs(attacker, plan, clean, targets, keys, cache_dir, cache_id, weights_sha, dataset, eps, bar,
+                        with_losses: bool, wrap=None):
+    """Per column of the attack plan, the batch's adversarial images made on `attacker` (the source, or a
+    deployed file's twin), from `cache_dir` when there, and for the worst case each image's ground-truth loss on
+    the attacker. `wrap` turns the column's objective into the threat's (the differential one); `cache_id` names
+    the threat and the deployed file's hash in the cache key."""
     from fa_train.adversarial.attacks import run_attack
     from fa_train.adversarial.suite import ground_truth_losses
 
     inputs, losses = {}, {}
     for col in plan:
         attack_id, k = _column_cache_id(col)
-        path = os.path.join(cache_dir, _cache_key(weights_sha, dataset, attack_id, eps, k, keys)) \
+        path = os.path.join(cache_dir, _cache_key(weights_sha, dataset, f"{cache_id}|{attack_id}", eps, k, keys)) \
             if cache_dir else None
         cached = _load_cached(path, clean.shape) if path else None
         if cached is not None:
             adv = torch.from_numpy(cached).to(clean.device)
         else:
-            bar.set_postfix(attack=col.column)
-            adv = run_attack(model, col.objective, col.rule, col.budget, clean, targets, image_keys=keys).images
+            bar.set_postfix(attack=f"{col.column} {cache_id.split('|')[0]}")
+            objective = wrap(col.objective) if wrap else col.objective
+            adv = run_attack(attacker, objective, col.rule, col.budget, clean, targets, image_keys=keys).images
             if path:
                 os.makedirs(cache_dir, exist_ok=True)
                 np.save(path + ".tmp.npy", adv.cpu().numpy())
                 os.replace(path + ".tmp.npy", path)
         inputs[col.column] = adv
         if with_losses:
-            losses[col.column] = ground_truth_losses(model, adv, targets)
+            losses[col.column] = ground_truth_losses(attacker, adv, targets)
     return inputs, losses
+
+
+class _Tally:
+    """What one (backend, threat) accumulates: COCO detections per setting, output drift against the source,
+    and deployment-only misses on the clean and on the adversarial images."""
+
+    def __init__(self, settings):
+        self.results = {s: [] for s in settings}
+        self.drift = {"clean": [], "adv": []}
+        self.misses = {"clean": [0, 0], "adv": [0, 0]}
+
+    def add_misses(self, kind: str, counts) -> None:
+        self.misses[kind][0] += counts[0]
+        self.misses[kind][1] += counts[1]
+
+    def miss_fraction(self, kind: str) -> Optional[float]:
+        detected, missed = self.misses[kind]
+        return missed / detected if detected else None
 
 
 def run_harness(model, backends: Sequence[Backend], loader, device, eps: float = 0.03, steps=(1, 3, 5, 10),
                 attack="pgd", cache_dir: Optional[str] = None, weights_sha: str = "", progress: bool = True,
                 latency_iters: int = 10, source_path: Optional[str] = None, apgd_iterations: int = 20,
-                restarts: int = 1, tog_score: float = 0.5, seed: int = 0) -> Dict:
+                restarts: int = 1, tog_score: float = 0.5, seed: int = 0, threats: Sequence[str] = ("transfer",),
+                twins: Optional[Sequence] = None, backend_hashes: Optional[Sequence[str]] = None,
+                diff_weight: float = 1.0, detect_score: float = 0.25) -> Dict:
     """`attack`: any of fa-bench's attacks or a list of them (fa_train/adversarial/suite.py); with more than one,
-    a "worst" column: per image the candidate with the largest ground-truth loss on the source, the same images
-    for every backend."""
+    a "worst" column: per image the candidate with the largest ground-truth loss on the model the attack ran on.
+    `threats` (fa_deploy/threats.py): transfer (images from the source, the same for every backend), whitebox and
+    differential (images from each backend's verified twin in `twins`, evaluated on that backend). One row per
+    backend and threat, and with several threats a "worst" row per backend: each AP50 column's minimum and each
+    miss fraction's maximum over its threats."""
     from tqdm import tqdm
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
 
+    from .threats import Differential, deployment_misses, worst_over_threats
+
     attack_names = parse_attacks(attack)
-    plan = [] if attack_names == ("none",) else attack_plan(
-        model, attack_names, AttackSettings(eps, tuple(steps), apgd_iterations, restarts, tog_score, seed))
+    none = attack_names == ("none",)
+    settings_ = AttackSettings(eps, tuple(steps), apgd_iterations, restarts, tog_score, seed)
+    plan = [] if none else attack_plan(model, attack_names, settings_)
+    threats = ("transfer",) if none else tuple(threats)
+    attacked = [t for t in threats if t != "transfer"]
+    if attacked and (twins is None or len(twins) != len(backends) or any(tw is None for tw in twins)):
+        raise ValueError(f"run_harness: threats {attacked} need a verified twin for every backend")
+    plans = {"transfer": plan}
+    for i, tw in enumerate(twins or []):  # the objectives (TOG's clean detections, ...) are the twin's own
+        plans[i] = [] if none else attack_plan(tw, attack_names, settings_)
     paper = any(n in PAPER_ROW_ATTACKS for n in attack_names)
     with_worst = len(attack_names) > 1
     columns = [c.column for c in plan]
@@ -120,51 +157,81 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     all_b: List[Backend] = [source, *backends]
     settings = ["clean"] + columns + (["worst"] if with_worst else [])
     # keyed by position: two files may share a name (every export is last.<precision>.onnx)
-    results = [{s: [] for s in settings} for _ in all_b]
-    drift = [{"clean": [], "adv": []} for _ in all_b]
+    src_tally = _Tally(settings)
+    tallies = [{t: _Tally(settings) for t in threats} for _ in backends]
+    hashes = list(backend_hashes or [""] * len(backends))
     dataset = loader.dataset
     model.eval()
     t0, n_img = time.time(), 0
     first_batch = None
-    bar = tqdm(loader, desc=f"harness ({len(all_b)} backends)", leave=False, disable=None if progress else True,
-               unit="batch")
-    for bi, (images, targets, metas) in enumerate(bar):
+    desc = f"harness ({len(all_b)} backends" + (f", threats {'/'.join(threats)})" if not none else ")")
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch")
+
+    def score(images_by_setting, losses, targets, metas, which, threat, with_source):
+        """Evaluate the source and the backends `which` on the images of each setting; accumulate."""
+        src_dets, dep = {}, {i: {} for i in which}
+        for s, x in images_by_setting.items():
+            x_np = x.cpu().numpy()
+            ref = source.raw(x_np)
+            src_dets[s] = model.postprocess(ref)
+            kind = "clean" if s == "clean" else "adv"
+            for i in which:
+                out = backends[i].raw(x_np)
+                dep[i][s] = model.postprocess(out)
+                d = float(np.mean([np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)).mean()
+                                   for o, r in zip(out, ref)]))
+                ts = [tallies[i][threat]] if threat else list(tallies[i].values())
+                for tl in ts:
+                    tl.drift[kind].append(d)
+                    tl.add_misses(kind, deployment_misses(targets, src_dets[s], dep[i][s], detect_score))
+        if with_worst and losses:  # per image the largest-loss candidate of the model the attack ran on
+            cols = list(losses)
+            pick = torch.stack([losses[c] for c in cols]).argmax(0).tolist()
+            src_dets["worst"] = [src_dets[cols[j]][n] for n, j in enumerate(pick)]
+            for i in which:
+                dep[i]["worst"] = [dep[i][cols[j]][n] for n, j in enumerate(pick)]
+        for s, d in src_dets.items():
+            if with_source:
+                src_tally.results[s] += detections_to_coco(d, metas, dataset.label_to_cat_id)
+        for i in which:
+            ts = [tallies[i][threat]] if threat else list(tallies[i].values())
+            coco = {s: detections_to_coco(d, metas, dataset.label_to_cat_id) for s, d in dep[i].items()}
+            for tl in ts:
+                for s, c in coco.items():
+                    tl.results[s] += c
+
+    everyone = list(range(len(backends)))
+    for images, targets, metas in bar:
         if first_batch is None:
             first_batch = images.numpy()
         targets_d = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        inputs = {"clean": images.to(device)}
-        adv, losses = _adversarial_inputs(model, plan, inputs["clean"], targets_d, [m["image_id"] for m in metas],
-                                          cache_dir, weights_sha, dataset, eps, bar, with_worst)
-        inputs.update(adv)
-        dets = [{} for _ in all_b]
-        for s, x in inputs.items():
-            x_np = x.cpu().numpy()
-            ref = source.raw(x_np)
-            dets[0][s] = model.postprocess(ref)
-            for i, b in enumerate(backends, 1):
-                out = b.raw(x_np)
-                dets[i][s] = model.postprocess(out)
-                d = float(np.mean([np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)).mean()
-                                   for o, r in zip(out, ref)]))
-                drift[i]["clean" if s == "clean" else "adv"].append(d)
-        if with_worst:  # per image the source's largest-loss candidate, the same images for every backend
-            pick = torch.stack([losses[c] for c in columns]).argmax(0).tolist()
-            for d in dets:
-                d["worst"] = [d[columns[j]][i] for i, j in enumerate(pick)]
-        for i, d in enumerate(dets):
-            for s, dd in d.items():
-                results[i][s] += detections_to_coco(dd, metas, dataset.label_to_cat_id)
+        ids = [m["image_id"] for m in metas]
+        clean = images.to(device)
+        # clean images: the same for every threat
+        score({"clean": clean}, None, targets, metas, everyone, None, True)
+        if not none:
+            # the source's own attack: the source's adversarial AP (white-box for it) and the transfer threat
+            adv, losses = _adversarial_inputs(model, plan, clean, targets_d, ids, cache_dir, "transfer", weights_sha,
+                                              dataset, eps, bar, with_worst)
+            score(adv, losses, targets, metas, everyone if "transfer" in threats else [], "transfer", True)
+            for i in everyone:
+                for threat in attacked:
+                    wrap = None if threat == "whitebox" else (
+                        lambda obj: Differential(obj, model, diff_weight, detect_score))
+                    cache_id = f"{threat}|{hashes[i]}" + (f"|w{diff_weight!r}|s{detect_score!r}"
+                                                          if threat == "differential" else "")
+                    adv, losses = _adversarial_inputs(twins[i], plans[i], clean, targets_d, ids, cache_dir, cache_id,
+                                                      weights_sha, dataset, eps, bar, with_worst, wrap)
+                    score(adv, losses, targets, metas, [i], threat, False)
         n_img += len(images)
         bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
     gt = coco_ground_truth(dataset)
-    rows, details = [], {}
-    src_row = None
     names = ["source"] + distinct_names([b.path or b.name for b in backends])
-    for i, (b, name) in enumerate(zip(all_b, names)):
-        per = {s: coco_evaluate(gt, results[i][s], dataset.class_names) for s in settings}
-        row = {"backend": name, "path": b.path, "format": b.format, "precision": b.precision,
-               "provider": getattr(b, "provider", "?"), "size_MB": b.size_mb,
-               "clean": per["clean"]["AP50"]}
+    ap_keys = settings + (["advAP", "acAP"] if paper else [])
+
+    def ap_row(tally, base):
+        per = {s: coco_evaluate(gt, tally.results[s], dataset.class_names) for s in settings}
+        row = dict(base, clean=per["clean"]["AP50"])
         for c in columns:
             row[c] = per[c]["AP50"]
         if paper:
@@ -172,21 +239,52 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
             row["acAP"] = (row["clean"] + row["advAP"]) / 2
         if with_worst:
             row["worst"], _ = worst_row(row, per["worst"]["AP50"], columns)
-        if src_row is None:
-            src_row = row
-        for key in drop_keys(columns, paper, with_worst):
-            row[f"drop_{key}"] = src_row[key] - row[key]
-        if i > 0:
-            row["drift_clean"] = float(np.mean(drift[i]["clean"])) if drift[i]["clean"] else 0.0
-            row["drift_adv"] = float(np.mean(drift[i]["adv"])) if drift[i]["adv"] else 0.0
-        lat = measure_latency(b, model.postprocess, first_batch, iters=latency_iters,
-                              preprocess=lambda: dataset[0])
-        row["ms/img"], row["img/s"] = lat["ms_median"], lat["images_per_s"]
-        row["p90_ms"], row["pre_ms"], row["post_ms"] = lat["ms_p90"], lat["pre_ms_median"], lat["post_ms_median"]
-        rows.append(row)
-        details[name] = {s: per[s]["stats"] for s in settings}
+        return row, {s: per[s]["stats"] for s in settings}
+
+    lat_of = []
+    for b in all_b:
+        lat = measure_latency(b, model.postprocess, first_batch, iters=latency_iters, preprocess=lambda: dataset[0])
+        lat_of.append({"ms/img": lat["ms_median"], "img/s": lat["images_per_s"], "p90_ms": lat["ms_p90"],
+                       "pre_ms": lat["pre_ms_median"], "post_ms": lat["post_ms_median"]})
+
+    def base_of(i, b, name):
+        return {"backend": name, "threat": "" if i == 0 else None, "path": b.path, "format": b.format,
+                "precision": b.precision, "provider": getattr(b, "provider", "?"), "size_MB": b.size_mb}
+
+    drops = drop_keys(columns, paper, with_worst)
+    src_row, details = None, {}
+    src_row, details["source"] = ap_row(src_tally, base_of(0, source, "source"))
+    src_row["threat"] = "-" if none else "own"
+    for key in drops:
+        src_row[f"drop_{key}"] = 0.0
+    src_row.update(lat_of[0])
+    rows = [src_row]
+    miss_keys = ["misses_clean"] + ([] if none else ["misses_adv"])
+    for i, (b, name) in enumerate(zip(backends, names[1:])):
+        group = []
+        for threat in threats:
+            tl = tallies[i][threat]
+            row, details[f"{name} [{threat}]"] = ap_row(tl, base_of(i + 1, b, name))
+            row["threat"] = threat
+            row["misses_clean"] = tl.miss_fraction("clean")
+            if not none:
+                row["misses_adv"] = tl.miss_fraction("adv")
+            row["drift_clean"] = float(np.mean(tl.drift["clean"])) if tl.drift["clean"] else 0.0
+            row["drift_adv"] = float(np.mean(tl.drift["adv"])) if tl.drift["adv"] else 0.0
+            group.append(row)
+        if len(group) > 1:
+            worst = worst_over_threats(group, ap_keys, miss_keys)
+            worst["drift_clean"] = max(r["drift_clean"] for r in group)
+            worst["drift_adv"] = max(r["drift_adv"] for r in group)
+            group.append(worst)
+        for row in group:
+            for key in drops:
+                row[f"drop_{key}"] = src_row[key] - row[key]
+            row.update(lat_of[i + 1])
+        rows += group
     return {"rows": rows, "details": details, "eps": eps, "steps": list(steps), "attack": ",".join(attack_names),
-            "columns": columns, "images": n_img, "seconds": time.time() - t0}
+            "columns": columns, "threats": list(threats), "images": n_img, "seconds": time.time() - t0,
+            "detect_score": detect_score, "diff_weight": diff_weight if "differential" in threats else None}
 
 
 def drop_keys(columns: Sequence[str], paper: bool, with_worst: bool) -> List[str]:
@@ -198,12 +296,32 @@ def drop_keys(columns: Sequence[str], paper: bool, with_worst: bool) -> List[str
     return keys
 
 
-def gate(rows: List[Dict], max_drop: float) -> List[str]:
+def gate(rows: List[Dict], max_drop: float, max_misses: Optional[float] = None) -> List[str]:
     """Backends whose clean AP50 or adversarial AP50 (advAP, worst, or the single attack's) is lower than the
-    source's by more than `max_drop`."""
-    failures = []
+    source's by more than `max_drop`, or whose deployment-only misses exceed `max_misses`: on each backend's worst
+    case over its threats (its "worst" row; its only row with one threat), naming the threat that failed it."""
+    groups: Dict[str, List[Dict]] = {}
     for r in rows[1:]:
+        groups.setdefault(r["backend"], []).append(r)
+    failures = []
+    for name, group in groups.items():
+        r = next((g for g in group if g.get("threat") == "worst"), group[0])
+        which = r.get("worst_threat") or {}
+
+        def under(key):
+            if key in ("clean", "misses_clean"):
+                return "clean images, the same under every threat"
+            return f"under the {which.get(key, r.get('threat') or 'transfer')} threat"
+
         for key in [k for k in r if k.startswith("drop_")]:
+            ap = key.replace("drop_", "")
             if r[key] > max_drop:
-                failures.append(f"{r['backend']}: {key.replace('drop_', '')} lower by {r[key]:.4f} > {max_drop}")
+                failures.append(f"{name}: {ap} lower by {r[key]:.4f} > {max_drop} ({under(ap)})")
+        if max_misses is not None:
+            for key in ("misses_clean", "misses_adv"):
+                v = r.get(key)
+                if v is not None and v > max_misses:
+                    what = "clean" if key == "misses_clean" else "adversarial"
+                    failures.append(f"{name}: deployment-only misses: {v:.1%} of the objects the source detects on "
+                                    f"{what} images > {max_misses:.1%} ({under(key)})")
     return failures

@@ -92,11 +92,12 @@ def steps_plot(rows: List[Dict], steps: Sequence[int], path: str, label_key: str
 
 
 def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
-    """Per deployed backend: the drop of clean AP50 and advAP against the source, with the gate's threshold."""
+    """Per deployed backend (and threat): the drop of clean AP50 and advAP against the source, with the gate's
+    threshold."""
     plt = _plt()
     rows = [r for r in rows if "drop_clean" in r and r.get("format") != "torch"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
-    names = [str(r["backend"]) for r in rows] or ["(no backend)"]
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.55 * len(rows) + 2), 4.0), dpi=100)
+    names = [str(r["backend"]) + (f" [{r['threat']}]" if r.get("threat") else "") for r in rows] or ["(no backend)"]
     x = np.arange(len(names))
     keys = [k for k in (rows[0] if rows else {"drop_clean": 0.0}) if k.startswith("drop_")]
     w = 0.72 / len(keys)

@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence
 
 
 def _fmt(v):
+    if v is None:  # not defined (e.g. deployment-only misses where the source detects nothing)
+        return "-"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)

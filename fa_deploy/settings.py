@@ -58,6 +58,10 @@ class BenchSettings:
     json_path: Optional[str] = None
     md_path: Optional[str] = None
     max_drop: float = 0.02
+    max_deploy_misses: Optional[float] = 0.1
+    threat: Optional[str] = None  # --backend: transfer, whitebox, differential, a list, or all (None: all)
+    diff_weight: float = 1.0
+    detect_score: float = 0.25
     cache_dir: Optional[str] = None
     vis_dir: Optional[str] = None
     num_vis: int = 4
@@ -106,6 +110,31 @@ class BenchSettings:
         elif self.transfer_from:
             raise SettingsError("--transfer-from is a check of --sanity: give --sanity DIR too")
 
+    @property
+    def threats(self) -> Tuple[str, ...]:
+        """--threat as threat names (fa_deploy/threats.py); the transfer threat alone under --attack none."""
+        from .threats import parse_threats
+
+        if self.attacks == ("none",):
+            return ("transfer",)
+        return parse_threats(self.threat or "all")
+
+    def _validate_threats(self):
+        if self.threat is not None and not self.backends:
+            raise SettingsError(f"--threat {self.threat}: threats are attacks on deployed files; give --backend FILE")
+        try:
+            self.threats
+        except ValueError as e:
+            raise SettingsError(f"--threat {self.threat}: {e}") from None
+        if self.attacks == ("none",) and self.threat not in (None, "transfer", "all"):
+            raise SettingsError(f"--threat {self.threat} needs an attack (not --attack none)")
+        if not (self.diff_weight >= 0):
+            raise SettingsError(f"--diff-weight {self.diff_weight}: must be >= 0")
+        if not (0.0 < self.detect_score <= 1.0):
+            raise SettingsError(f"--detect-score {self.detect_score}: must be in (0, 1]")
+        if self.max_deploy_misses is not None and not (0.0 <= self.max_deploy_misses <= 1.0):
+            raise SettingsError(f"--max-deploy-misses {self.max_deploy_misses}: a fraction in [0, 1]")
+
     def validate(self) -> "BenchSettings":
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
         self.providers = tuple(self.providers or ())
@@ -134,6 +163,7 @@ class BenchSettings:
         _data_spec(self.data)
         if not (self.max_drop >= 0):
             raise SettingsError(f"--max-drop {self.max_drop}: must be >= 0")
+        self._validate_threats()
         for name in ("json_path", "md_path"):
             if getattr(self, name):
                 check_output_file(getattr(self, name), flag_of(name))

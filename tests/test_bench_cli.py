@@ -14,7 +14,8 @@ from fa_deploy.bench_cli import main as bench_main
 from fa_deploy.export_cli import export_main
 from fa_deploy.harness import _cache_key, _load_cached, distinct_names
 
-COMMON = ["--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
+COMMON = ["--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet",
+          "--threat", "transfer"]  # the white-box and differential threats: test_threats.py
 
 
 def _bench(*args):
@@ -79,7 +80,7 @@ def test_cache_key_covers_everything_that_makes_the_images(tmp_path):
 def test_cache_reused_only_for_the_same_images(overfit, exported, tmp_path):
     cache = tmp_path / "cache"
     args = ["--weights", str(overfit), "--backend", str(exported["fp32"]), "--steps", "1", "--cache-dir", str(cache),
-            "--max-drop", "1"]
+            "--max-drop", "1", "--threat", "transfer"]
     r = _bench(*args, *COMMON)
     assert r.exit_code == 0, r.output
     assert len(os.listdir(cache)) == 1

@@ -141,9 +141,13 @@ def test_fa_bench_harness_over_the_exported_files(exported, tmp_path):
                                         "--workers", "0", "--json", str(js), "--quiet", "--max-drop", "1"])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
-    assert [row["backend"] for row in rows] == ["source", "last.fp32.pipeline.json", "last.fp16.pipeline.json",
-                                                "last.int8.pipeline.json"]
+    # the default --threat all: per pipeline transfer, white-box and differential on its twin (the two part files
+    # interpreted in torch with torchvision's glue), and the worst case
+    assert [(row["backend"], row["threat"]) for row in rows] == [("source", "own")] + [
+        (f"last.{p}.pipeline.json", t) for p in ("fp32", "fp16", "int8")
+        for t in ("transfer", "whitebox", "differential", "worst")]
     src, fp32 = rows[0], rows[1]
+    assert all(r["misses_clean"] in (0.0, None) for r in rows[1:5])  # the fp32 pipeline is the source
     assert fp32["clean"] == pytest.approx(src["clean"], abs=1e-6) and fp32["drift_clean"] < 1e-3
     assert all(row["ms/img"] > 0 and "PGD-1" in row for row in rows)
     assert rows[1]["provider"] == "ort-cpu (glue: torch-cpu)"

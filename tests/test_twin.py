@@ -107,8 +107,9 @@ def test_frcnn_twins_equal_onnxruntime_parts_and_pipeline(frcnn):
                                        atol=1e-3, rtol=1e-3)
 
 
-def _float_bias_int8(fp32_path, out_path, x):
-    """The int8 form with float convolution biases (ONNX Runtime's QuantizeBias: False), as fa-export is moving to."""
+def _int8_with_bias(fp32_path, out_path, x, quantize_bias: bool):
+    """The int8 form with float convolution biases (ONNX Runtime's QuantizeBias: False, fa-export's form) or with
+    int32 biases dequantized (ONNX Runtime's default, which TensorRT cannot parse; others' files may have it)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from fa_deploy.onnx_export import _CalibrationReader, decode_nodes
@@ -118,7 +119,7 @@ def _float_bias_int8(fp32_path, out_path, x):
     quantize_static(str(fp32_path), str(out_path), _CalibrationReader([x]), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": quantize_bias})
 
 
 def _int32_bias_dqs(path):
@@ -130,11 +131,11 @@ def _int32_bias_dqs(path):
 
 def test_int8_twin_with_int32_and_with_float_biases(exported, yolo_data, tmp_path):
     x, _ = yolo_data
-    assert _int32_bias_dqs(exported["int8"]) > 0  # today's export: int32 biases, dequantized
-    float_bias = tmp_path / "last.int8.onnx"
-    _float_bias_int8(exported["fp32"], float_bias, x.numpy())
-    assert _int32_bias_dqs(float_bias) == 0
-    rep = verify_twin(OnnxGraph(str(float_bias)), str(float_bias), x.numpy())
+    assert _int32_bias_dqs(exported["int8"]) == 0  # fa-export's int8: float biases
+    int32_bias = tmp_path / "last.int8.onnx"
+    _int8_with_bias(exported["fp32"], int32_bias, x.numpy(), quantize_bias=True)
+    assert _int32_bias_dqs(int32_bias) > 0
+    rep = verify_twin(OnnxGraph(str(int32_bias)), str(int32_bias), x.numpy())
     assert rep["precision"] == "int8" and rep["passed"]
 
 
@@ -253,9 +254,13 @@ def test_load_twin_of_engines_and_bad_inputs(exported, yolo_data, frcnn, tmp_pat
     (tmp_path / "last.int8.engine.json").write_text(json.dumps({"format": "tensorrt"}))
     with pytest.raises(TwinError, match="built from"):
         load_twin(str(engine))
-    bare = tmp_path / "bare.onnx"
+    bare = tmp_path / "bare.onnx"  # no sidecar: the model is read from the file's own metadata
     bare.write_bytes(exported["fp32"].read_bytes())
-    with pytest.raises(TwinError, match="no fa-export sidecar"):
+    assert isinstance(load_twin(str(bare)), YoloTwin)
+    m = onnx.load(str(bare))
+    del m.metadata_props[:]  # and a file nothing describes is refused, named
+    onnx.save(m, str(bare))
+    with pytest.raises(TwinError, match="neither a fa-export sidecar .* nor the file's metadata"):
         load_twin(str(bare))
     m = onnx.load(str(exported["fp32"]))
     m.graph.node[-1].op_type = "Einsum"

@@ -1,0 +1,164 @@
+"""Who attacks the deployed model, and what a deployment loses: the three threats of `fa-bench --backend --threat`
+and the deployment-only misses.
+
+- `transfer`: the adversarial images are made on the source weights and every backend is evaluated on them (the
+  attacker holds the training checkpoint; a lower bound for the deployed model).
+- `whitebox`: the attack is computed on the backend's differentiable twin (`fa_deploy/twin.py`: the ONNX graph
+  interpreted in torch, fp16 nodes and int8 Q/DQ as the file has them, verified against ONNX Runtime before use)
+  and the images are evaluated on the backend itself (an attacker who holds the shipped file; a TensorRT engine
+  through the twin of the ONNX file it was built from).
+- `differential` (DIVA, "A Tale of Two Models", arXiv 2204.10933): maximise the twin's objective while penalising
+  any change of the source's detections, `objective(twin) - weight * L_source(x; source's own clean detections)`:
+  images that fool the deployment while the checkpoint a check would run stays right.
+
+Deployment-only misses: the ground-truth objects the source detects on an image (a detection of score >=
+`detect_score`, right class, IoU >= 0.5) that the backend misses on the same image, as a fraction of the objects
+the source detects.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from fa_train.adversarial.attack_objectives import Objective, confident_detections
+from fa_train.adversarial.attacks import frozen_batchnorm
+
+THREATS = ("transfer", "whitebox", "differential")
+
+
+def parse_threats(value) -> Tuple[str, ...]:
+    """`--threat`: 'all', one threat, or a comma-separated list, in THREATS order."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    names = set()
+    for v in value:
+        if v == "all":
+            names.update(THREATS)
+        elif v in THREATS:
+            names.add(v)
+        else:
+            raise ValueError(f"unknown threat {v!r}; choose from {', '.join(THREATS)} or all")
+    if not names:
+        raise ValueError(f"no threat given; choose from {', '.join(THREATS)} or all")
+    return tuple(t for t in THREATS if t in names)
+
+
+class Differential(Objective):
+    """DIVA-style objective on the deployed twin (the attacked model): `inner` (any evaluation objective: the
+    detection loss for pgd / apgd, TOG, cwa) of the twin minus `weight` x the source's detection loss against its
+    own detections on the clean image (score >= `score_thres`, every other output pushed to background), so the
+    attack gains only where the deployment and the source part ways."""
+
+    def __init__(self, inner: Objective, source, weight: float = 1.0, score_thres: float = 0.25):
+        self.inner, self.source, self.weight, self.score_thres = inner, source, float(weight), score_thres
+        self.name = f"differential({inner.name}, weight {weight:g})"
+        self.uses_ground_truth = inner.uses_ground_truth
+
+    def prepare(self, model, images, targets):
+        inner = self.inner.prepare(model, images, targets)
+        with frozen_batchnorm(self.source):
+            keep = confident_detections(self.source, images, self.score_thres)
+        return list(zip(inner, keep))
+
+    def __call__(self, model, images, ctx):
+        value = self.inner(model, images, [c[0] for c in ctx])
+        with frozen_batchnorm(self.source):
+            penalty = sum(self.source.loss_terms_per_image(images, [c[1] for c in ctx]).values())
+        return value - self.weight * penalty
+
+
+def _hits(boxes: torch.Tensor, labels: torch.Tensor, det: dict, score: float) -> torch.Tensor:
+    """[G] whether each ground-truth box has a detection of score >= `score`, its class, at IoU >= 0.5."""
+    from torchvision.ops import box_iou
+
+    keep = det["scores"].cpu() >= score
+    if len(boxes) == 0 or not bool(keep.any()):
+        return torch.zeros(len(boxes), dtype=torch.bool)
+    iou = box_iou(boxes.float(), det["boxes"].cpu()[keep].float())
+    same = labels.view(-1, 1) == det["labels"].cpu()[keep].view(1, -1)
+    return ((iou >= 0.5) & same).any(1)
+
+
+def deployment_misses(targets: Sequence[dict], source_dets: Sequence[dict], deployed_dets: Sequence[dict],
+                      score: float) -> Tuple[int, int]:
+    """(objects the source detects, of those the ones the deployment misses) over a batch; objects marked
+    `ignore` (VOC's difficult) do not count."""
+    detected = missed = 0
+    for t, s, d in zip(targets, source_dets, deployed_dets):
+        boxes, labels = t["boxes"].cpu(), t["labels"].cpu()
+        if "ignore" in t:
+            keep = ~t["ignore"].cpu().bool()
+            boxes, labels = boxes[keep], labels[keep]
+        hs = _hits(boxes, labels, s, score)
+        hd = _hits(boxes, labels, d, score)
+        detected += int(hs.sum())
+        missed += int((hs & ~hd).sum())
+    return detected, missed
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a deployed file; for a pipeline manifest, of the manifest and every part it names (the cache key
+    of images made on that deployment)."""
+    from .onnx_export import sha256
+
+    if path.endswith(".pipeline.json"):
+        from .split import read_manifest
+
+        base = os.path.dirname(os.path.abspath(path))
+        h = hashlib.sha256(sha256(path).encode())
+        for k, v in sorted(read_manifest(path)["parts"].items()):
+            h.update(f"{k}:{sha256(os.path.join(base, v))}".encode())
+        return h.hexdigest()
+    return sha256(path)
+
+
+class ThreatError(RuntimeError):
+    """A threat that cannot be run on a backend (no twin can be built, or the twin does not match the file)."""
+
+
+def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.Tensor, device,
+               log=print) -> List[object]:
+    """The verified twin of each deployed file (the white-box and differential threats attack it). A file no twin
+    can be built for, or whose twin does not match ONNX Runtime, is an error naming it (with the numbers): the
+    threat is never run on a model that is not the deployed one."""
+    from .twin import TwinError, load_twin
+
+    twins = []
+    for path, name in zip(paths, names):
+        try:
+            twin = load_twin(path, verify_images=verify_images.cpu())
+        except TwinError as e:
+            raise ThreatError(f"--threat whitebox/differential: {name}: {e} (run with --threat transfer to skip "
+                              f"the attacks on the deployed file)") from None
+        twin.to(device).eval()
+        for p in twin.parameters():
+            p.requires_grad_(False)
+        log(f"[{name}] {twin.precision} twin verified against ONNX Runtime on {len(verify_images)} images")
+        twins.append(twin)
+    return twins
+
+
+def worst_over_threats(rows: Sequence[dict], keys: Sequence[str], miss_keys: Sequence[str]) -> Optional[dict]:
+    """A backend's worst case over its threat rows: each AP50 column's minimum and each miss fraction's maximum,
+    with the threat that gave it (`worst_threat`)."""
+    if not rows:
+        return None
+    out = {k: v for k, v in rows[0].items() if k not in keys and k not in miss_keys}
+    out["threat"], which = "worst", {}
+    for k in keys:
+        vals = [(r[k], r["threat"]) for r in rows if k in r]
+        if vals:
+            out[k], which[k] = min(vals, key=lambda v: v[0])
+    for k in miss_keys:
+        vals = [(r[k], r["threat"]) for r in rows if r.get(k) is not None]
+        if vals:
+            out[k], which[k] = max(vals, key=lambda v: v[0])
+    out["worst_threat"] = which
+    return out
+
+
+__all__ = ["THREATS", "parse_threats", "Differential", "deployment_misses", "file_hash", "ThreatError",
+           "load_twins", "worst_over_threats"]

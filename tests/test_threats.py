@@ -1,0 +1,191 @@
+"""fa-bench --backend --threat (fa_deploy/threats.py, fa_deploy/harness.py): the white-box and differential threats
+on the deployed files' twins, deployment-only misses, the worst case over threats, the gate, the cache keys."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fa_deploy.bench_cli import main as bench_main
+from fa_deploy.threats import Differential, deployment_misses, parse_threats, worst_over_threats
+from fa_deploy.twin import load_twin
+from fa_train.adversarial.attack_objectives import DetectionLoss
+from fa_train.adversarial.attacks import Budget, SignStep, run_attack
+from fa_train.adversarial.suite import ground_truth_losses
+from fa_train.checkpoint import load_model
+
+SPLIT = ["--test-split", "shapes:train", "--max-images", "2"]  # the overfit model's own two images
+
+
+def _bench(*args):
+    r = CliRunner().invoke(bench_main, [*args, "--quiet"])
+    return r
+
+
+def _data(weights):
+    from fa_deploy.bench import dataset_for
+
+    _, ckpt = load_model(str(weights))
+    ds = dataset_for(ckpt, "test", None, 64, split="shapes:train", max_images=2, log=None)
+    return torch.stack([ds[i][0] for i in range(2)]), [ds[i][1] for i in range(2)]
+
+
+def _crushed_int8(src, out, which=(3, 10, 20, 30), factor=0.5):
+    """The int8 file with a few activation quantization scales crushed (x factor): fragile on purpose."""
+    from fa_deploy.onnx_torch import OnnxGraph
+
+    steps = OnnxGraph(str(src)).fake_quant_steps()
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    for w in which:
+        q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == steps[w].attrs["q_output"])
+        s = inits[q.input[1]]
+        s.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(s) * np.float32(factor), s.name))
+    onnx.save(m, str(out))
+    with open(str(src) + ".json") as f:
+        side = json.load(f)
+    with open(str(out) + ".json", "w") as f:
+        json.dump(side, f)
+    return out
+
+
+def test_threat_flags_are_checked(overfit, exported):
+    r = _bench("--weights", str(overfit), "--threat", "whitebox")
+    assert r.exit_code == 2 and "--threat whitebox" in r.output and "--backend" in r.output
+    r = _bench("--weights", str(overfit), "--backend", str(exported["fp32"]), "--threat", "blackbox")
+    assert r.exit_code == 2 and "'blackbox'" in r.output and "transfer, whitebox, differential" in r.output
+    r = _bench("--weights", str(overfit), "--backend", str(exported["fp32"]), "--max-deploy-misses", "1.5")
+    assert r.exit_code == 2 and "--max-deploy-misses" in r.output
+    r = _bench("--weights", str(overfit), "--backend", str(exported["fp32"]), "--attack", "none", "--threat",
+               "whitebox")
+    assert r.exit_code == 2 and "--attack none" in r.output
+    assert parse_threats("all") == ("transfer", "whitebox", "differential")
+    assert parse_threats("differential,transfer") == ("transfer", "differential")
+
+
+def _det(boxes, labels, scores):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+            "scores": torch.tensor(scores)}
+
+
+def test_deployment_misses_counted_by_hand():
+    gt = [{"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]),
+           "labels": torch.tensor([0, 1, 2]), "ignore": torch.tensor([False, False, True])},
+          {"boxes": torch.tensor([[0., 0, 8, 8]]), "labels": torch.tensor([1])}]
+    # image 0: the source finds objects 0 and 1 (object 2 is ignored); the backend finds object 0 at IoU 0.81,
+    # object 1 only with the wrong class, and a low-score box; image 1: the source misses at score 0.25
+    src = [_det([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0, 1, 2], [0.9, 0.8, 0.9]),
+           _det([[0, 0, 8, 8]], [1], [0.2])]
+    dep = [_det([[0, 0, 9, 9], [20, 20, 30, 30], [20, 20, 30, 30]], [0, 0, 1], [0.5, 0.9, 0.1]), _det([], [], [])]
+    assert deployment_misses(gt, src, dep, 0.25) == (2, 1)
+    assert deployment_misses(gt, src, src, 0.25) == (2, 0)
+    # at 0.15 image 1's source detection (0.2) counts, and the backend has nothing there
+    assert deployment_misses(gt, src, dep, 0.15) == (3, 2)
+    assert deployment_misses(gt, src, dep, 0.05) == (3, 1)  # at 0.05 the backend's 0.1 box of class 1 counts too
+
+
+def test_worst_over_threats_takes_each_columns_worst():
+    rows = [{"backend": "b", "threat": "transfer", "clean": 0.8, "advAP": 0.3, "misses_adv": 0.1},
+            {"backend": "b", "threat": "whitebox", "clean": 0.8, "advAP": 0.2, "misses_adv": None},
+            {"backend": "b", "threat": "differential", "clean": 0.8, "advAP": 0.5, "misses_adv": 0.4}]
+    w = worst_over_threats(rows, ["clean", "advAP"], ["misses_adv"])
+    assert (w["threat"], w["advAP"], w["misses_adv"]) == ("worst", 0.2, 0.4)
+    assert w["worst_threat"] == {"clean": "transfer", "advAP": "whitebox", "misses_adv": "differential"}
+
+
+def test_whitebox_on_the_int8_file_reaches_a_higher_loss_than_transfer(overfit, exported):
+    """PGD-10 on the int8 twin (verified against ONNX Runtime: the deployed file's function) against PGD-10 on
+    the source, both scored by the deployed file's loss."""
+    source, _ = load_model(str(overfit))
+    source.eval()
+    x, t = _data(overfit)
+    twin = load_twin(str(exported["int8"]), verify_images=x).eval()
+    rule, budget = SignStep(0.003), Budget(0.03, 10)
+    transfer = run_attack(source, DetectionLoss(), rule, budget, x, t, image_keys=[0, 1]).images
+    white = run_attack(twin, DetectionLoss(), SignStep(0.003), budget, x, t, image_keys=[0, 1]).images
+    lt, lw = ground_truth_losses(twin, transfer, t), ground_truth_losses(twin, white, t)
+    assert float(lw.sum()) >= float(lt.sum()), (lw, lt)
+
+
+def test_differential_attack_keeps_the_sources_detections_and_moves_the_backend(overfit, exported, tmp_path):
+    source, _ = load_model(str(overfit))
+    source.eval()
+    x, t = _data(overfit)
+    twin = load_twin(str(_crushed_int8(exported["int8"], tmp_path / "crushed.int8.onnx")), verify_images=x).eval()
+    obj = Differential(DetectionLoss(), source, weight=3.0, score_thres=0.25)
+    adv = run_attack(twin, obj, SignStep(0.003), Budget(0.03, 10), x, t, image_keys=[0, 1]).images
+    assert (adv - x).abs().max() <= 0.03 + 1e-6
+    with torch.no_grad():
+        src_clean, src_adv = source.predict(x), source.predict(adv)
+    detected, lost = deployment_misses(t, src_clean, src_adv, 0.25)
+    assert detected >= 2 and lost <= detected // 4, (detected, lost)  # the source keeps its detections ...
+    rise_src = ground_truth_losses(source, adv, t) - ground_truth_losses(source, x, t)
+    rise_dep = ground_truth_losses(twin, adv, t) - ground_truth_losses(twin, x, t)
+    assert (rise_dep > rise_src).all(), (rise_dep, rise_src)  # ... while the deployment's loss rises more
+
+
+def test_threats_rows_fp32_in_disguise_and_the_cache(overfit, exported, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--weights", str(overfit), *SPLIT, "--backend", str(exported["fp32"]), "--backend",
+            str(exported["int8"]), "--cache-dir", str(cache), "--steps", "1,3", "--max-drop", "1",
+            "--max-deploy-misses", "1"]
+    r = _bench(*args, "--json", str(tmp_path / "a.json"))
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "a.json").read_text())
+    rows = out["rows"]
+    assert [(x["backend"], x["threat"]) for x in rows] == [("source", "own")] + [
+        (b, th) for b in ("last.fp32.onnx", "last.int8.onnx") for th in ("transfer", "whitebox", "differential",
+                                                                          "worst")]
+    for row in rows[1:5]:  # the fp32 file is the source in disguise: no deployment-only misses under any threat
+        assert row["misses_clean"] == 0.0 and row["misses_adv"] in (0.0, None), row
+        if row["threat"] in ("transfer", "whitebox"):  # the same images as the source's own attack, or its twin's
+            assert row["advAP"] == pytest.approx(rows[0]["advAP"], abs=0.02), row
+    int8 = {x["threat"]: x for x in rows[5:]}
+    for col in ("clean", "PGD-1", "PGD-3", "advAP", "acAP"):
+        assert int8["worst"][col] == min(int8[t][col] for t in ("transfer", "whitebox", "differential"))
+    assert out["threats"] == ["transfer", "whitebox", "differential"]
+    # cache: the transfer images once, and per backend file and threat its own (2 PGD columns, one batch)
+    files = sorted(os.listdir(cache))
+    assert len(files) == 2 + 2 * 2 * 2, files
+    r = _bench(*args, "--json", str(tmp_path / "b.json"))
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(cache)) == files  # all reused
+    again = json.loads((tmp_path / "b.json").read_text())["rows"]
+    for a, b in zip(rows, again):
+        assert {k: a[k] for k in ("clean", "PGD-1", "PGD-3")} == {k: b[k] for k in ("clean", "PGD-1", "PGD-3")}
+    # another deployed file gets its own white-box and differential images, not the int8 file's
+    r = _bench("--weights", str(overfit), *SPLIT, "--backend", str(exported["fp16"]), "--cache-dir", str(cache),
+               "--steps", "1,3", "--max-drop", "1", "--threat", "whitebox")
+    assert r.exit_code == 0, r.output
+    assert len(os.listdir(cache)) == len(files) + 2
+
+
+def test_gate_catches_a_fragile_int8_that_the_transfer_gate_passes(overfit, exported, tmp_path):
+    crushed = _crushed_int8(exported["int8"], tmp_path / "crushed.int8.onnx")
+    gate = ["--max-drop", "0.03", "--max-deploy-misses", "0.4"]
+    r = _bench("--weights", str(overfit), *SPLIT, "--backend", str(crushed), *gate, "--threat", "transfer")
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
+    r = _bench("--weights", str(overfit), *SPLIT, "--backend", str(crushed), *gate, "--json",
+               str(tmp_path / "g.json"))
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "crushed.int8.onnx" in r.output
+    failures = json.loads((tmp_path / "g.json").read_text())["gate"]["failures"]
+    assert failures and all("transfer" not in f for f in failures), failures
+    assert any("under the differential threat" in f or "under the whitebox threat" in f for f in failures)
+
+
+def test_a_twin_that_does_not_match_is_refused(overfit, exported, monkeypatch):
+    from fa_deploy import twin as twin_mod
+
+    def wrong(*a, **k):
+        raise twin_mod.TwinMismatch("model: output 'predictions' 12.0% of elements outside atol 1e-4")
+
+    monkeypatch.setattr(twin_mod.YoloTwin, "verify", wrong)
+    r = _bench("--weights", str(overfit), *SPLIT, "--backend", str(exported["int8"]), "--threat", "whitebox")
+    assert r.exit_code == 2
+    assert "last.int8.onnx" in r.output and "12.0%" in r.output and "--threat transfer" in r.output
+    assert "Traceback" not in r.output
