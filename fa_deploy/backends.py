@@ -102,6 +102,17 @@ def resolve_providers(requested: Optional[Sequence[str]], available: Sequence[st
     return names
 
 
+def _unshared_bytes(path: str) -> bytes:
+    """The ONNX file with every constant read by several nodes repeated per reader (same values)."""
+    import onnx
+
+    from .twin import _unshared
+
+    model = onnx.load(path)
+    _unshared(model)
+    return model.SerializeToString()
+
+
 class OrtBackend(Backend):
     format = "onnx"
 
@@ -124,15 +135,19 @@ class OrtBackend(Backend):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        if self.precision == "int8":
+        source = path
+        if self.precision == "int8" and requested[0] == "CPUExecutionProvider":
             # ONNX Runtime's default x86 integer kernels on CPUs without VNNI multiply u8 x s8 with vpmaddubsw,
             # which saturates pairs of products at int16: another function than the file's (measured on the test
             # fixture: mean |difference| 0.84 against outputs of mean magnitude 15.6). The high-precision mode
             # computes the file's function on every x86 CPU, as TensorRT and VNNI CPUs do (a no-op where VNNI is
             # there, and for the GPU providers).
             so.add_session_config_entry("session.x64quantprecision", "1")
+            # its s8 -> u8 pass fails on constants shared between nodes ("Attempt to replace the existing tensor",
+            # e.g. Faster R-CNN's RPN head serving five FPN levels): load a copy with them repeated per reader
+            source = _unshared_bytes(path)
         try:
-            self.session = ort.InferenceSession(path, so, providers=requested, provider_options=options)
+            self.session = ort.InferenceSession(source, so, providers=requested, provider_options=options)
         except Exception as e:
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
