@@ -7,10 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_targets, train_tiny_frcnn
+from conftest import make_targets
 from cuda_kernels.reference import apgd_step_ref
 from fa_train.adversarial import attacks as A
-from fa_train.adversarial.attack_objectives import (ClassWise, DetectionLoss, Objective, TogFabrication,
+from fa_train.adversarial.attack_objectives import (ClassWise, Objective, TogFabrication,
                                                     TogMislabel, TogUntargeted, TogVanishing)
 from fa_train.adversarial.suite import (ATTACKS, SUITE, AttackSettings, TogEffects, WorstCase, attack_plan,
                                         parse_attacks, worst_row)
@@ -231,20 +231,8 @@ def test_more_restarts_never_lower_any_images_best_loss(tiny_yolo):
 # ---------------------------------------------------------------------------------------------- TOG, class-wise
 
 
-@pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """A tiny YOLOv3 that has memorised two images (evaluated on the same two): confident detections to attack."""
-    from fa_train.cli import main as train_main
-
-    d = tmp_path_factory.mktemp("overfit")
-    (d / "c.yaml").write_text("train: {optimizer: adamw, momentum: 0.9, schedule: cosine}\n")
-    r = CliRunner().invoke(train_main, ["--config", str(d / "c.yaml"), "--data", "synth:60", "--img-size", "64",
-                                        "--batch-size", "2", "--width-mult", "0.125", "--depth-mult", "0.2",
-                                        "--workers", "0", "--max-images", "2", "--max-test-images", "2",
-                                        "--test-split", "shapes:train", "--epochs", "150", "--eval-every", "0",
-                                        "--lr", "0.01", "--warmup-iters", "5", "--quiet", "--out", str(d / "run")])
-    assert r.exit_code == 0, r.output
-    return d / "run" / "last.pt"
+# `overfit` (conftest.py, shared by the session): a tiny YOLOv3 that has memorised two images, evaluated on the same
+# two: confident detections to attack.
 
 
 def _train_batch(n=2):
