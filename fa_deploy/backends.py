@@ -102,17 +102,6 @@ def resolve_providers(requested: Optional[Sequence[str]], available: Sequence[st
     return names
 
 
-def _unshared_bytes(path: str) -> bytes:
-    """The ONNX file with every constant read by several nodes repeated per reader (same values)."""
-    import onnx
-
-    from .twin import _unshared
-
-    model = onnx.load(path)
-    _unshared(model)
-    return model.SerializeToString()
-
-
 class OrtBackend(Backend):
     format = "onnx"
 
@@ -128,7 +117,6 @@ class OrtBackend(Backend):
         self.input_name = [i.name for i in model.graph.input
                            if i.name not in {x.name for x in model.graph.initializer}][0]
         self.batch_range = self._batch_range(model, side, self.metadata)
-        del model
         requested = resolve_providers(providers, ort.get_available_providers())
         self.requested = requested
         options = [self._provider_options(p, trt_cache_dir) for p in requested]
@@ -145,12 +133,16 @@ class OrtBackend(Backend):
             so.add_session_config_entry("session.x64quantprecision", "1")
             # its s8 -> u8 pass fails on constants shared between nodes ("Attempt to replace the existing tensor",
             # e.g. Faster R-CNN's RPN head serving five FPN levels): load a copy with them repeated per reader
-            source = _unshared_bytes(path)
+            from .twin import _unshared
+
+            _unshared(model)
+            source = model.SerializeToString()
         try:
             self.session = ort.InferenceSession(source, so, providers=requested, provider_options=options)
         except Exception as e:
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        del model, source
         self.allow_cpu_fallback = allow_cpu_fallback
         if not allow_cpu_fallback:
             self.session.disable_fallback()  # a failing GPU provider must not silently rerun on the CPU

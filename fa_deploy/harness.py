@@ -247,13 +247,13 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         lat_of.append({"ms/img": lat["ms_median"], "img/s": lat["images_per_s"], "p90_ms": lat["ms_p90"],
                        "pre_ms": lat["pre_ms_median"], "post_ms": lat["post_ms_median"]})
 
-    def base_of(i, b, name):
-        return {"backend": name, "threat": "" if i == 0 else None, "path": b.path, "format": b.format,
+    def base_of(b, name):
+        return {"backend": name, "threat": None, "path": b.path, "format": b.format,
                 "precision": b.precision, "provider": getattr(b, "provider", "?"), "size_MB": b.size_mb}
 
     drops = drop_keys(columns, paper, with_worst)
-    src_row, details = None, {}
-    src_row, details["source"] = ap_row(src_tally, base_of(0, source, "source"))
+    details = {}
+    src_row, details["source"] = ap_row(src_tally, base_of(source, "source"))
     src_row["threat"] = "-" if none else "own"
     for key in drops:
         src_row[f"drop_{key}"] = 0.0
@@ -264,7 +264,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         group = []
         for threat in threats:
             tl = tallies[i][threat]
-            row, details[f"{name} [{threat}]"] = ap_row(tl, base_of(i + 1, b, name))
+            row, details[f"{name} [{threat}]"] = ap_row(tl, base_of(b, name))
             row["threat"] = threat
             row["misses_clean"] = tl.miss_fraction("clean")
             if not none:
