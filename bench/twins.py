@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--model", choices=("yolov3", "fasterrcnn", "both"), default="both")
     ap.add_argument("--img-size", type=int, default=416, help="YOLOv3 input size")
     ap.add_argument("--width", type=float, default=1.0, help="YOLOv3 width multiplier")
+    ap.add_argument("--depth", type=float, default=1.0, help="YOLOv3 depth multiplier (the demo: --width 0.25 "
+                    "--depth 0.33 --img-size 128 --batch 16)")
     ap.add_argument("--frcnn-size", type=int, default=320, help="Faster R-CNN min_size = max_size = input size")
     ap.add_argument("--frcnn-backbone", default="resnet50")
     ap.add_argument("--batch", type=int, default=1)
@@ -139,9 +141,9 @@ def main():
     try:
         if args.model in ("yolov3", "both"):
             s = args.img_size
-            model = create_model("yolov3", 80, width_mult=args.width).eval()
+            model = create_model("yolov3", 80, width_mult=args.width, depth_mult=args.depth).eval()
             cal = [np.random.default_rng(i).random((1, 3, s, s), dtype=np.float32) for i in range(4)]
-            rows += bench(f"YOLOv3 (width {args.width}, 80 classes)", model, export_yolo(model, d, s, cal), s,
+            rows += bench(f"YOLOv3 (width {args.width}, depth {args.depth}, 80 classes)", model, export_yolo(model, d, s, cal), s,
                           args.batch, args.iters)
         if args.model in ("fasterrcnn", "both"):
             s = args.frcnn_size

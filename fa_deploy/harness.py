@@ -78,9 +78,9 @@ def _adversarial_inputs(attacker, plan, clean, targets, keys, cache_dir, cache_i
     deployed file's twin), from `cache_dir` when there, and for the worst case each image's ground-truth loss on
     the attacker. `wrap` turns the column's objective into the threat's (the differential one); `cache_id` names
     the threat and the deployed file's hash in the cache key."""
-    from fa_train.adversarial.attacks import run_attack
-    from fa_train.adversarial.suite import ground_truth_losses
+    from fa_train.adversarial.suite import ColumnRunner, ground_truth_losses
 
+    runner = ColumnRunner(attacker, clean, targets, keys)  # PGD-1/3/5/10 share their first gradient
     inputs, losses = {}, {}
     for col in plan:
         attack_id, k = _column_cache_id(col)
@@ -92,7 +92,7 @@ def _adversarial_inputs(attacker, plan, clean, targets, keys, cache_dir, cache_i
         else:
             bar.set_postfix(attack=f"{col.column} {cache_id.split('|')[0]}")
             objective = wrap(col.objective) if wrap else col.objective
-            adv = run_attack(attacker, objective, col.rule, col.budget, clean, targets, image_keys=keys).images
+            adv = runner.run(col, objective).images
             if path:
                 os.makedirs(cache_dir, exist_ok=True)
                 np.save(path + ".tmp.npy", adv.cpu().numpy())
@@ -229,8 +229,17 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     names = ["source"] + distinct_names([b.path or b.name for b in backends])
     ap_keys = settings + (["advAP", "acAP"] if paper else [])
 
-    def ap_row(tally, base):
-        per = {s: coco_evaluate(gt, tally.results[s], dataset.class_names) for s in settings}
+    clean_of: Dict[int, dict] = {}  # a backend's clean detections are the same under every threat: evaluated once
+
+    def ap_row(tally, base, backend: Optional[int] = None):
+        per = {}
+        for s in settings:
+            if s == "clean" and backend in clean_of:
+                per[s] = clean_of[backend]
+            else:
+                per[s] = coco_evaluate(gt, tally.results[s], dataset.class_names)
+        if backend is not None:
+            clean_of.setdefault(backend, per["clean"])
         row = dict(base, clean=per["clean"]["AP50"])
         for c in columns:
             row[c] = per[c]["AP50"]
@@ -264,7 +273,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         group = []
         for threat in threats:
             tl = tallies[i][threat]
-            row, details[f"{name} [{threat}]"] = ap_row(tl, base_of(b, name))
+            row, details[f"{name} [{threat}]"] = ap_row(tl, base_of(b, name), i)
             row["threat"] = threat
             row["misses_clean"] = tl.miss_fraction("clean")
             if not none:

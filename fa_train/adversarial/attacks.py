@@ -250,6 +250,18 @@ def _value_and_grad(objective, model, x, ctx):
     return v.detach(), torch.zeros_like(xg) if grad is None else grad
 
 
+def clean_gradient(model, objective, images: torch.Tensor, targets=None) -> torch.Tensor:
+    """The objective's input gradient at the clean images (BatchNorm frozen, no gradient left in the parameters):
+    the first gradient of every clean-start attack on this objective, so several such attacks (the paper's
+    PGD-1/3/5/10) can share one computation through `run_attack(first_grad=...)`."""
+    x = images.detach()
+    with frozen_batchnorm(model):
+        with torch.no_grad():
+            ctx = objective.prepare(model, x, targets)
+        with torch.enable_grad():
+            return _value_and_grad(objective, model, x, ctx)[1]
+
+
 def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, targets=None,
                image_keys: Optional[Sequence] = None, first_grad: Optional[torch.Tensor] = None,
                generator: Optional[torch.Generator] = None) -> AttackResult:

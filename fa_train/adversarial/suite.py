@@ -18,7 +18,8 @@ import torch
 
 from .attack_objectives import (ClassWise, DetectionLoss, TogFabrication, TogMislabel, TogUntargeted,
                                 TogVanishing)
-from .attacks import APGDStep, Budget, SignStep, frozen_batchnorm, per_image_losses, run_attack
+from .attacks import (APGDStep, AttackResult, Budget, SignStep, clean_gradient, frozen_batchnorm, per_image_losses,
+                      run_attack)
 
 PAPER_ROW_ATTACKS = ("pgd", "cls", "loc")
 TOG_ATTACKS = ("tog-vanishing", "tog-fabrication", "tog-mislabel", "tog-untargeted")
@@ -111,11 +112,43 @@ def ground_truth_losses(model, images, targets) -> torch.Tensor:
         return per_image_losses(model, images, targets).detach().to(torch.float64).cpu()
 
 
+def shared_start(col: Column) -> Optional[str]:
+    """Columns with the same key take the same first gradient: a sign step from the clean images on the same
+    objective (the paper's PGD-k rows of one attack; their step sizes differ, their first gradient does not)."""
+    b = col.budget
+    if (col.attack in PAPER_ROW_ATTACKS and isinstance(col.rule, SignStep) and not b.random_start
+            and b.restarts == 1 and b.iterations > 0 and b.eps > 0):
+        return col.attack
+    return None
+
+
+class ColumnRunner:
+    """Runs columns of a plan on one batch. Columns that share a start (`shared_start`) compute the input gradient
+    at the clean images once: PGD-1/3/5/10 cost 16 forward/backward passes instead of 19, with the very same
+    images (tested). `run(col, objective)` may replace the column's objective (the harness's differential
+    threat wraps it); one runner serves one model and one way of wrapping."""
+
+    def __init__(self, model, images: torch.Tensor, targets, image_keys=None):
+        self.model, self.images, self.targets, self.image_keys = model, images, targets, image_keys
+        self._first: Dict[str, torch.Tensor] = {}
+
+    def run(self, col: Column, objective=None) -> AttackResult:
+        objective = col.objective if objective is None else objective
+        key, first = shared_start(col), None
+        if key is not None:
+            if key not in self._first:
+                self._first[key] = clean_gradient(self.model, objective, self.images, self.targets)
+            first = self._first[key]
+        return run_attack(self.model, objective, col.rule, col.budget, self.images, self.targets,
+                          image_keys=self.image_keys, first_grad=first)
+
+
 def candidates(model, images, targets, plan: Sequence[Column], image_keys=None,
                need_losses: bool = False) -> Iterator[Tuple[Column, torch.Tensor, Optional[torch.Tensor]]]:
     """Per column of the plan: (column, adversarial images, [N] ground-truth loss at them when `need_losses`)."""
+    runner = ColumnRunner(model, images, targets, image_keys)
     for col in plan:
-        res = run_attack(model, col.objective, col.rule, col.budget, images, targets, image_keys=image_keys)
+        res = runner.run(col)
         loss = None
         if need_losses:
             loss = res.values if (col.ground_truth_values and res.values is not None) else \
