@@ -323,6 +323,54 @@ def test_tog_attacks_do_what_they_aim_at(overfit):
     assert n >= 2 and changed >= 0.5 * n and kept_box >= 0.7 * n and margin / n > 4, (n, changed, kept_box, margin)
 
 
+def _mislabel_per_image(model, images, ctx):
+    """TOG-mislabel's objective one image at a time, written out plainly: the reference for the batched one."""
+    import torch.nn.functional as F
+    import torchvision
+
+    slots = model.output_slots(images)
+    out = []
+    for i, c in enumerate(ctx):
+        if not len(c["slots"]):
+            out.append(slots["obj"].new_zeros(()))
+            continue
+        idx = c["slots"]
+        obj, cls, new = slots["obj"][i][idx], slots["cls"][i][idx], c["label"]
+        loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj), reduction="none")
+        loss = loss + F.binary_cross_entropy_with_logits(cls, F.one_hot(new, cls.shape[1]).float(),
+                                                         reduction="none").sum(1)
+        loss = loss + torchvision.ops.generalized_box_iou_loss(slots["boxes"][i][idx], c["box"], reduction="none")
+        out.append(-(loss * c["weight"]).sum())
+    return torch.stack(out)
+
+
+def test_batched_mislabel_objective_equals_the_per_image_one(overfit):
+    """The batch's slots in one pass give each image's value and input gradient of the per-image loop, also with
+    an image that has no confident detection (value 0, no gradient)."""
+    from fa_train.checkpoint import load_model
+
+    model, _ = load_model(str(overfit))
+    model.eval()
+    x, _, _ = _train_batch()
+    x = torch.cat([x, torch.zeros_like(x[:1])])
+    obj = TogMislabel(0.15)
+    with torch.no_grad():
+        ctx = obj.prepare(model, x, None)
+    ctx[-1] = {"slots": torch.zeros(0, dtype=torch.long)}  # as prepare leaves an image without a detection
+    assert len(ctx[0]["slots"]) and len(ctx[1]["slots"])
+    grads = []
+    for fn in (obj, _mislabel_per_image):
+        xg = x.clone().requires_grad_(True)
+        v = fn(model, xg, ctx)
+        (g,) = torch.autograd.grad(v.sum(), xg)
+        grads.append((v.detach(), g))
+    (v1, g1), (v2, g2) = grads
+    assert v1.shape == (3,) and float(v1[-1]) == 0.0 and float(v1[0]) < 0
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    assert float(g1[-1].abs().max()) == 0.0
+
+
 def test_tog_effects_count_kept_lost_relabelled_fabricated():
     b = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
     clean = {"boxes": b, "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 1, 2])}

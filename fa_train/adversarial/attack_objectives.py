@@ -160,27 +160,31 @@ class TogMislabel(TogUntargeted):
         return out
 
     def __call__(self, model, images, ctx):
+        """[N]: minus each image's weighted slot losses; the slots of the whole batch in one pass (no loop over
+        images), summed back per image."""
         import torchvision
 
         slots = model.output_slots(images)
-        out = []
-        for i, c in enumerate(ctx):
-            if not len(c["slots"]):
-                out.append(slots["obj"].new_zeros(()))
-                continue
-            idx = c["slots"].to(slots["obj"].device)
-            obj, cls, new = slots["obj"][i][idx], slots["cls"][i][idx], c["label"].to(idx.device)
-            loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj), reduction="none")
-            if slots["cls_activation"] == "softmax":
-                loss = loss + F.cross_entropy(cls, new, reduction="none")
-            else:
-                loss = loss + F.binary_cross_entropy_with_logits(
-                    cls, F.one_hot(new, cls.shape[1]).to(cls.dtype), reduction="none").sum(1)
-            box = slots["boxes"][i][idx]
-            if box.requires_grad:
-                loss = loss + torchvision.ops.generalized_box_iou_loss(box, c["box"].to(box), reduction="none")
-            out.append(-(loss * c["weight"].to(loss)).sum())
-        return torch.stack(out)
+        rows = [(i, c) for i, c in enumerate(ctx) if len(c["slots"])]
+        if not rows:
+            return slots["obj"].new_zeros(len(ctx))
+        dev = slots["obj"].device
+        img = torch.cat([torch.full((len(c["slots"]),), i, dtype=torch.long) for i, c in rows]).to(dev)
+        idx = torch.cat([c["slots"] for _, c in rows]).to(dev)
+        new = torch.cat([c["label"] for _, c in rows]).to(dev)
+        obj, cls = slots["obj"][img, idx], slots["cls"][img, idx]
+        loss = F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj), reduction="none")
+        if slots["cls_activation"] == "softmax":
+            loss = loss + F.cross_entropy(cls, new, reduction="none")
+        else:
+            loss = loss + F.binary_cross_entropy_with_logits(
+                cls, F.one_hot(new, cls.shape[1]).to(cls.dtype), reduction="none").sum(1)
+        box = slots["boxes"][img, idx]
+        if box.requires_grad:
+            target = torch.cat([c["box"] for _, c in rows]).to(box)
+            loss = loss + torchvision.ops.generalized_box_iou_loss(box, target, reduction="none")
+        weight = torch.cat([c["weight"] for _, c in rows]).to(loss)
+        return loss.new_zeros(len(ctx)).index_add(0, img, -(loss * weight))
 
 
 class ClassWise(Objective):
