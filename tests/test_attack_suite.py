@@ -395,6 +395,41 @@ def test_class_wise_loss_averages_per_class(arch, tiny_yolo):
     assert torch.isnan(model.object_losses(x, t)[0][1])
 
 
+def test_batched_class_wise_objective_equals_the_per_image_one(tiny_yolo):
+    """The one-pass class-wise objective against each image's mean over its classes of the class means, written
+    out per image: values and input gradients, with an ignored object (NaN loss) and an image without objects."""
+    model = tiny_yolo.eval()
+    x = _images(3)
+    t = make_targets(3)
+    t[0] = {"boxes": torch.tensor([[4.0, 4, 30, 30], [30, 30, 60, 60], [10, 34, 30, 60]]),
+            "labels": torch.tensor([1, 1, 3]), "ignore": torch.tensor([False, True, False])}
+    t[2] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+            "ignore": torch.zeros(0, dtype=torch.bool)}
+
+    def per_image(m, images, ctx):
+        out = []
+        for losses, tt in zip(m.object_losses(images, ctx), ctx):
+            ok = ~torch.isnan(losses)
+            if not ok.any():
+                out.append(losses.new_zeros(()))
+                continue
+            lab, val = tt["labels"][ok], losses[ok]
+            out.append(torch.stack([val[lab == c].mean() for c in lab.unique()]).mean())
+        return torch.stack(out)
+
+    results = []
+    for fn in (ClassWise(), per_image):
+        xg = x.clone().requires_grad_(True)
+        v = fn(model, xg, t)
+        (g,) = torch.autograd.grad(v.sum(), xg)
+        results.append((v.detach(), g))
+    (v1, g1), (v2, g2) = results
+    assert v1.shape == (3,) and float(v1[2]) == 0.0 and bool((v1[:2] > 0).all())
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    assert float(g1[2].abs().max()) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- worst case, CLI
 
 

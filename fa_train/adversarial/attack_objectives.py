@@ -195,16 +195,22 @@ class ClassWise(Objective):
     name = "cwa"
 
     def __call__(self, model, images, ctx):
+        """[N], the whole batch in one pass: per (image, class) the sum and count of its objects' losses, the
+        class means, then each image's mean over the classes it has (0 and no gradient with no object)."""
         per_object = model.object_losses(images, ctx)
-        out = []
-        for losses, t in zip(per_object, ctx):
-            ok = ~torch.isnan(losses)
-            if not ok.any():
-                out.append(losses.new_zeros(()))  # no object: nothing to attack, no gradient
-                continue
-            labels = t["labels"].to(losses.device)[ok]
-            vals = losses[ok]
-            classes = labels.unique()
-            per_class = torch.stack([vals[labels == c].mean() for c in classes])
-            out.append(per_class.mean())
-        return torch.stack(out)
+        n = len(ctx)
+        losses = torch.cat(per_object) if per_object else images.new_zeros(0)
+        if not losses.numel():
+            return images.new_zeros(n)
+        dev = losses.device
+        img = torch.cat([torch.full((len(v),), i, dtype=torch.long) for i, v in enumerate(per_object)]).to(dev)
+        labels = torch.cat([t["labels"].reshape(-1).long().cpu() for t in ctx]).to(dev)
+        ok = ~torch.isnan(losses)
+        groups = int(labels.max()) + 1
+        slot = img * groups + labels
+        sums = losses.new_zeros(n * groups).index_add(0, slot, torch.where(ok, losses, torch.zeros_like(losses)))
+        counts = losses.new_zeros(n * groups).index_add(0, slot, ok.to(losses.dtype))
+        present = counts > 0
+        class_mean = torch.where(present, sums / counts.clamp(min=1), torch.zeros_like(sums)).view(n, groups)
+        classes = present.view(n, groups).sum(1)
+        return torch.where(classes > 0, class_mean.sum(1) / classes.clamp(min=1), torch.zeros_like(class_mean[:, 0]))
