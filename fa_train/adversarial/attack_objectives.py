@@ -204,7 +204,7 @@ class ClassWise(Objective):
             return images.new_zeros(n)
         dev = losses.device
         img = torch.cat([torch.full((len(v),), i, dtype=torch.long) for i, v in enumerate(per_object)]).to(dev)
-        labels = torch.cat([t["labels"].reshape(-1).long().cpu() for t in ctx]).to(dev)
+        labels = torch.cat([t["labels"].reshape(-1).long().to(dev) for t in ctx])
         ok = ~torch.isnan(losses)
         groups = int(labels.max()) + 1
         slot = img * groups + labels

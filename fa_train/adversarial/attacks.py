@@ -250,31 +250,33 @@ def _value_and_grad(objective, model, x, ctx):
     return v.detach(), torch.zeros_like(xg) if grad is None else grad
 
 
-def clean_gradient(model, objective, images: torch.Tensor, targets=None) -> torch.Tensor:
-    """The objective's input gradient at the clean images (BatchNorm frozen, no gradient left in the parameters):
-    the first gradient of every clean-start attack on this objective, so several such attacks (the paper's
-    PGD-1/3/5/10) can share one computation through `run_attack(first_grad=...)`."""
+def clean_gradient(model, objective, images: torch.Tensor, targets=None):
+    """(the objective's prepared context, its input gradient at the clean images), BatchNorm frozen, no gradient
+    left in the parameters: the start of every clean-start attack on this objective, so several such attacks (the
+    paper's PGD-1/3/5/10) can share one computation through `run_attack(ctx=..., first_grad=...)`."""
     x = images.detach()
     with frozen_batchnorm(model):
         with torch.no_grad():
             ctx = objective.prepare(model, x, targets)
         with torch.enable_grad():
-            return _value_and_grad(objective, model, x, ctx)[1]
+            return ctx, _value_and_grad(objective, model, x, ctx)[1]
 
 
 def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, targets=None,
                image_keys: Optional[Sequence] = None, first_grad: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None) -> AttackResult:
+               generator: Optional[torch.Generator] = None, ctx=None) -> AttackResult:
     """Maximise `objective` from `images` within `budget` with `rule`. Restarts run as one batch of N x R images;
     per image the restart with the highest objective value is kept. `image_keys` (e.g. dataset image ids) seed each
     image's random starts (default: the position in the batch). `first_grad`: the first iteration's input gradient,
-    already computed by the caller (training's gradient reuse). `images` is not modified."""
+    already computed by the caller (training's gradient reuse); `ctx`: `objective.prepare`'s context for `images`,
+    when the caller has it (`clean_gradient` returns both). `images` is not modified."""
     n = images.shape[0]
     x_clean = images.detach()
     keys = list(range(n)) if image_keys is None else list(image_keys)
     with frozen_batchnorm(model):
         with torch.no_grad():
-            ctx = objective.prepare(model, x_clean, targets)
+            if ctx is None:
+                ctx = objective.prepare(model, x_clean, targets)
         r = budget.restarts
         if r > 1:
             if first_grad is not None:

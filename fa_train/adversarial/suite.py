@@ -123,24 +123,24 @@ def shared_start(col: Column) -> Optional[str]:
 
 
 class ColumnRunner:
-    """Runs columns of a plan on one batch. Columns that share a start (`shared_start`) compute the input gradient
-    at the clean images once: PGD-1/3/5/10 cost 16 forward/backward passes instead of 19, with the very same
-    images (tested). `run(col, objective)` may replace the column's objective (the harness's differential
-    threat wraps it); one runner serves one model and one way of wrapping."""
+    """Runs columns of a plan on one batch. Columns that share a start (`shared_start`) prepare their objective and
+    compute the input gradient at the clean images once: PGD-1/3/5/10 cost 16 forward/backward passes instead of
+    19, with the very same images (tested). `run(col, objective)` may replace the column's objective (the harness's
+    differential threat wraps it); one runner serves one model and one way of wrapping."""
 
     def __init__(self, model, images: torch.Tensor, targets, image_keys=None):
         self.model, self.images, self.targets, self.image_keys = model, images, targets, image_keys
-        self._first: Dict[str, torch.Tensor] = {}
+        self._start: Dict[str, tuple] = {}  # shared_start key -> (prepared context, clean gradient)
 
     def run(self, col: Column, objective=None) -> AttackResult:
         objective = col.objective if objective is None else objective
-        key, first = shared_start(col), None
+        key, ctx, first = shared_start(col), None, None
         if key is not None:
-            if key not in self._first:
-                self._first[key] = clean_gradient(self.model, objective, self.images, self.targets)
-            first = self._first[key]
+            if key not in self._start:
+                self._start[key] = clean_gradient(self.model, objective, self.images, self.targets)
+            ctx, first = self._start[key]
         return run_attack(self.model, objective, col.rule, col.budget, self.images, self.targets,
-                          image_keys=self.image_keys, first_grad=first)
+                          image_keys=self.image_keys, first_grad=first, ctx=ctx)
 
 
 def candidates(model, images, targets, plan: Sequence[Column], image_keys=None,
