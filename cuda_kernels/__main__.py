@@ -1,7 +1,8 @@
 """`python -m cuda_kernels build`: build the fused ops ahead of time and print what was built.
 
-Exits non-zero when the build fails, including when nvcc and a CUDA torch are present but the CUDA sources
-do not compile.
+`--cuda` compiles the CUDA sources too where nvcc and a CUDA build of torch are present, GPU or not (as
+FA_KERNELS_CUDA=1 does; without it they are compiled only where a GPU can run them). Exits non-zero when the build
+fails, including when the CUDA sources were to be compiled and do not compile.
 """
 import json
 import sys
@@ -10,8 +11,12 @@ import sys
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["build"]:
-        print("usage: python -m cuda_kernels build [--verbose]", file=sys.stderr)
+        print("usage: python -m cuda_kernels build [--cuda] [--verbose]", file=sys.stderr)
         return 2
+    import os
+
+    if "--cuda" in argv:
+        os.environ["FA_KERNELS_CUDA"] = "1"
     from .build import KernelBuildError, build
 
     try:

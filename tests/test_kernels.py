@@ -265,17 +265,23 @@ def test_cuda_sources_were_compiled_in_this_run():
     possible, why = cuda_build_possible()
     if not possible:
         pytest.skip(f"no CUDA toolchain here: {why}")
+    wanted, why = cuda_wanted()
+    if not wanted:
+        pytest.skip(f"the CUDA sources are not compiled in this run: {why} (`make test` sets FA_KERNELS_CUDA=1)")
     m = ck.manifest()
     assert m["cuda_compiled"], m
     assert "ops_cuda.cuda.o" in m["objects"]
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::sign_step", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::pooled_cosine_loss", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fa_kernels::apgd_step", "CUDA")
-    # the object was compiled from these very sources (the build folder is named by their digest) after they were
-    # written; `make test` builds into a folder of the checkout (FA_KERNELS_BUILD), empty in a fresh clone
+    # the object was compiled from these very sources: the build folder is named by their digest and compiles a
+    # copy of them, and the object is newer than that copy; `make test` builds into a folder of the checkout
+    # (FA_KERNELS_BUILD), empty in a fresh clone
     obj = os.path.join(m["build_dir"], "ops_cuda.cuda.o")
+    staged = os.path.join(m["build_dir"], "src", "ops_cuda.cu")
     src = os.path.join(os.path.dirname(ck.__file__), "csrc", "ops_cuda.cu")
-    assert os.path.getmtime(obj) >= os.path.getmtime(src)
+    assert open(staged, "rb").read() == open(src, "rb").read()
+    assert os.path.getmtime(obj) >= os.path.getmtime(staged)
 
 
 @needs_gpu
