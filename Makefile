@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: export FA_KERNELS_CUDA ?= 1
 test: $(STAMP)
 	$(BIN)/python -m cuda_kernels build
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fa_deploy import onnx_export as ex  # noqa: E402
-from fa_deploy.backends import OrtBackend, TorchBackend, measure_latency  # noqa: E402
-from fa_deploy.tensorrt import tensorrt_available  # noqa: E402
+from fa_deploy.exporting import onnx_export as ex  # noqa: E402
+from fa_deploy.runtime.backends import OrtBackend, TorchBackend, measure_latency  # noqa: E402
+from fa_deploy.runtime.tensorrt import tensorrt_available  # noqa: E402
 from fa_train.models import create_model  # noqa: E402
 
 
@@ -43,8 +43,8 @@ def main():
                 ("onnxruntime fp16", OrtBackend(fp16)), ("onnxruntime int8", OrtBackend(int8))]
     ok, why = tensorrt_available()
     if ok:
-        from fa_deploy.backends import TrtBackend
-        from fa_deploy.tensorrt import build_engine
+        from fa_deploy.runtime.backends import TrtBackend
+        from fa_deploy.exporting.tensorrt_build import build_engine
 
         for prec, path in (("fp32", fp32), ("fp16", fp16), ("int8", int8)):
             eng = path.replace(".onnx", ".engine")

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fa_deploy import onnx_export as ex  # noqa: E402
-from fa_deploy import split  # noqa: E402
-from fa_deploy.twin import load_twin  # noqa: E402
+from fa_deploy.exporting import onnx_export as ex  # noqa: E402
+from fa_deploy.exporting import two_network as split  # noqa: E402
+from fa_deploy.robustness.twin import load_twin  # noqa: E402
 from fa_train.models import create_model  # noqa: E402
 
 

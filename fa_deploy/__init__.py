@@ -8,7 +8,7 @@ __all__ = ["export", "bench", "load"]
 
 def __getattr__(name):
     if name in __all__:
-        from . import api
+        from fa_deploy import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'fa_deploy' has no attribute {name!r}")

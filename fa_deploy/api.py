@@ -19,8 +19,8 @@ def _quiet(msg: str) -> None:
 def export(weights: str, onnx: Sequence[str] = (), engine: Sequence[str] = (), log=_quiet, **options) -> List[Dict]:
     """fa-export as a function: the files written, each with its precision, kind (onnx, engine, pipeline) and its
     parity report. `options` are ExportSettings fields (out_dir, img_size, batch, dynamic, calib_images, ...)."""
-    from .exporting import run_export
-    from .settings import ExportSettings
+    from fa_deploy.exporting.run import run_export
+    from fa_deploy.settings import ExportSettings
 
     result = run_export(ExportSettings(weights=weights, onnx=tuple(onnx), engine=tuple(engine), **options), log=log,
                         show=log)
@@ -32,8 +32,8 @@ def bench(weights: Union[str, Sequence[str]], backends: Sequence[str] = (), atta
     """fa-bench as a function: a BenchResult with `rows` (the table, a list of dicts), `columns`, `title`,
     `details` and, with backends, `failures` of the gate. `options` are BenchSettings fields (eps, steps, data,
     max_images, batch_size, json_path, report_dir, ...); the files they name are written when `write`."""
-    from .bench import run_bench, write_outputs
-    from .settings import BenchSettings
+    from fa_deploy.robustness.bench import run_bench, write_outputs
+    from fa_deploy.settings import BenchSettings
 
     weights = (weights,) if isinstance(weights, str) else tuple(weights)
     s = BenchSettings(weights=weights, backends=tuple(backends), attack=attack, quiet=options.pop("quiet", True),
@@ -46,6 +46,6 @@ def bench(weights: Union[str, Sequence[str]], backends: Sequence[str] = (), atta
 
 def load(path: str, device: str = "auto", providers: Optional[List[str]] = None, **kw):
     """Any checkpoint, ONNX file, pipeline manifest or TensorRT engine as a model with `predict(images)`."""
-    from .predict import Predictor
+    from fa_deploy.runtime.predict import Predictor
 
     return Predictor(path, device=device, providers=providers, **kw)

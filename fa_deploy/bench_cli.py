@@ -1,12 +1,12 @@
 """`fa-bench`: the paper's robustness table (clean AP50, PGD-1/3/5/10 AP50, advAP, acAP) for one or more
-checkpoints; with --backend, the deployment harness and its gate. The work is `fa_deploy.bench.run_bench`."""
+checkpoints; with --backend, the deployment harness and its gate. The work is `fa_deploy.robustness.bench.run_bench`."""
 from __future__ import annotations
 
 import click
 
 from fa_train.errors import EXIT_GATE, run_cli
 
-from .settings import PAPER_STEPS, BenchSettings
+from fa_deploy.settings import PAPER_STEPS, BenchSettings
 
 
 def _steps(ctx, param, value: str):
@@ -102,8 +102,8 @@ def main(**flags):
 
 
 def _run(s: BenchSettings) -> int:
-    from .bench import run_bench, write_outputs
-    from .report import console_table
+    from fa_deploy.robustness.bench import run_bench, write_outputs
+    from fa_deploy.report.tables import console_table
 
     def log(m):
         click.echo(m, err=True)

@@ -1,12 +1,12 @@
 """`fa-export`: a checkpoint to ONNX (fp32 / fp16 / int8) and TensorRT engines, with a parity check. The work is
-`fa_deploy.exporting.run_export`."""
+`fa_deploy.exporting.run.run_export`."""
 from __future__ import annotations
 
 import click
 
 from fa_train.errors import EXIT_GATE, run_cli
 
-from .settings import ExportSettings
+from fa_deploy.settings import ExportSettings
 
 
 def _batch_range(ctx, param, value):
@@ -47,7 +47,7 @@ def export_main(**flags):
 
 
 def _run(s: ExportSettings) -> int:
-    from .exporting import run_export
+    from fa_deploy.exporting.run import run_export
 
     result = run_export(s, log=lambda m: click.echo(m, err=True), show=click.echo)
     if result.failed and not s.no_verify:

@@ -1,14 +1,14 @@
 """`fa-predict`: a checkpoint or any exported file on your own images (a file, a folder or a glob): pictures with
 boxes, `predictions.json` in COCO result format (original image pixels), optional YOLO text files, and with
 `--attack pgd` the same images attacked from the source weights, side by side. The work is
-`fa_deploy.predict.run_predict`."""
+`fa_deploy.runtime.predict.run_predict`."""
 from __future__ import annotations
 
 import click
 
 from fa_train.errors import run_cli
 
-from .predict import PredictSettings
+from fa_deploy.runtime.predict import PredictSettings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -34,7 +34,7 @@ def predict_main(**flags):
 
 
 def _run(s: PredictSettings) -> int:
-    from .predict import run_predict
+    from fa_deploy.runtime.predict import run_predict
 
     summary = run_predict(s, log=lambda m: click.echo(m, err=True))
     click.echo(f"{summary['images']} images, {summary['detections']} detections with score >= {s.conf:g} "

@@ -8,6 +8,24 @@ from typing import Optional, Tuple
 from fa_train.errors import SettingsError, check_output_dir, check_output_file
 
 PAPER_STEPS = (1, 3, 5, 10)
+THREATS = ("transfer", "whitebox", "differential")  # fa_deploy/robustness/threats.py: who attacks what
+
+
+def parse_threats(value) -> Tuple[str, ...]:
+    """`--threat`: 'all', one threat, or a comma-separated list, in THREATS order."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    names = set()
+    for v in value:
+        if v == "all":
+            names.update(THREATS)
+        elif v in THREATS:
+            names.add(v)
+        else:
+            raise ValueError(f"unknown threat {v!r}; choose from {', '.join(THREATS)} or all")
+    if not names:
+        raise ValueError(f"no threat given; choose from {', '.join(THREATS)} or all")
+    return tuple(t for t in THREATS if t in names)
 
 
 def flag_of(name: str) -> str:
@@ -113,8 +131,6 @@ class BenchSettings:
     @property
     def threats(self) -> Tuple[str, ...]:
         """--threat as threat names (fa_deploy/threats.py); the transfer threat alone under --attack none."""
-        from .threats import parse_threats
-
         if self.attacks == ("none",):
             return ("transfer",)
         return parse_threats(self.threat or "all")

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     md = markdown(agg, title)
     try:  # the trade-off of the means (needs matplotlib, installed with the package)
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from fa_deploy.plots import tradeoff_plot
+        from fa_deploy.report.plots import tradeoff_plot
 
         means = [{"method": r["method"], **{k: r[k]["mean"] for k in ("clean", "advAP") if k in r},
                   **{f"{k}_std": r[k]["std"] for k in ("clean", "advAP") if k in r}} for r in agg["rows"]]

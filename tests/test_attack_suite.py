@@ -493,8 +493,8 @@ def test_fa_bench_attack_lists_json_markdown_and_errors(overfit, tmp_path):
 
 
 def test_harness_runs_every_attack_with_a_worst_case(overfit):
-    from fa_deploy.backends import TorchBackend
-    from fa_deploy.harness import gate, run_harness
+    from fa_deploy.runtime.backends import TorchBackend
+    from fa_deploy.robustness.harness import gate, run_harness
     from fa_train.checkpoint import load_model
     from fa_train.data import build_dataset
     from fa_train.engine import make_loader

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import broken_copy
 from fa_deploy.bench_cli import main as bench_main
 from fa_deploy.export_cli import export_main
-from fa_deploy.harness import _cache_key, _load_cached, distinct_names
+from fa_deploy.robustness.harness import _cache_key, _load_cached, distinct_names
 
 COMMON = ["--test-split", "shapes:train", "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet",
           "--threat", "transfer"]  # the white-box and differential threats: test_threats.py
@@ -98,7 +98,7 @@ def test_exported_from_other_weights_is_an_error_whatever_the_sidecar(overfit, e
     still refused (it was scored against the wrong source, precision '?', gate PASS); --cross-model compares anyway."""
     import onnx
 
-    from fa_deploy.metadata import onnx_metadata, set_onnx_metadata
+    from fa_deploy.runtime.metadata import onnx_metadata, set_onnx_metadata
 
     m = onnx.load(str(exported["int8"]))
     meta = onnx_metadata(m)

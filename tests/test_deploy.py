@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from conftest import broken_copy
 from fa_deploy.cli import export_main, main as bench_main
-from fa_deploy.onnx_export import ExportError, check_onnx, parity, sha256
-from fa_deploy.tensorrt import tensorrt_available
+from fa_deploy.exporting.onnx_export import ExportError, check_onnx, parity
+from fa_deploy.runtime.metadata import sha256
+from fa_deploy.runtime.tensorrt import tensorrt_available
 from fa_train.checkpoint import load_model
 
 needs_trt = pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT/GPU unavailable: "
@@ -79,8 +80,8 @@ def test_tensorrt_compatibility_of_every_file_and_of_the_old_int8(exported, tmp_
     bias DequantizeLinear, what fa-export wrote before) fails it, naming the nodes."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from fa_deploy import onnx_export as ex
-    from fa_deploy.compat import check_tensorrt_compat
+    from fa_deploy.exporting import onnx_export as ex
+    from fa_deploy.exporting.compat import check_tensorrt_compat
 
     for prec, path in exported.items():
         rep = check_tensorrt_compat(str(path))
@@ -101,7 +102,7 @@ def test_tensorrt_compatibility_of_every_file_and_of_the_old_int8(exported, tmp_
 
 
 def test_onnx_metadata_records_the_origin(overfit, exported):
-    from fa_deploy.metadata import onnx_metadata
+    from fa_deploy.runtime.metadata import onnx_metadata
 
     for prec, path in exported.items():
         meta = onnx_metadata(str(path))
@@ -185,10 +186,15 @@ def test_harness_table_and_gate(overfit, exported, tmp_path):
     assert Image.open(rep / "detections" / pic).size == (640, 640)  # 2 rows x 2 columns
 
 
+def bench_attack_none(weights, backend, *extra):
+    """fa-bench --attack none of one backend against its source on the source's two training images."""
+    return CliRunner().invoke(bench_main, ["--weights", str(weights), "--attack", "none", "--backend", str(backend),
+                                           "--test-split", "shapes:train", "--max-images", "2", "--workers", "0",
+                                           "--quiet", *extra])
+
+
 def test_bench_attack_none_with_backends(overfit, exported):
-    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
-                                        str(exported["int8"]), "--test-split", "shapes:train", "--max-images", "2",
-                                        "--workers", "0", "--quiet", "--max-drop", "1"])  # columns, not the gate
+    r = bench_attack_none(overfit, exported["int8"], "--max-drop", "1")  # columns, not the gate
     assert r.exit_code == 0, r.output
     assert "ms/img" in r.output and "PGD-1" not in r.output
 
@@ -204,8 +210,8 @@ def test_tensorrt_engine_build_and_parity(overfit, tmp_path):
     # an engine "built elsewhere" is refused before deserialising
     side["gpu"] = "Some Other GPU"
     open(str(eng) + ".json", "w").write(json.dumps(side))
-    from fa_deploy.backends import TrtBackend
-    from fa_deploy.tensorrt import EngineMismatch
+    from fa_deploy.runtime.backends import TrtBackend
+    from fa_deploy.runtime.tensorrt import EngineMismatch
 
     with pytest.raises(EngineMismatch, match="built elsewhere"):
         TrtBackend(str(eng))
@@ -221,9 +227,7 @@ def test_static_batch_export_then_bench_with_a_larger_batch(overfit, tmp_path):
     m = onnx.load(str(out / "last.fp32.onnx"))
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     js = tmp_path / "b.json"
-    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
-                                        str(out / "last.fp32.onnx"), "--test-split", "shapes:train", "--max-images",
-                                        "2", "--workers", "0", "--quiet", "--json", str(js)])
+    r = bench_attack_none(overfit, out / "last.fp32.onnx", "--json", str(js))
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
     assert rows[1]["clean"] == pytest.approx(rows[0]["clean"], abs=1e-6) and rows[1]["drift_clean"] < 1e-3
@@ -261,9 +265,7 @@ def test_engines_through_the_tensorrt_double(overfit, tmp_path, monkeypatch):
             assert side["parity"]["passed"]
     assert {s for _, s in trt_double._Context.executions} == {(1, 3, 64, 64)}  # never more than the profile
     js = tmp_path / "e.json"
-    r = CliRunner().invoke(bench_main, ["--weights", str(overfit), "--attack", "none", "--backend",
-                                        str(out / "last.fp32.engine"), "--test-split", "shapes:train", "--max-images",
-                                        "2", "--workers", "0", "--quiet", "--json", str(js)])
+    r = bench_attack_none(overfit, out / "last.fp32.engine", "--json", str(js))
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
     assert rows[1]["provider"] == "tensorrt" and rows[1]["clean"] == pytest.approx(rows[0]["clean"], abs=1e-6)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import train_tiny_frcnn
-from fa_deploy.backends import BackendError, TorchBackend
-from fa_deploy.loading import load_backend
+from fa_deploy.runtime.backends import BackendError, TorchBackend
+from fa_deploy.runtime.loading import load_backend
 from fa_deploy.cli import export_main, main as bench_main
-from fa_deploy.split import PipelineBackend, torch_runners
-from fa_deploy.tensorrt import tensorrt_available
+from fa_deploy.runtime.pipeline import PipelineBackend
+from fa_deploy.exporting.two_network import torch_runners
+from fa_deploy.runtime.tensorrt import tensorrt_available
 from fa_train.models import create_model
 
 TINY = dict(backbone="resnet18", fpn_channels=32, min_size=64, max_size=64)
@@ -61,15 +61,8 @@ def test_split_with_the_torch_parts_equals_the_whole_model(model):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("frcnn")
-    r = train_tiny_frcnn(d)
-    assert r.exit_code == 0, r.output
-    w = d / "run" / "last.pt"
-    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
-                                         "--calib-images", "8", "--calib-pgd", "--verify-images", "4"])
-    assert r.exit_code == 0, r.output
-    return w, d / "run" / "export", r.output
+def exported(frcnn_exported):
+    return frcnn_exported
 
 
 def test_fa_export_writes_parts_and_manifests_with_parity(exported):
@@ -94,7 +87,7 @@ def test_fa_export_writes_parts_and_manifests_with_parity(exported):
     ops = {n.op_type for n in onnx.load(str(out / "last.int8.backbone.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # dynamic batch by default (1:8:32), recorded for the engine profiles; origin inside every part
-    from fa_deploy.metadata import onnx_metadata
+    from fa_deploy.runtime.metadata import onnx_metadata
 
     m = json.loads((out / "last.fp32.pipeline.json").read_text())
     assert m["batch_range"] == [1, 8, 32] and m["part_batch_range"]["backbone"] == [1, 8, 32]
@@ -103,7 +96,7 @@ def test_fa_export_writes_parts_and_manifests_with_parity(exported):
 
 
 def test_every_part_is_tensorrt_compatible(exported):
-    from fa_deploy.compat import check_tensorrt_compat
+    from fa_deploy.exporting.compat import check_tensorrt_compat
 
     w, out, _ = exported
     parts = sorted(f for f in os.listdir(out) if f.endswith(".onnx"))

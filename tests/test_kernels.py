@@ -6,7 +6,7 @@ import torch
 
 import cuda_kernels as ck
 from cuda_kernels import reference as R
-from cuda_kernels.build import cuda_build_possible
+from cuda_kernels.build import cuda_build_possible, cuda_wanted
 
 from kernel_cases import (APGD_TOL, CUDA_TOL, DTYPES, MAP_SHAPES, SIGN_TOL, TOL, apgd_cases,
                           check_pooled_cosine_outputs, map_cases, pooled_cosine_cases, sign_step_cases)

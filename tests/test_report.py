@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_targets
-from fa_deploy.backends import TorchBackend
+from fa_deploy.runtime.backends import TorchBackend
 from fa_deploy.cli import main as bench_main
-from fa_deploy.html_report import write_report
-from fa_deploy.plots import drop_plot, steps_plot, tradeoff_plot
-from fa_deploy.visualize import grad_cam, visualize
+from fa_deploy.report.html import write_report
+from fa_deploy.report.plots import drop_plot, steps_plot, tradeoff_plot
+from fa_deploy.report.pictures import grad_cam, visualize
 from fa_train.adversarial.attacks import pgd_attack
 from fa_train.cli import main as train_main
 from fa_train.data import build_dataset
@@ -143,7 +143,7 @@ def test_report_renders_in_headless_chromium_with_its_images(tmp_path):
         figs.append((f"figure {i}", str(p)))
     rows = [{"model": "fa", "clean": 0.5, "advAP": 0.2}]
     paths = write_report(str(tmp_path / "rep"), "test report", [("table", rows, ["model", "clean", "advAP"])], figs,
-                         verdict="PASS (max drop 0.02)")
+                         verdict=("gate (max drop 0.02)", "PASS", ""))
     text = open(paths["html"]).read()
     assert "src='data:image/png;base64," in text and "f0.png" not in text  # self-contained
     md = open(paths["markdown"]).read()
@@ -162,6 +162,35 @@ def test_report_renders_in_headless_chromium_with_its_images(tmp_path):
     assert a.shape[:2] == (900, 800)
     assert (np.abs(a - [200, 30, 30]).sum(-1) < 30).sum() > 1000  # the first figure is on screen
     assert (np.abs(a - [30, 30, 200]).sum(-1) < 30).sum() > 1000
+
+
+def _dom(chrome, html_path, width):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000",
+             f"--window-size={width},900"]
+    return subprocess.run([chrome, *flags, "--dump-dom", "file://" + html_path], capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+def test_deployment_report_verdict_colours_and_wide_table_at_1280_px(tmp_path):
+    """The deployment table (27 columns) is never cut at 1280 px: it fits or scrolls inside its own box; a passing
+    gate is green and says what was gated once ("Gate (max drop ...): PASS"), a failing one red, an inconclusive
+    one neither."""
+    chrome = _chromium()
+    columns = ["backend", "threat", "format", "precision", "provider", "size_MB", "clean", "PGD-1", "PGD-3", "PGD-5",
+               "PGD-10", "advAP", "acAP", "drop_clean", "drop_advAP", "drop_acAP", "misses_clean", "misses_adv",
+               "drift_clean", "drift_adv", "ms/img", "p90_ms", "img/s", "pre_ms", "post_ms"]
+    rows = [{c: (f"last.int8.onnx ({t})" if c == "backend" else 0.123456) for c in columns}
+            for t in ("transfer", "whitebox", "differential", "worst")]
+    for outcome, cls in (("PASS", "pass"), ("FAIL", "fail"), ("INCONCLUSIVE", "inconclusive")):
+        paths = write_report(str(tmp_path / outcome), "fa-bench: deployment report", [("AP50", rows, columns)], [],
+                             verdict=("gate (max drop 0.02)", outcome, "" if outcome == "PASS" else "a reason"))
+        text = open(paths["html"]).read()
+        assert f"Gate (max drop 0.02): <span class='{cls}'>{outcome}</span>" in text
+        assert "Gate: gate" not in text
+        dom = _dom(chrome, paths["html"], 1280)
+        m = re.search(r'data-tables-cut="(\d+)"', dom)
+        assert m and m.group(1) == "0", dom[:300]
+    assert "**PASS**" in open(tmp_path / "PASS" / "report.md").read()
 
 
 def test_fa_bench_report_and_visualize(trained, tmp_path):

@@ -1,5 +1,5 @@
 """A deployment service runs an engine with tensorrt, numpy and a CUDA binding only: in a process where `import torch`
-fails, fa_deploy.runtime (and the modules it needs) import, build and run an engine through the TensorRT and pycuda
+fails, fa_deploy.runtime.engine (and the modules it needs) import, build and run an engine through the TensorRT and pycuda
 TEST DOUBLES (tests/trt_double.py; not TensorRT), and torch is never imported."""
 import os
 import subprocess
@@ -27,10 +27,10 @@ import numpy as np
 import trt_double
 sys.modules.update(trt_double.modules())
 
-from fa_deploy.runtime import EngineRunner          # the service's import
-from fa_deploy.tensorrt import build_engine
-from fa_deploy.metadata import write_sidecar, read_sidecar
-import fa_deploy.backends, fa_deploy.compat          # also torch-free at import
+from fa_deploy.runtime import EngineRunner                 # the service's import
+from fa_deploy.exporting.tensorrt_build import build_engine
+from fa_deploy.runtime.metadata import write_sidecar, read_sidecar
+import fa_deploy.runtime.backends, fa_deploy.runtime.tensorrt, fa_deploy.exporting.compat  # also torch-free
 
 d = sys.argv[1]
 src = trt_double.tiny_onnx(os.path.join(d, "t.onnx"))

@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from fa_deploy.bench_cli import main as bench_main
-from fa_deploy.threats import Differential, deployment_misses, parse_threats, worst_over_threats
-from fa_deploy.twin import load_twin
+from fa_deploy.robustness.threats import Differential, deployment_misses, worst_over_threats
+from fa_deploy.settings import parse_threats
+from fa_deploy.robustness.twin import load_twin
 from fa_train.adversarial.attack_objectives import DetectionLoss
 from fa_train.adversarial.attacks import Budget, SignStep, run_attack
 from fa_train.adversarial.suite import ground_truth_losses
@@ -26,7 +27,7 @@ def _bench(*args):
 
 
 def _data(weights):
-    from fa_deploy.bench import dataset_for
+    from fa_deploy.runtime.datasets import dataset_for
 
     _, ckpt = load_model(str(weights))
     ds = dataset_for(ckpt, "test", None, 64, split="shapes:train", max_images=2, log=None)
@@ -35,7 +36,7 @@ def _data(weights):
 
 def _crushed_int8(src, out, which=(3, 10, 20, 30), factor=0.5):
     """The int8 file with a few activation quantization scales crushed (x factor): fragile on purpose."""
-    from fa_deploy.onnx_torch import OnnxGraph
+    from fa_deploy.robustness.interpreter import OnnxGraph
 
     steps = OnnxGraph(str(src)).fake_quant_steps()
     m = onnx.load(str(src))
@@ -179,7 +180,7 @@ def test_gate_catches_a_fragile_int8_that_the_transfer_gate_passes(overfit, expo
 
 
 def test_a_twin_that_does_not_match_is_refused(overfit, exported, monkeypatch):
-    from fa_deploy import twin as twin_mod
+    from fa_deploy.robustness import twin as twin_mod
 
     def wrong(*a, **k):
         raise twin_mod.TwinMismatch("model: output 'predictions' 12.0% of elements outside atol 1e-4")

@@ -1,4 +1,4 @@
-"""The engine runtime's control flow (fa_deploy.runtime.EngineRunner, TrtBackend, build_engine) driven through the
+"""The engine runtime's control flow (fa_deploy.runtime.engine.EngineRunner, TrtBackend, build_engine) driven through the
 TEST DOUBLE of TensorRT's name-based API and of pycuda (tests/trt_double.py). These are not TensorRT results: the
 double enforces the documented contract (profile checks, -1 output dims, I/O order unlike the ONNX file's, a stream
 of its own, buffer sizes) and computes with ONNX Runtime on the same ONNX file."""
@@ -24,8 +24,8 @@ def trt(monkeypatch):
 
 
 def build(tmp_path, batch="n", profile=(1, 2, 4), cache=None, log=None):
-    from fa_deploy.metadata import write_sidecar
-    from fa_deploy.tensorrt import build_engine
+    from fa_deploy.runtime.metadata import write_sidecar
+    from fa_deploy.exporting.tensorrt_build import build_engine
 
     src = tiny_onnx(tmp_path / f"tiny_{batch}.onnx", batch)
     eng = str(tmp_path / f"tiny_{batch}.engine")
@@ -36,7 +36,7 @@ def build(tmp_path, batch="n", profile=(1, 2, 4), cache=None, log=None):
 
 
 def test_outputs_by_name_in_the_recorded_order_not_the_engines(tmp_path, trt):
-    from fa_deploy.runtime import EngineRunner
+    from fa_deploy.runtime.engine import EngineRunner
 
     eng, meta = build(tmp_path)
     assert meta["outputs"] == ["twice", "plus1", "total"]  # the ONNX file's order, from the parsed network
@@ -49,7 +49,7 @@ def test_outputs_by_name_in_the_recorded_order_not_the_engines(tmp_path, trt):
 
 
 def test_more_images_than_the_profile_run_in_chunks(tmp_path, trt):
-    from fa_deploy.runtime import EngineRunner
+    from fa_deploy.runtime.engine import EngineRunner
 
     eng, _ = build(tmp_path, profile=(1, 2, 4))
     runner = EngineRunner(eng)
@@ -62,7 +62,7 @@ def test_more_images_than_the_profile_run_in_chunks(tmp_path, trt):
 
 
 def test_static_engine_pads_the_remainder_and_trims_it(tmp_path, trt):
-    from fa_deploy.runtime import EngineRunner
+    from fa_deploy.runtime.engine import EngineRunner
 
     eng, _ = build(tmp_path, batch=2, profile=(2, 2, 2))
     runner = EngineRunner(eng)
@@ -75,7 +75,7 @@ def test_static_engine_pads_the_remainder_and_trims_it(tmp_path, trt):
 
 
 def test_what_cannot_fit_is_refused_clearly(tmp_path, trt):
-    from fa_deploy.runtime import BackendError, EngineRunner
+    from fa_deploy.runtime.engine import BackendError, EngineRunner
 
     eng, _ = build(tmp_path)
     runner = EngineRunner(eng)
@@ -86,7 +86,7 @@ def test_what_cannot_fit_is_refused_clearly(tmp_path, trt):
 
 
 def test_one_stream_and_buffers_reused_until_a_shape_grows(tmp_path, trt):
-    from fa_deploy.runtime import EngineRunner
+    from fa_deploy.runtime.engine import EngineRunner
 
     eng, _ = build(tmp_path, profile=(1, 2, 4))
     runner = EngineRunner(eng)
@@ -106,8 +106,8 @@ def test_one_stream_and_buffers_reused_until_a_shape_grows(tmp_path, trt):
 
 
 def test_sidecar_outputs_must_match_the_engine(tmp_path, trt):
-    from fa_deploy.metadata import read_sidecar, write_sidecar
-    from fa_deploy.runtime import BackendError, EngineRunner
+    from fa_deploy.runtime.metadata import read_sidecar, write_sidecar
+    from fa_deploy.runtime.engine import BackendError, EngineRunner
 
     eng, _ = build(tmp_path)
     write_sidecar(eng, {**read_sidecar(eng), "outputs": ["twice", "plus1"]})
@@ -116,7 +116,7 @@ def test_sidecar_outputs_must_match_the_engine(tmp_path, trt):
 
 
 def test_builder_clears_tf32_and_keeps_the_timing_cache(tmp_path, trt):
-    from fa_deploy.runtime import EngineRunner
+    from fa_deploy.runtime.engine import EngineRunner
 
     cache = tmp_path / "trt.cache"
     eng, meta = build(tmp_path, cache=str(cache))
@@ -135,7 +135,7 @@ def test_a_refused_build_is_one_clear_error(tmp_path, trt):
     """ONNX Runtime's default int8 (INT32 bias DequantizeLinear): the parser's refusal becomes TensorRTBuildError."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from fa_deploy.tensorrt import TensorRTBuildError, build_engine
+    from fa_deploy.exporting.tensorrt_build import TensorRTBuildError, build_engine
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])

@@ -8,13 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import train_tiny_frcnn
-from fa_deploy.cli import export_main
-from fa_deploy.onnx_torch import OnnxGraph
-from fa_deploy.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin,
-                            reference_session, verify_twin)
+from fa_deploy.robustness.interpreter import OnnxGraph
+from fa_deploy.robustness.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin, reference_session, verify_twin)
 from fa_train.checkpoint import load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -22,7 +18,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def _data(weights, n, split):
     """n images of a split of the checkpoint's data [n,3,64,64] (no augmentation) and their ground truth."""
-    from fa_deploy.bench import dataset_for
+    from fa_deploy.runtime.datasets import dataset_for
 
     _, ckpt = load_model(str(weights))
     ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
@@ -36,15 +32,9 @@ def yolo_data(overfit):
 
 
 @pytest.fixture(scope="module")
-def frcnn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("twin-frcnn")
-    r = train_tiny_frcnn(d)
-    assert r.exit_code == 0, r.output
-    w = d / "run" / "last.pt"
-    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
-                                         "--calib-images", "4", "--verify-images", "2"])
-    assert r.exit_code == 0, r.output
-    return w, d / "run" / "export", _data(w, 2, "shapes:test")
+def frcnn(frcnn_exported):
+    w, out, _ = frcnn_exported  # tests/conftest.py: shared with the deployment tests
+    return w, out, _data(w, 2, "shapes:test")
 
 
 def _loss(model, x, targets):
@@ -80,7 +70,7 @@ def test_yolo_twins_equal_onnxruntime(overfit, exported, yolo_data):
 
 
 def test_frcnn_twins_equal_onnxruntime_parts_and_pipeline(frcnn):
-    from fa_deploy.split import PipelineBackend
+    from fa_deploy.runtime.pipeline import PipelineBackend
 
     w, out, (x, targets) = frcnn
     source, _ = load_model(str(w))
@@ -112,7 +102,7 @@ def _int8_with_bias(fp32_path, out_path, x, quantize_bias: bool):
     int32 biases dequantized (ONNX Runtime's default, which TensorRT cannot parse; others' files may have it)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from fa_deploy.onnx_export import _CalibrationReader, decode_nodes
+    from fa_deploy.exporting.onnx_export import _CalibrationReader, decode_nodes
     from fa_train.models.yolov3 import YoloV3
 
     exclude = decode_nodes(onnx.load(str(fp32_path)), YoloV3.export_keep_float32)

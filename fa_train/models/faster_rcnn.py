@@ -78,17 +78,26 @@ def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_
 
 
 @contextlib.contextmanager
-def _loss_mode(detector: FasterRCNN):
-    """RPN, RoI heads and transform in their training branch (losses, proposal sampling); BN is frozen anyway."""
+def _branch(detector: FasterRCNN, training: bool):
+    """RPN, RoI heads and transform in their training branch (losses, proposal sampling) or their inference branch
+    (test-time proposal counts, no resize jitter), whatever mode the detector is in; BN is frozen anyway."""
     mods = [detector.transform, detector.rpn, detector.roi_heads]
     modes = [m.training for m in mods]
     try:
         for m in mods:
-            m.training = True
+            m.training = training
         yield
     finally:
         for m, was in zip(mods, modes):
             m.training = was
+
+
+def _loss_mode(detector: FasterRCNN):
+    return _branch(detector, True)
+
+
+def _eval_branch(detector: FasterRCNN):
+    return _branch(detector, False)
 
 
 class SeededSampler:
@@ -128,20 +137,6 @@ def _seeded_sampling(detector: FasterRCNN, seed: int = 0):
         yield
     finally:
         rpn.fg_bg_sampler, roi.fg_bg_sampler = old
-
-
-@contextlib.contextmanager
-def _eval_branch(detector: FasterRCNN):
-    """RPN, RoI heads and transform in their inference branch (test-time proposal counts, no resize jitter)."""
-    mods = [detector.transform, detector.rpn, detector.roi_heads]
-    modes = [m.training for m in mods]
-    try:
-        for m in mods:
-            m.training = False
-        yield
-    finally:
-        for m, was in zip(mods, modes):
-            m.training = was
 
 
 class FasterRCNNFPN(Detector):

@@ -1,5 +1,5 @@
 """The engine runner a deployment service imports: a serialized TensorRT engine run with tensorrt, numpy and a CUDA
-binding (cuda-python or pycuda) only. `import fa_deploy.runtime` never imports torch or onnx.
+binding (cuda-python or pycuda) only. `from fa_deploy.runtime import EngineRunner` never imports torch or onnx.
 
     from fa_deploy.runtime import EngineRunner
     runner = EngineRunner("last.fp16.engine")          # checks the engine's TensorRT version and GPU first
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .metadata import read_sidecar
+from fa_deploy.runtime.metadata import read_sidecar
 
 
 class BackendError(RuntimeError):
@@ -202,7 +202,7 @@ class EngineRunner:
 
     def __init__(self, path: str, sidecar: Optional[dict] = None, cuda: str = "auto", check_compatible: bool = True,
                  output_names: Optional[Sequence[str]] = None):
-        from .tensorrt import check_engine_compatible, import_tensorrt
+        from fa_deploy.runtime.tensorrt import check_engine_compatible, import_tensorrt
 
         trt = import_tensorrt()
         self.trt, self.path = trt, path

@@ -19,7 +19,7 @@ import torch
 
 from fa_train.evaluation import coco_evaluate, coco_ground_truth, detections_to_coco
 
-from .backends import Backend, TorchBackend, measure_latency
+from fa_deploy.runtime.backends import Backend, TorchBackend, measure_latency
 
 
 CACHE_VERSION = 2  # bump when the attack code changes what a cached image would be
@@ -137,7 +137,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
 
-    from .threats import Differential, deployment_misses, worst_over_threats
+    from fa_deploy.robustness.threats import Differential, deployment_misses, worst_over_threats
 
     attack_names = parse_attacks(attack)
     none = attack_names == ("none",)

@@ -54,7 +54,8 @@ from torch import nn
 from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN, _Call  # _Call: a function as a module
 from fa_train.models.yolov3 import YoloConfig, YoloV3
 
-from .onnx_torch import FLOAT16, OnnxGraph
+from fa_deploy.robustness.interpreter import FLOAT16, OnnxGraph
+from fa_deploy.runtime.backends import unshare_constants
 
 # Polygraphy's convention with atol in units of the output's root mean square: an element fails when
 # |twin - ort| > atol * rms(ort) and > rtol * |ort| (float error scales with the magnitudes computed: trained
@@ -91,42 +92,6 @@ def graph_precision(graph: OnnxGraph) -> str:
     return "fp32"
 
 
-def _unshared(model) -> None:
-    """Nothing constant shared between nodes: a DequantizeLinear of a constant read by several nodes is repeated
-    for each reader, then every initializer read by several nodes is copied for each reader (values unchanged).
-    ONNX Runtime's s8 -> u8 pass of its high-precision int8 mode fails on shared ones ('Attempt to replace the
-    existing tensor'), e.g. on Faster R-CNN's RPN head, whose weights serve the five FPN levels."""
-    import copy
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    readers: Dict[str, list] = {}
-    for node in g.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    copies = []
-    for node in list(g.node):
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and len(readers.get(node.output[0], [])) > 1:
-            for k, reader in enumerate(readers[node.output[0]][1:], 1):
-                dq = copy.deepcopy(node)
-                dq.name, dq.output[0] = f"{node.name}__reader{k}", f"{node.output[0]}__reader{k}"
-                reader.input[:] = [dq.output[0] if i == node.output[0] else i for i in reader.input]
-                copies.append(dq)
-    nodes = copies + list(g.node)  # constant-only nodes may come first
-    del g.node[:]
-    g.node.extend(nodes)
-    seen: Dict[str, int] = {}
-    for node in g.node:
-        for j, name in enumerate(node.input):
-            if name in inits:
-                seen[name] = seen.get(name, 0) + 1
-                if seen[name] > 1:
-                    dup = copy.deepcopy(inits[name])
-                    dup.name = f"{name}__copy{seen[name]}"
-                    g.initializer.append(dup)
-                    node.input[j] = dup.name
-
-
 def reference_session(onnx_path: str, precision: str, expose: Dict[str, int] = None):
     """ONNX Runtime (CPU) on the file, configured as REFERENCE_CONFIG says; `expose` adds intermediate tensors
     ({name: ONNX element type}) to the outputs (for int8, the quantized activations: exposing them leaves the
@@ -141,7 +106,7 @@ def reference_session(onnx_path: str, precision: str, expose: Dict[str, int] = N
         return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     model = onnx.load(onnx_path)
     if precision == "int8":
-        _unshared(model)
+        unshare_constants(model)
     have = {o.name for o in model.graph.output}
     for name, elem in (expose or {}).items():
         if name not in have:
@@ -171,7 +136,7 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], na
 
 def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
     """ONNX Runtime's integers of a fake-quantized activation, dequantized with the twin's scale and zero point."""
-    from .onnx_torch import _broadcast
+    from fa_deploy.robustness.interpreter import _broadcast
 
     s = graph.constant(st.inputs[1])
     z = graph.constant(st.inputs[2]) if len(st.inputs) > 2 and st.inputs[2] else None
@@ -183,7 +148,7 @@ def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
 
 
 def _activation_steps(graph: OnnxGraph, steps, record, force) -> Dict[str, dict]:
-    from .onnx_torch import _broadcast
+    from fa_deploy.robustness.interpreter import _broadcast
 
     out = {}
     for st in steps:
@@ -425,7 +390,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         """Each part against ONNX Runtime on the inputs the deployed pipeline gives it: the backbone on the
         transformed images, the RoI heads on the pooled RoI features of those images (computed with ONNX
         Runtime's backbone part and the glue, as `PipelineBackend` runs it)."""
-        from .backends import OrtBackend
+        from fa_deploy.runtime.backends import OrtBackend
 
         self.verification = None
         x = torch.as_tensor(np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images,
@@ -455,7 +420,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
 
 
 def _onnx_behind_engine(path: str) -> str:
-    from .metadata import read_sidecar
+    from fa_deploy.runtime.metadata import read_sidecar
 
     side = read_sidecar(path) or {}
     onnx_path = side.get("onnx")
@@ -472,14 +437,14 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
     before the twin will run."""
     from fa_train.models import create_model
 
-    from .backends import ENGINE_SUFFIXES
-    from .loading import PIPELINE_SUFFIX
-    from .metadata import onnx_metadata, read_sidecar
+    from fa_deploy.runtime.backends import ENGINE_SUFFIXES
+    from fa_deploy.runtime.loading import PIPELINE_SUFFIX
+    from fa_deploy.runtime.metadata import onnx_metadata, read_sidecar
 
     if not os.path.isfile(path):
         raise TwinError(f"{path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):
-        from .split import read_manifest
+        from fa_deploy.runtime.pipeline import read_manifest
 
         info = read_manifest(path)
         base = os.path.dirname(os.path.abspath(path))

@@ -6,7 +6,7 @@ has no RoIAlign / dynamic NMS without plugins).
 The model names its deployable networks (`Detector.part_modules()`, for Faster R-CNN `backbone` = ResNet + FPN +
 RPN head convolutions, and `roi_heads` = the box head MLP + predictor); each is exported like any network (ONNX
 fp32 / fp16 / int8, TensorRT engines) and a manifest `<stem>.<precision>.pipeline.json` lists the files. At run
-time `PipelineBackend` runs the parts (ONNX Runtime or TensorRT) and the model's `run_split` glue: torchvision's
+time `PipelineBackend` (fa_deploy/runtime/pipeline.py) runs the parts (ONNX Runtime or TensorRT) and the model's `run_split` glue: torchvision's
 own code for the transform, anchors, proposal decoding + NMS, multi-scale RoIAlign, detection decoding + NMS and
 rescaling, on the CPU in PyTorch. int8 quantizes the backbone part (where the compute is); the RoI head part stays
 float32. Parts are exported with the TorchScript-based exporter (`dynamo=False`, opset 17): the dynamo exporter
@@ -14,7 +14,6 @@ fails on torchvision's detection models.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -23,9 +22,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import onnx_export as ex
-from .backends import Backend, BackendError, open_network
-from .report import write_json
+from fa_deploy.exporting import onnx_export as ex
+from fa_deploy.runtime.pipeline import read_manifest
+from fa_deploy.report.tables import write_json
 
 BACKBONE_INPUT = "images"
 ROI_INPUT = "box_features"
@@ -149,17 +148,6 @@ def write_manifest(path: str, info: dict) -> str:
     return path
 
 
-def read_manifest(path: str) -> dict:
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise BackendError(f"{path}: not a readable pipeline manifest ({e})") from e
-    if info.get("format") not in ("onnx-pipeline", "tensorrt-pipeline") or not isinstance(info.get("parts"), dict):
-        raise BackendError(f"{path}: not a fa-export pipeline manifest (format {info.get('format')!r})")
-    return info
-
-
 def part_parity(model, manifest: str, verify: np.ndarray, run_part: Callable[[str], Callable]) -> dict:
     """Each part against the source's torch part on the same inputs: the backbone on the transformed verify
     images, the RoI heads on the source's pooled RoI features of those images."""
@@ -174,32 +162,3 @@ def part_parity(model, manifest: str, verify: np.ndarray, run_part: Callable[[st
     return reports
 
 
-class PipelineBackend(Backend):
-    """The parts of a manifest (ONNX Runtime sessions or TensorRT engines) with the model's torchvision glue."""
-
-    def __init__(self, path: str, providers: Optional[List[str]] = None, allow_cpu_fallback: bool = False):
-        from fa_train.models import create_model
-
-        info = read_manifest(path)
-        self.path, self.sidecar, self.manifest = path, info, info
-        self.name = os.path.basename(path)
-        self.precision = info.get("precision", "?")
-        self.format = "tensorrt" if info["format"] == "tensorrt-pipeline" else "onnx"
-        base = os.path.dirname(os.path.abspath(path))
-        self.part_paths = {k: os.path.join(base, v) for k, v in info["parts"].items()}
-        io = info.get("part_io", {})
-        self.parts = {k: open_network(p, providers, allow_cpu_fallback, output_names=io.get(k, {}).get("outputs"))
-                      for k, p in self.part_paths.items()}
-        self.batch_range = self.parts["backbone"].batch_range
-        kinds = sorted({b.provider for b in self.parts.values()})
-        self.provider = "+".join(kinds) + " (glue: torch-cpu)"
-        arch = dict(info["model"])
-        name, num_classes = arch.pop("name"), arch.pop("num_classes")
-        self.glue = create_model(name, num_classes, **arch).eval()  # parameter-free pieces only are used
-
-    @property
-    def size_mb(self) -> float:
-        return sum(os.path.getsize(p) for p in self.part_paths.values()) / 2**20
-
-    def raw(self, images):
-        return [self.glue.run_split(images, self.parts["backbone"].raw, self.parts["roi_heads"].raw)]

@@ -1,11 +1,12 @@
 """What an exported file says about itself, readable without PyTorch: the JSON sidecar beside every exported file,
 the fa-toolkit keys in an ONNX file's `metadata_props`, and the batch range a file accepts.
 
-A deployment service imports this (through `fa_deploy.runtime`) with numpy only; `onnx` is imported where an ONNX
-file is read. Everything that needs torch lives in `fa_deploy.onnx_export` and above.
+A deployment service imports this (through `fa_deploy.runtime.engine`) with numpy only; `onnx` is imported where an ONNX
+file is read. Everything that needs torch lives in `fa_deploy.exporting.onnx_export` and above.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -144,3 +145,11 @@ class Staging:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -6,8 +6,8 @@ import os
 import re
 from typing import List, Optional
 
-from .backends import Backend, BackendError, open_network
-from .metadata import ExportError, onnx_metadata
+from fa_deploy.runtime.backends import Backend, BackendError, open_network
+from fa_deploy.runtime.metadata import ExportError, onnx_metadata
 
 PIPELINE_SUFFIX = ".pipeline.json"
 PART_FILE = re.compile(r"^(.+)\.(backbone|roi_heads)\.(onnx|engine|plan|trt)$")
@@ -19,7 +19,7 @@ def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fal
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/split.py)
-        from .split import PipelineBackend
+        from fa_deploy.runtime.pipeline import PipelineBackend
 
         return PipelineBackend(path, providers, allow_cpu_fallback)
     m = PART_FILE.match(os.path.basename(path))

@@ -5,7 +5,7 @@ command prints it and sets the exit code.
 
 Every file is written in a staging folder and moved into place with its sidecar (parity included) only when
 complete, so a crashed export never leaves a file without sidecar or a sidecar without parity. Every ONNX file also
-carries its origin in `metadata_props` (`fa_deploy.metadata.onnx_metadata`).
+carries its origin in `metadata_props` (`fa_deploy.runtime.metadata.onnx_metadata`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
-from .settings import ExportSettings
+from fa_deploy.exporting import onnx_export as ex
+from fa_deploy.exporting import two_network as split
+from fa_deploy.exporting.compat import check_tensorrt_compat, TensorRTIncompatible
+from fa_deploy.exporting.tensorrt_build import build_engine, profile_for
+from fa_deploy.report.tables import console_table
+from fa_deploy.runtime.backends import OrtBackend, run_batched, TorchBackend, TrtBackend
+from fa_deploy.runtime.datasets import checkpoint_data, dataset_for
+from fa_deploy.runtime.metadata import ExportError, sha256, Staging
+from fa_deploy.runtime.tensorrt import tensorrt_available, TensorRTUnavailable
+from fa_deploy.settings import ExportSettings
 
 
 @dataclass
@@ -31,20 +40,14 @@ class ExportResult:
 
 
 def _verify_images(model, ckpt, s: ExportSettings, img_size: int, log) -> np.ndarray:
-    from .bench import dataset_for
-
     test_ds = dataset_for(ckpt, "test", s.calib_data, img_size, max_images=s.verify_images, log=log)
     if len(test_ds) == 0:
-        from .onnx_export import ExportError
-
         raise ExportError("the test split has no images for the parity check")
     return np.concatenate([test_ds[i][0][None].numpy() for i in range(min(s.verify_images, len(test_ds)))])
 
 
 def tensorrt_or_explain(s: ExportSettings, img_size: int) -> None:
     """--engine without TensorRT or a GPU: the ONNX files are written; the error says what to run on the GPU."""
-    from .tensorrt import TensorRTUnavailable, tensorrt_available
-
     ok, why = tensorrt_available()
     if not ok:
         batch = f" --batch {s.batch}" if s.batch is not None else \
@@ -60,7 +63,6 @@ def calibration_dataset(ckpt, s: ExportSettings, img_size: int, log):
     export calibrate on different images, so int8 files (and the demo's int8 row) changed from run to run."""
     from fa_train.data import DEFAULT_SPLITS, parse_data_spec
 
-    from .bench import checkpoint_data, dataset_for
 
     spec = checkpoint_data(ckpt, s.calib_data, img_size)[0]
     split = DEFAULT_SPLITS[parse_data_spec(spec)[0]]["train"]
@@ -71,7 +73,6 @@ def _origin(weights: str, ckpt: dict, model, precision: str, batch_range, img_si
     """What every exported ONNX file records about itself in metadata_props."""
     from fa_train import __version__
 
-    from .onnx_export import sha256
 
     return {"source_sha256": sha256(weights), "source_weights": os.path.abspath(weights), "precision": precision,
             "batch_range": list(batch_range), "img_size": img_size, "fa_toolkit_version": __version__,
@@ -80,8 +81,6 @@ def _origin(weights: str, ckpt: dict, model, precision: str, batch_range, img_si
 
 def _compat(path: str, final: str, for_engine: bool, result: ExportResult, log) -> dict:
     """The CPU-side TensorRT check of one written file: a warning for ONNX targets, an error for --engine ones."""
-    from .compat import check_tensorrt_compat
-
     rep = check_tensorrt_compat(path)
     rep.path = final
     result.compat[final] = rep.as_dict()
@@ -91,8 +90,6 @@ def _compat(path: str, final: str, for_engine: bool, result: ExportResult, log) 
 
 
 def _refuse_incompatible(checks: List[dict]) -> None:
-    from .compat import TensorRTIncompatible
-
     bad = [c["report"] for c in checks if c["for_engine"] and not c["report"].ok]
     if bad:
         raise TensorRTIncompatible("not building TensorRT engines: " + " | ".join(r.summary() for r in bad))
@@ -103,7 +100,6 @@ def run_export(s: ExportSettings, log: Callable[[str], None] = print,
     """`log` gets progress lines, `show` each table as soon as it is complete."""
     from fa_train.checkpoint import load_model
 
-    from .bench import checkpoint_data
 
     s.validate()
     model, ckpt = load_model(s.weights)
@@ -137,10 +133,6 @@ def _parity_rows(label_of, reports, sizes, part_key=None):
 def _export_single(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, show) -> ExportResult:
     from fa_train.engine import make_loader
 
-    from . import onnx_export as ex
-    from .backends import OrtBackend, TorchBackend, run_batched
-    from .metadata import Staging
-    from .report import console_table
 
     keep = getattr(model, "export_keep_float32", ())
     brange, dynamic = s.batch_range, s.is_dynamic
@@ -199,23 +191,28 @@ def _export_single(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, sho
                         {p: os.path.getsize(paths[p]) / 2**20 for p in reports})
     columns = ["file", "output", "max_abs", "mean_abs", "max_rel", "fail_frac", "result", "size_MB"]
     title = f"parity against {s.weights} on {len(ref[0])} images (ONNX Runtime CPU)"
-    result.tables.append((title, rows, columns))
+    return _finish(result, s, img_size, checks, (title, rows, columns),
+                   [f"wrote {paths[prec]} (+ .json sidecar)" for prec in s.precisions], show,
+                   lambda: _build_single_engines(s, out_dir, stem, img_size, paths, ref, verify, result, log, show))
+
+
+def _finish(result: ExportResult, s: ExportSettings, img_size: int, checks: List[dict], table: tuple,
+            written: List[str], show, build_engines: Callable[[], None]) -> ExportResult:
+    """The end every export shares: the parity table, the files written, then the engines asked for (refused
+    before any build when the compatibility check found a problem or TensorRT is missing)."""
+    title, rows, columns = table
+    result.tables.append(table)
     show(console_table(rows, columns, title))
-    for prec in s.precisions:
-        show(f"wrote {paths[prec]} (+ .json sidecar)")
+    for line in written:
+        show(line)
     if s.engine:
         _refuse_incompatible(checks)
         tensorrt_or_explain(s, img_size)
-        _build_single_engines(s, out_dir, stem, img_size, paths, ref, verify, result, log, show)
+        build_engines()
     return result
 
 
 def _build_single_engines(s, out_dir, stem, img_size, paths, ref, verify, result, log, show):
-    from . import onnx_export as ex
-    from .backends import TrtBackend
-    from .metadata import Staging
-    from .tensorrt import build_engine, profile_for
-
     stage = Staging(out_dir)
     try:
         built = []
@@ -245,11 +242,6 @@ def _export_split(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, show
     manifest per precision, parity of each part against the source, TensorRT engines of each part."""
     from fa_train.engine import make_loader
 
-    from . import onnx_export as ex
-    from . import split
-    from .backends import OrtBackend
-    from .metadata import Staging
-    from .report import console_table
 
     def calibration():
         cal_ds = calibration_dataset(ckpt, s, img_size, log)
@@ -294,24 +286,14 @@ def _export_split(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, show
             result.failed.append(prec)
     columns = ["file", "part", "output", "max_abs", "mean_abs", "max_rel", "fail_frac", "result", "size_MB"]
     title = f"parity of each part against {s.weights} on {len(verify)} images (ONNX Runtime CPU)"
-    result.tables.append((title, rows, columns))
-    show(console_table(rows, columns, title))
-    for prec in s.precisions:
-        show(f"wrote {manifests[prec]} (parts: {', '.join(split.read_manifest(manifests[prec])['parts'].values())})")
-    if s.engine:
-        _refuse_incompatible(checks)
-        tensorrt_or_explain(s, img_size)
-        _build_split_engines(model, s, out_dir, stem, img_size, manifests, verify, result, log, show)
-    return result
+    written = [f"wrote {manifests[prec]} (parts: {', '.join(split.read_manifest(manifests[prec])['parts'].values())})"
+               for prec in s.precisions]
+    return _finish(result, s, img_size, checks, (title, rows, columns), written, show,
+                   lambda: _build_split_engines(model, s, out_dir, stem, img_size, manifests, verify, result, log,
+                                                show))
 
 
 def _build_split_engines(model, s, out_dir, stem, img_size, manifests, verify, result, log, show):
-    from . import onnx_export as ex
-    from . import split
-    from .backends import TrtBackend
-    from .metadata import Staging
-    from .tensorrt import build_engine
-
     stage = Staging(out_dir)
     done = []
     try:

@@ -1,7 +1,7 @@
 """One Backend interface: `raw(images) -> list of numpy outputs`, plus the Detector's shared `postprocess`.
 
 Backends: the source weights (torch), ONNX Runtime (CPU; CUDA and TensorRT execution providers with
-onnxruntime-gpu) and TensorRT engines (`fa_deploy.runtime.EngineRunner`: execute_async_v3 on a stream of its own,
+onnxruntime-gpu) and TensorRT engines (`fa_deploy.runtime.engine.EngineRunner`: execute_async_v3 on a stream of its own,
 buffers from cuda-python or pycuda, no torch). Comparisons therefore measure the network, not the post-processing.
 
 Every backend knows the batch range of its file (`batch_range` = MIN, OPT, MAX; MAX None = any) and its `raw`
@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .metadata import check_onnx, onnx_batch_range, onnx_metadata, read_sidecar
-from .runtime import BackendError, EngineRunner, run_batched
+from fa_deploy.runtime.metadata import check_onnx, onnx_batch_range, onnx_metadata, read_sidecar
+from fa_deploy.runtime.engine import BackendError, EngineRunner, run_batched
 
 __all__ = ["Backend", "BackendError", "TorchBackend", "OrtBackend", "TrtBackend", "open_network", "run_batched",
            "measure_latency", "resolve_providers", "PROVIDERS", "ENGINE_SUFFIXES"]
@@ -133,9 +133,7 @@ class OrtBackend(Backend):
             so.add_session_config_entry("session.x64quantprecision", "1")
             # its s8 -> u8 pass fails on constants shared between nodes ("Attempt to replace the existing tensor",
             # e.g. Faster R-CNN's RPN head serving five FPN levels): load a copy with them repeated per reader
-            from .twin import _unshared
-
-            _unshared(model)
+            unshare_constants(model)
             source = model.SerializeToString()
         try:
             self.session = ort.InferenceSession(source, so, providers=requested, provider_options=options)
@@ -226,7 +224,7 @@ class TrtBackend(Backend):
 def open_network(path: str, providers: Optional[Sequence[str]] = None, allow_cpu_fallback: bool = False,
                  output_names: Optional[Sequence[str]] = None) -> Backend:
     """One network file: an ONNX file (ONNX Runtime) or a serialized TensorRT engine. Whole deployments, pipeline
-    manifests included, are opened by `fa_deploy.loading.load_backend`."""
+    manifests included, are opened by `fa_deploy.runtime.loading.load_backend`."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         return OrtBackend(path, providers, allow_cpu_fallback=allow_cpu_fallback)
@@ -259,3 +257,39 @@ def measure_latency(backend: Backend, postprocess, images: np.ndarray, warmup: i
     return {"ms_median": net[len(net) // 2], "ms_p90": net[min(len(net) - 1, int(0.9 * len(net)))],
             "post_ms_median": post[len(post) // 2], "images_per_s": 1000.0 / max(net[len(net) // 2], 1e-9),
             "pre_ms_median": sorted(pre)[len(pre) // 2] if pre else None}
+
+
+def unshare_constants(model) -> None:
+    """Nothing constant shared between nodes: a DequantizeLinear of a constant read by several nodes is repeated
+    for each reader, then every initializer read by several nodes is copied for each reader (values unchanged).
+    ONNX Runtime's s8 -> u8 pass of its high-precision int8 mode fails on shared ones ('Attempt to replace the
+    existing tensor'), e.g. on Faster R-CNN's RPN head, whose weights serve the five FPN levels."""
+    import copy
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: Dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    copies = []
+    for node in list(g.node):
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and len(readers.get(node.output[0], [])) > 1:
+            for k, reader in enumerate(readers[node.output[0]][1:], 1):
+                dq = copy.deepcopy(node)
+                dq.name, dq.output[0] = f"{node.name}__reader{k}", f"{node.output[0]}__reader{k}"
+                reader.input[:] = [dq.output[0] if i == node.output[0] else i for i in reader.input]
+                copies.append(dq)
+    nodes = copies + list(g.node)  # constant-only nodes may come first
+    del g.node[:]
+    g.node.extend(nodes)
+    seen: Dict[str, int] = {}
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in inits:
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    dup = copy.deepcopy(inits[name])
+                    dup.name = f"{name}__copy{seen[name]}"
+                    g.initializer.append(dup)
+                    node.input[j] = dup.name

@@ -47,7 +47,7 @@ class Predictor:
         if is_checkpoint(path):
             from fa_train.checkpoint import load_model
 
-            from .backends import TorchBackend
+            from fa_deploy.runtime.backends import TorchBackend
 
             model, ckpt = load_model(path)
             self.source = model.to(self.device).eval()
@@ -56,7 +56,7 @@ class Predictor:
             self.class_names = list(ckpt.get("class_names") or [])
             size = (ckpt.get("config") or {}).get("data", {}).get("img_size")
         else:
-            from .loading import load_backend, recorded_source
+            from fa_deploy.runtime.loading import load_backend, recorded_source
 
             self.backend = load_backend(path, providers)
             rec = recorded_source(self.backend, path)
@@ -229,7 +229,7 @@ def _picture(path: str, panels: Sequence[tuple], class_names, conf: float) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .visualize import _draw
+    from fa_deploy.report.pictures import _draw
 
     h, w = panels[0][1].shape[:2]
     scale = 6.4 / max(w, h)
@@ -303,7 +303,7 @@ def run_predict(s: PredictSettings, log: Callable[[str], None] = print) -> Dict:
         bar.set_postfix(img_s=f"{(i + len(chunk)) / max(t_net, 1e-9):.1f}")
     bar.close()
     pred_path = os.path.join(s.out_dir, "predictions.json")
-    from .report import write_json
+    from fa_deploy.report.tables import write_json
 
     write_json(results, pred_path)
     summary = {"images": len(files), "detections": n_det, "predictions": pred_path, "pictures": written,

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from .settings import BenchSettings
+from fa_deploy.runtime.datasets import checkpoint_data, dataset_for
+from fa_deploy.settings import BenchSettings
 
 
 @dataclass
@@ -29,19 +30,6 @@ class BenchResult:
     @property
     def gate_failed(self) -> bool:
         return bool(self.failures)
-
-
-def checkpoint_data(ckpt: dict, data=None, img_size=None):
-    """(data spec, image size, synth seed): the flags when given, else what the checkpoint was trained on."""
-    dcfg = ckpt.get("config", {}).get("data", {})
-    return data or dcfg.get("spec", "synth"), img_size or dcfg.get("img_size", 416), dcfg.get("synth_seed", 0)
-
-
-def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print):
-    from fa_train.data import build_dataset
-
-    spec, size, seed = checkpoint_data(ckpt, data, img_size)
-    return build_dataset(spec, role, size, split, max_images, seed, log=log)
 
 
 def run_bench(s: BenchSettings, log: Callable[[str], None] = print) -> BenchResult:
@@ -142,7 +130,7 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
 def network_latency(model, loader, device) -> Dict:
     """ms per image of the network alone (median and p90 after warm-up, on the first test batch), measured as the
     deployment harness measures every backend: not the data loading, not pycocotools."""
-    from .backends import TorchBackend, measure_latency
+    from fa_deploy.runtime.backends import TorchBackend, measure_latency
 
     images = next(iter(loader))[0].numpy()
     lat = measure_latency(TorchBackend(model, device=device), model.postprocess, images)
@@ -156,8 +144,8 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.checkpoint import check_classes, load_model
     from fa_train.engine import make_loader, resolve_device
 
-    from .plots import sanity_plot
-    from .report import markdown_table, write_json
+    from fa_deploy.report.plots import sanity_plot
+    from fa_deploy.report.tables import markdown_table, write_json
 
     if D.env_world_size() > 1:
         from fa_train.errors import SettingsError
@@ -216,11 +204,11 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import robustness_columns
 
-    from .backends import BackendError
-    from .onnx_export import sha256
-    from .harness import distinct_names, gate, run_harness
-    from .loading import load_backend
-    from .threats import file_hash, load_twins
+    from fa_deploy.runtime.backends import BackendError
+    from fa_deploy.runtime.metadata import sha256
+    from fa_deploy.robustness.harness import distinct_names, gate, run_harness
+    from fa_deploy.runtime.loading import load_backend
+    from fa_deploy.robustness.threats import file_hash, load_twins
 
     if D.env_world_size() > 1:
         raise BackendError("--backend runs in one process (the exported models are not sharded); "
@@ -280,8 +268,8 @@ def check_backend_source(backend, path: str, model, weights: str, wsha: str, img
                          log=print) -> None:
     """The backend was exported from `weights`, for this architecture and input size: its sidecar or manifest, else
     the metadata inside the ONNX file, says so. Another source is an error unless `cross_model`."""
-    from .backends import BackendError
-    from .loading import recorded_source
+    from fa_deploy.runtime.backends import BackendError
+    from fa_deploy.runtime.loading import recorded_source
 
     rec = recorded_source(backend, path)
     arch = rec.get("model")
@@ -313,7 +301,7 @@ def check_backend_outputs(model, backends, paths, dataset, device) -> None:
     of another architecture, class count or a part of a split deployment is refused before the benchmark)."""
     import numpy as np
 
-    from .backends import BackendError, TorchBackend
+    from fa_deploy.runtime.backends import BackendError, TorchBackend
 
     x = dataset[0][0][None].numpy().astype(np.float32)
     ref = TorchBackend(model, device=device).raw(x)
@@ -339,7 +327,7 @@ def verdict(result: BenchResult, max_drop: float) -> str:
 
 def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]:
     """The JSON, Markdown, pictures and report the settings ask for; returns the paths written."""
-    from .report import markdown_table, write_json
+    from fa_deploy.report.tables import markdown_table, write_json
 
     written = []
     gated = result.failures is not None
@@ -363,7 +351,7 @@ def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]
 def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str]:
     from fa_train.evaluation import attack_loss_keys
 
-    from .visualize import visualize
+    from fa_deploy.report.pictures import visualize
 
     ctx = result.context
     sources, backends, ds, dev = ctx["sources"], ctx["backends"], ctx["dataset"], ctx["device"]
@@ -378,23 +366,22 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
              f"truth; heat map: Grad-CAM of the aligned layer through the detection loss", p) for p in paths]
     if not s.report_dir:
         return paths
-    from .html_report import write_report
-    from .plots import drop_plot, steps_plot, tradeoff_plot
+    from fa_deploy.report.html import write_report
+    from fa_deploy.report.plots import drop_plot, steps_plot, tradeoff_plot
 
     rd = s.report_dir
     os.makedirs(rd, exist_ok=True)
     plots = []
     if backends:
         label, title = "backend", "fa-bench: deployment report"
-        verdict_line = f"{result.gate_name}: " + ("PASS" if not result.failures else
-                                                  "FAIL: " + "; ".join(result.failures))
+        verdict_line = (result.gate_name, "PASS" if not result.failures else "FAIL", "; ".join(result.failures))
         plots.append(("drop of each backend against the source",
                       drop_plot(result.rows, os.path.join(rd, "deploy_drop.png"), s.max_drop)))
     elif result.gate_name == "sanity":
         label, title = "model", "fa-bench: gradient-masking checks"
-        verdict_line = "PASS" if not result.failures else "FAIL: " + "; ".join(result.failures)
+        verdict_line = ("sanity checks", "PASS" if not result.failures else "FAIL", "; ".join(result.failures))
     else:
-        label, title, verdict_line = "model", "fa-bench: robustness report", ""
+        label, title, verdict_line = "model", "fa-bench: robustness report", None
     plots += list(result.figures)
     per = " per backend" if backends else ""
     rows = result.rows if result.gate_name != "sanity" else []

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -24,8 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .metadata import (ExportError, check_onnx, onnx_batch_range, onnx_metadata, read_sidecar,  # noqa: F401
-                       set_onnx_metadata, write_sidecar)
+from fa_deploy.runtime.metadata import (ExportError, check_onnx, onnx_batch_range, onnx_metadata,  # noqa: F401
+                                        read_sidecar, set_onnx_metadata, sha256, write_sidecar)
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("predictions",)
@@ -36,21 +35,13 @@ TOLERANCES = {"fp32": {"atol": 1e-3, "rtol": 1e-3, "max_fail_fraction": 0.0},
               "int8": None}  # reported, not gated: the robustness harness gates int8 on AP
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def library_versions() -> Dict[str, str]:
     import onnx
     import torchvision
 
     from fa_train import __version__
 
-    from .backends import import_onnxruntime
+    from fa_deploy.runtime.backends import import_onnxruntime
 
     return {"fa_toolkit": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "onnx": onnx.__version__, "onnxruntime": import_onnxruntime().__version__,

@@ -26,24 +26,8 @@ import torch
 from fa_train.adversarial.attack_objectives import Objective, confident_detections
 from fa_train.adversarial.attacks import frozen_batchnorm
 
-THREATS = ("transfer", "whitebox", "differential")
+from fa_deploy.settings import THREATS, parse_threats  # noqa: F401  (the flag's parser; re-exported)
 
-
-def parse_threats(value) -> Tuple[str, ...]:
-    """`--threat`: 'all', one threat, or a comma-separated list, in THREATS order."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    names = set()
-    for v in value:
-        if v == "all":
-            names.update(THREATS)
-        elif v in THREATS:
-            names.add(v)
-        else:
-            raise ValueError(f"unknown threat {v!r}; choose from {', '.join(THREATS)} or all")
-    if not names:
-        raise ValueError(f"no threat given; choose from {', '.join(THREATS)} or all")
-    return tuple(t for t in THREATS if t in names)
 
 
 class Differential(Objective):
@@ -102,10 +86,10 @@ def deployment_misses(targets: Sequence[dict], source_dets: Sequence[dict], depl
 def file_hash(path: str) -> str:
     """sha256 of a deployed file; for a pipeline manifest, of the manifest and every part it names (the cache key
     of images made on that deployment)."""
-    from .onnx_export import sha256
+    from fa_deploy.runtime.metadata import sha256
 
     if path.endswith(".pipeline.json"):
-        from .split import read_manifest
+        from fa_deploy.runtime.pipeline import read_manifest
 
         base = os.path.dirname(os.path.abspath(path))
         h = hashlib.sha256(sha256(path).encode())
@@ -124,7 +108,7 @@ def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.
     """The verified twin of each deployed file (the white-box and differential threats attack it). A file no twin
     can be built for, or whose twin does not match ONNX Runtime, is an error naming it (with the numbers): the
     threat is never run on a model that is not the deployed one."""
-    from .twin import TwinError, load_twin
+    from fa_deploy.robustness.twin import TwinError, load_twin
 
     twins = []
     for path, name in zip(paths, names):
