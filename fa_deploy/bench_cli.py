@@ -70,6 +70,9 @@ def _numbers(value: str, kind):
 @click.option("--max-deploy-misses", type=float, default=0.1, show_default=True,
               help="with --backend: exit 1 when a backend misses more than this fraction of the objects the source "
                    "detects on the same images (deployment-only misses), worst case over --threat")
+@click.option("--min-clean-ap", type=float, default=0.05, show_default=True,
+              help="with --backend or --sanity: below this clean AP50 of the source (or of a --sanity model) there is "
+                   "nothing to attack, and the verdict is INCONCLUSIVE (exit 1), never PASS")
 @click.option("--threat", help="with --backend: transfer (images from the source weights), whitebox (from the "
               "backend's verified differentiable twin), differential (from the twin, keeping the source's detections), "
               "a comma-separated list, or all (default)")
@@ -115,8 +118,7 @@ def _run(s: BenchSettings) -> int:
     for caption, rows, columns in result.tables:
         click.echo("\n" + console_table(rows, columns, caption))
     if result.failures is not None:
-        verdict = "PASS" if not result.failures else "FAIL:\n  " + "\n  ".join(result.failures)
-        click.echo(f"{result.gate_name}: {verdict}")
+        click.echo(f"{result.gate_name}: {result.verdict_text()}")
     write_outputs(result, s, log)
     return EXIT_GATE if result.gate_failed else 0
 

@@ -77,6 +77,7 @@ class BenchSettings:
     md_path: Optional[str] = None
     max_drop: float = 0.02
     max_deploy_misses: Optional[float] = 0.1
+    min_clean_ap: float = 0.05
     threat: Optional[str] = None  # --backend: transfer, whitebox, differential, a list, or all (None: all)
     diff_weight: float = 1.0
     detect_score: float = 0.25
@@ -148,6 +149,8 @@ class BenchSettings:
             raise SettingsError(f"--diff-weight {self.diff_weight}: must be >= 0")
         if not (0.0 < self.detect_score <= 1.0):
             raise SettingsError(f"--detect-score {self.detect_score}: must be in (0, 1]")
+        if not (0.0 <= self.min_clean_ap <= 1.0):
+            raise SettingsError(f"--min-clean-ap {self.min_clean_ap}: an AP50 in [0, 1]")
         if self.max_deploy_misses is not None and not (0.0 <= self.max_deploy_misses <= 1.0):
             raise SettingsError(f"--max-deploy-misses {self.max_deploy_misses}: a fraction in [0, 1]")
 

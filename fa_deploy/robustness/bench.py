@@ -21,6 +21,7 @@ class BenchResult:
     rows: List[Dict]
     details: object = None
     failures: Optional[List[str]] = None  # deployment gate: None when no gate ran, [] when it passed
+    inconclusive: List[str] = field(default_factory=list)  # why the gate could measure nothing (clean AP50 too low)
     extra: Dict = field(default_factory=dict)  # what the JSON gets beside title/columns/rows
     context: Dict = field(default_factory=dict)  # models, dataset, device: for pictures; never serialised
     tables: List[tuple] = field(default_factory=list)  # further (caption, rows, columns) after the main table
@@ -29,11 +30,51 @@ class BenchResult:
 
     @property
     def gate_failed(self) -> bool:
-        return bool(self.failures)
+        """The command exits 1: a check failed, or it had nothing to measure."""
+        return bool(self.failures) or bool(self.inconclusive)
+
+    @property
+    def verdict(self) -> Optional[str]:
+        """PASS, FAIL or INCONCLUSIVE (a failure wins over nothing-to-measure); None when no gate ran."""
+        if self.failures is None:
+            return None
+        return "FAIL" if self.failures else "INCONCLUSIVE" if self.inconclusive else "PASS"
+
+    def verdict_text(self, sep: str = "\n  ") -> str:
+        reasons = self.failures or self.inconclusive
+        return self.verdict + (":" + sep + sep.join(reasons) if reasons else "")
+
+
+def repeatable_gpu_attacks() -> dict:
+    """What CUDA needs for attacks that repeat bit for bit on one GPU (set before the first CUDA call; harmless on
+    the CPU): cuDNN's deterministic algorithms without autotuning, cuBLAS's fixed workspace, and torch's
+    deterministic implementations where they exist. What stays non-deterministic on CUDA: ops whose backward adds
+    with atomics and that have no deterministic kernel, chiefly torchvision's RoIAlign backward (Faster R-CNN's
+    input gradients through the RoI heads) and index/scatter adds; torch warns once when one of them runs. The CPU
+    is deterministic for a fixed thread count, and nothing is changed for a CPU run. Returns the settings made."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    import torch.utils.deterministic
+
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a cost, not a part of repeatability
+    return {"cudnn_deterministic": True, "cudnn_benchmark": False, "deterministic_algorithms": "warn_only",
+            "CUBLAS_WORKSPACE_CONFIG": os.environ["CUBLAS_WORKSPACE_CONFIG"]}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_bench(s: BenchSettings, log: Callable[[str], None] = print) -> BenchResult:
     s.validate()
+    if s.device != "cpu" and _cuda_available():
+        repeatable_gpu_attacks()
     if s.backends:
         return run_deployment(s, log)
     if s.sanity_dir:
@@ -157,7 +198,7 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
         transfer, _ = load_model(s.transfer_from)
         transfer.to(dev).eval()
     restarts = s.restarts if s.restarts > 1 else 3
-    rows, curve_table, failures, details, ds = [], [], [], [], None
+    rows, curve_table, failures, inconclusive, details, ds = [], [], [], [], [], None
     for w in s.weights:
         model, ckpt = load_model(w)
         model.to(dev).eval()
@@ -170,9 +211,14 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
         res = run_checks(model, loader, dev, transfer_model=transfer, eps=s.eps, iterations=s.apgd_iterations,
                          restarts=restarts, eps_grid=s.sanity_eps, steps_grid=s.sanity_steps, seed=s.attack_seed,
                          progress=not s.quiet)
+        clean = res["curves"]["clean"]
+        blind = clean < s.min_clean_ap
+        if blind:
+            inconclusive.append(f"{name}: clean AP50 {clean:.4f} is below --min-clean-ap {s.min_clean_ap:g}: there "
+                                f"is nothing to attack, so the checks measure nothing")
         for c in res["checks"]:
-            rows.append({"model": name, **c.as_row()})
-            if not c.passed:
+            rows.append({"model": name, **c.as_row(), **({"result": "INCONCLUSIVE"} if blind else {})})
+            if not c.passed and not blind:
                 failures.append(f"{name}: {c.name}: {c.detail} (a sign of {c.sign_of})")
         curve_table.append(curve_rows(name, res["curves"]))
         details.append({"weights": w, "name": name, "curves": res["curves"],
@@ -184,13 +230,16 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
     tables = [("AP50 along the curves (APGD)", curve_table, ccols)]
     os.makedirs(s.sanity_dir, exist_ok=True)
     png = sanity_plot(details, os.path.join(s.sanity_dir, "sanity_curves.png"))
-    write_json({"title": title, "columns": columns, "rows": rows, "failures": failures, "details": details},
+    verdict = "FAIL" if failures else "INCONCLUSIVE" if inconclusive else "PASS"
+    write_json({"title": title, "columns": columns, "rows": rows, "verdict": verdict, "failures": failures,
+                "inconclusive": inconclusive, "min_clean_ap": s.min_clean_ap, "details": details},
                os.path.join(s.sanity_dir, "sanity.json"))
     with open(os.path.join(s.sanity_dir, "sanity.md"), "w") as f:
         f.write(f"{title}\n\n{markdown_table(rows, columns)}\n\n{tables[0][0]}\n\n"
-                f"{markdown_table(curve_table, ccols)}\n\nverdict: {'PASS' if not failures else 'FAIL'}\n\n"
+                f"{markdown_table(curve_table, ccols)}\n\nverdict: {verdict}\n\n"
                 f"![AP50 against eps and steps](sanity_curves.png)\n")
-    return BenchResult(title, columns, rows, details=details, failures=failures, extra={"details": details},
+    return BenchResult(title, columns, rows, details=details, failures=failures, inconclusive=inconclusive,
+                       extra={"details": details, "verdict": verdict, "inconclusive": inconclusive},
                        tables=tables, gate_name="sanity", figures=[("AP50 against eps and against steps (APGD)",
                                                                     png)],
                        context={"sources": [], "backends": [], "dataset": ds, "device": dev, "main": True})
@@ -253,13 +302,19 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
         title += f"; threats: {', '.join(threats)}" + (f" (differential weight {s.diff_weight:g})"
                                                        if "differential" in threats else "")
     failures = gate(res["rows"], s.max_drop, s.max_deploy_misses)
+    src_clean = res["rows"][0]["clean"]
+    inconclusive = [] if src_clean >= s.min_clean_ap else [
+        f"the source's clean AP50 {src_clean:.4f} is below --min-clean-ap {s.min_clean_ap:g}: there is nothing for a "
+        f"deployment to lose, so the gate measures nothing"]
+    verdict = "FAIL" if failures else "INCONCLUSIVE" if inconclusive else "PASS"
     extra = {k: v for k, v in res.items() if k != "rows"}
-    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "failures": failures}
+    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "min_clean_ap": s.min_clean_ap,
+                     "verdict": verdict, "failures": failures, "inconclusive": inconclusive}
     gate_name = f"gate (max drop {s.max_drop}" + (f", max deployment-only misses {s.max_deploy_misses:.0%}"
                                                   if s.max_deploy_misses is not None else "") + \
         (", worst case over threats)" if len(threats) > 1 else ")")
-    return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures, extra=extra,
-                       gate_name=gate_name,
+    return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures,
+                       inconclusive=inconclusive, extra=extra, gate_name=gate_name,
                        context={"sources": [("source", model)], "backends": list(zip(names, loaded)),
                                 "dataset": ds, "device": dev, "main": True})
 
@@ -321,10 +376,6 @@ def check_backend_outputs(model, backends, paths, dataset, device) -> None:
                                f".pipeline.json)")
 
 
-def verdict(result: BenchResult, max_drop: float) -> str:
-    return "PASS" if not result.failures else "FAIL:\n  " + "\n  ".join(result.failures)
-
-
 def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]:
     """The JSON, Markdown, pictures and report the settings ask for; returns the paths written."""
     from fa_deploy.report.tables import markdown_table, write_json
@@ -337,7 +388,7 @@ def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]
             for caption, rows, columns in result.tables:
                 f.write(f"\n{caption}\n\n{markdown_table(rows, columns)}\n")
             if gated:
-                f.write(f"\n{result.gate_name}: {'PASS' if not result.failures else 'FAIL'}\n")
+                f.write(f"\n{result.gate_name}: {result.verdict_text('; ')}\n")
         written.append(s.md_path)
     if s.json_path:
         write_json({"title": result.title, "columns": result.columns, "rows": result.rows, **result.extra},
@@ -374,12 +425,12 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
     plots = []
     if backends:
         label, title = "backend", "fa-bench: deployment report"
-        verdict_line = (result.gate_name, "PASS" if not result.failures else "FAIL", "; ".join(result.failures))
+        verdict_line = (result.gate_name, result.verdict, "; ".join(result.failures or result.inconclusive))
         plots.append(("drop of each backend against the source",
                       drop_plot(result.rows, os.path.join(rd, "deploy_drop.png"), s.max_drop)))
     elif result.gate_name == "sanity":
         label, title = "model", "fa-bench: gradient-masking checks"
-        verdict_line = ("sanity checks", "PASS" if not result.failures else "FAIL", "; ".join(result.failures))
+        verdict_line = ("sanity checks", result.verdict, "; ".join(result.failures or result.inconclusive))
     else:
         label, title, verdict_line = "model", "fa-bench: robustness report", None
     plots += list(result.figures)
