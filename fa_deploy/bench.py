@@ -37,11 +37,20 @@ def checkpoint_data(ckpt: dict, data=None, img_size=None):
     return data or dcfg.get("spec", "synth"), img_size or dcfg.get("img_size", 416), dcfg.get("synth_seed", 0)
 
 
-def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print):
-    from fa_train.data import build_dataset
+def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print,
+                flag: str = "--data"):
+    """The dataset of `role`; when the data spec came from the checkpoint and cannot be read, the error says so and
+    names `flag`, the command's flag that overrides it."""
+    from fa_train.data import DataError, build_dataset
 
     spec, size, seed = checkpoint_data(ckpt, data, img_size)
-    return build_dataset(spec, role, size, split, max_images, seed, log=log)
+    try:
+        return build_dataset(spec, role, size, split, max_images, seed, log=log)
+    except DataError as e:
+        if data:
+            raise
+        raise DataError(f"{e} (the data {spec!r} is stored in the checkpoint; give {flag} to use other data or "
+                        f"another path)") from None
 
 
 def run_bench(s: BenchSettings, log: Callable[[str], None] = print) -> BenchResult:
@@ -79,9 +88,10 @@ def tog_table(details: List[Dict], label: str = "model"):
     rows = []
     for d in details:
         for attack, c in (d.get("tog") or {}).items():
-            n = max(c["clean"], 1)
-            rows.append({label: d["name"], "attack": attack, "clean dets": c["clean"], "kept": c["kept"] / n,
-                         "lost": c["lost"] / n, "relabelled": c["relabelled"] / n, "fabricated": c["fabricated"],
+            n = c["clean"]  # no confident clean detection: the fractions measure nothing ("-", as misses do)
+            rows.append({label: d["name"], "attack": attack, "clean dets": c["clean"],
+                         "kept": c["kept"] / n if n else None, "lost": c["lost"] / n if n else None,
+                         "relabelled": c["relabelled"] / n if n else None, "fabricated": c["fabricated"],
                          "adv dets": c["adversarial"]})
     if not rows:
         return None

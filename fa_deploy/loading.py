@@ -29,7 +29,33 @@ def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fal
         raise BackendError(f"--backend {path}: this is the {m.group(2)} part of a split deployment (Faster R-CNN "
                            f"runs as two networks with torchvision's glue between them); pass its manifest "
                            f"{manifest} instead")
+    _refuse_checkpoint(path)
     return open_network(path, providers, allow_cpu_fallback)
+
+
+def _refuse_checkpoint(path: str) -> None:
+    """A fa-train checkpoint under an exported model's name (a torch zip archive with its data.pkl, or a safetensors
+    file) is named as what it is: it belongs to --weights."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return
+    kind = None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist()):
+                    kind = "a PyTorch archive"
+        except (zipfile.BadZipFile, OSError):
+            pass
+    elif len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        kind = "a safetensors file"
+    if kind:
+        raise BackendError(f"--backend {path}: this looks like a fa-train checkpoint ({kind}), not an exported model: "
+                           f"pass it as --weights (export it with fa-export to get a --backend file)")
 
 
 def recorded_source(backend: Backend, path: str) -> dict:

@@ -146,6 +146,7 @@ class PredictSettings:
     eps: float = 0.03
     steps: int = 10
     quiet: bool = False
+    cross_model: bool = False  # --weights and --backend of other weights (or classes): compare anyway
 
     def validate(self) -> "PredictSettings":
         from fa_train.errors import SettingsError, check_output_dir
@@ -244,19 +245,43 @@ def _picture(path: str, panels: Sequence[tuple], class_names, conf: float) -> No
 
 
 def run_predict(s: PredictSettings, log: Callable[[str], None] = print) -> Dict:
-    """fa-predict: detections of every image in `s.source`; returns a summary (files written, counts, speed)."""
+    """fa-predict: detections of every image in `s.source`; returns a summary (files written, counts, speed).
+    A failed run removes the output folder when it created it."""
+    made = os.path.abspath(s.out_dir)  # the topmost folder this run creates (validate creates --out)
+    while not os.path.exists(os.path.dirname(made)) and os.path.dirname(made) != made:
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
+    try:
+        return _run_predict(s, log)
+    except BaseException:
+        if made and os.path.isdir(made):
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _run_predict(s: PredictSettings, log: Callable[[str], None]) -> Dict:
     from tqdm import tqdm
 
     s.validate()
     files = find_images(s.source)
     det_model = Predictor(s.backend or s.weights, s.device, img_size=s.img_size, batch_size=s.batch_size)
     attacker = None
+    if s.weights and s.backend:  # the same check as fa-bench's: exported from these weights, same classes and size
+        from .bench import check_backend_source
+        from .onnx_export import sha256
+
+        attacker = Predictor(s.weights, s.device, img_size=det_model.img_size)
+        check_backend_source(det_model.backend, s.backend, attacker.source, s.weights, sha256(s.weights),
+                             det_model.img_size, s.cross_model, log=lambda m: log(m.replace("fa-bench", "fa-predict")))
     if s.attack == "pgd":
-        attacker = det_model if det_model.source is not None else Predictor(s.weights, s.device,
-                                                                             img_size=det_model.img_size)
+        attacker = attacker or det_model
         if attacker.img_size != det_model.img_size:
             raise PredictError(f"--weights {s.weights} is for {attacker.img_size} px, --backend {s.backend} for "
                                f"{det_model.img_size} px")
+    else:
+        attacker = None
     os.makedirs(s.out_dir, exist_ok=True)
     if s.save_txt:
         os.makedirs(os.path.join(s.out_dir, "labels"), exist_ok=True)

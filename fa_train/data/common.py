@@ -35,14 +35,24 @@ class Record:
     upright: bool = False  # True: width/height are the EXIF-upright size (YOLO); False: the annotation's size decides
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("x") else "s")
+
+
 @dataclass
 class SanitizeStats:
     clipped: int = 0
-    dropped_zero_area: int = 0
+    dropped_zero_area: int = 0  # every dropped box (kept name): zero area once clipped, or a negative size
     per_file: Counter = field(default_factory=Counter)
+    dropped_negative: int = 0  # of those, boxes with x2 < x1 or y2 < y1 as written
 
     def summary(self) -> str:
-        return f"{self.clipped} boxes clipped to the image, {self.dropped_zero_area} zero-area boxes dropped"
+        parts = [f"{_n(self.clipped, 'box')} clipped to the image"] if self.clipped else []
+        zero, neg = self.dropped_zero_area - self.dropped_negative, self.dropped_negative
+        drops = ([_n(zero, "zero-area box")] if zero else []) + ([_n(neg, "negative-size box")] if neg else [])
+        if drops:
+            parts.append(" and ".join(drops) + " dropped")
+        return ", ".join(parts) or "no box clipped or dropped"
 
 
 def sanitize_boxes(boxes: np.ndarray, width: int, height: int, stats: SanitizeStats, source: str):
@@ -54,8 +64,10 @@ def sanitize_boxes(boxes: np.ndarray, width: int, height: int, stats: SanitizeSt
     n_clip = int((np.abs(clipped - boxes) > 1e-6).any(1).sum())
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     n_drop = int((~keep).sum())
+    negative = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     stats.clipped += n_clip
     stats.dropped_zero_area += n_drop
+    stats.dropped_negative += int((negative & ~keep).sum())
     if n_clip or n_drop:
         stats.per_file[source] += n_clip + n_drop
     return clipped, keep
