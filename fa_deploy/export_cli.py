@@ -33,7 +33,9 @@ def _batch_range(ctx, param, value):
 @click.option("--dynamic-batch", "dynamic", callback=_batch_range,
               help="dynamic batch MIN:OPT:MAX (ONNX batch axis and TensorRT profile) [default: 1:8:32]")
 @click.option("--opset", type=int, default=17)
-@click.option("--calib-data", help="int8 calibration data: voc:PATH | coco:PATH | synth[:N] (default: the training data)")
+@click.option("--calib-data", help="int8 calibration and parity-check data: voc:PATH | coco:PATH | yolo:PATH/data.yaml | synth[:N] "
+              "(default: the training data the checkpoint records; calibration on its train split, parity on its "
+              "test split)")
 @click.option("--calib-images", type=int, default=64, help="int8 calibration images")
 @click.option("--calib-pgd", is_flag=True, help="calibrate on clean plus PGD-1 images made with the source weights")
 @click.option("--calib-eps", type=float, default=0.03, help="eps of the --calib-pgd images")

@@ -26,6 +26,8 @@ from fa_deploy.runtime.predict import PredictSettings
 @click.option("--attack", type=click.Choice(["pgd"]), help="also show each image under PGD from the --weights")
 @click.option("--eps", type=float, default=0.03, help="attack budget in [0,1] pixel units")
 @click.option("--steps", type=int, default=10, help="PGD steps (step size eps/steps)")
+@click.option("--cross-model", is_flag=True,
+              help="with --weights and --backend: use a file exported from other weights (an error otherwise)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def predict_main(**flags):
     """Detect objects in SOURCE (an image, a folder of images or a glob such as 'data/*.jpg') with a checkpoint

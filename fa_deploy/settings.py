@@ -155,6 +155,11 @@ class BenchSettings:
             raise SettingsError(f"--max-deploy-misses {self.max_deploy_misses}: a fraction in [0, 1]")
 
     def validate(self) -> "BenchSettings":
+        if isinstance(self.steps, str):
+            try:
+                self.steps = tuple(int(v) for v in self.steps.split(",") if v.strip())
+            except ValueError:
+                raise SettingsError(f"--steps {self.steps}: expected comma-separated integers like 1,3,5,10") from None
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)
         self.providers = tuple(self.providers or ())
         for p in self.providers:

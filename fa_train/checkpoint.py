@@ -27,6 +27,21 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def resolved_data_paths(cfg: dict) -> dict:
+    """A copy of a run config whose `data.spec` path (voc:PATH, coco:PATH, yolo:PATH) is absolute, for storing in
+    a checkpoint: fa-export and fa-bench read it later, from any folder. The run's own config is left as given."""
+    import copy
+
+    data = (cfg or {}).get("data") or {}
+    spec = data.get("spec")
+    kind, sep, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or kind not in ("voc", "coco", "yolo") or not path:
+        return cfg
+    out = copy.copy(cfg)
+    out["data"] = {**data, "spec": f"{kind}:{os.path.abspath(os.path.expanduser(path))}"}
+    return out
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -185,7 +200,7 @@ def save_safetensors(model, path: str, class_names, config: dict = None) -> None
     from safetensors.torch import save_file
 
     meta = {"format": "fa-toolkit", "arch": json.dumps(model.arch_config()), "class_names": json.dumps(list(class_names)),
-            "config": json.dumps(config or {})}
+            "config": json.dumps(resolved_data_paths(config) or {})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(state, tmp, metadata=meta)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .checkpoint import atomic_save, check_classes, load_checkpoint, load_into, save_safetensors, versions
+from .checkpoint import (atomic_save, check_classes, load_checkpoint, load_into, resolved_data_paths, save_safetensors,
+                         versions)
 from .config import check_config, describe, dump_config
 from .data import DataError, build_dataset, collate
 from .evaluation import evaluate, format_ap_table
@@ -282,7 +283,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "batch_in_epoch": self.batch_in_epoch,
             "nonfinite_total": self.nonfinite_total,
             "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
-            "config": self.cfg, "versions": versions(),
+            "config": resolved_data_paths(self.cfg), "versions": versions(),
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                     "python": list(random.getstate()[1]),
                     **({"torch_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},

@@ -71,11 +71,9 @@ def test_cache_key_covers_everything_that_makes_the_images(tmp_path):
     p = tmp_path / base
     np.save(p, np.zeros((2, 3, 64, 64), np.float32))
     assert _load_cached(str(p), (2, 3, 64, 64)).shape == (2, 3, 64, 64)
-    with pytest.raises(ValueError, match="holds float32"):
-        _load_cached(str(p), (2, 3, 96, 96))
+    assert _load_cached(str(p), (2, 3, 96, 96)) is None  # another shape: regenerated (said on stderr)
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        _load_cached(str(p), (2, 3, 64, 64))
+    assert _load_cached(str(p), (2, 3, 64, 64)) is None  # truncated: regenerated (tests/test_new_user.py)
 
 
 def test_cache_reused_only_for_the_same_images(overfit, exported, tmp_path):

@@ -334,15 +334,15 @@ def test_corrupt_image_is_named_when_loaded(tiny):
     assert type(ds[0]).__name__ == "BadSample"
 
 
-def test_exif_rotated_images_are_named(tiny):
+def test_exif_rotated_images_are_named_and_read_upright(tiny):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees to display
     Image.new("RGB", (64, 48)).save(tiny.root / "images" / "train" / "a.jpg", exif=exif)
     logs = []
     ds = read(tiny.yaml, log=logs.append)
-    assert (ds.records[0].width, ds.records[0].height) == (64, 48)  # as stored, as load_image reads it
+    assert (ds.records[0].width, ds.records[0].height) == (48, 64)  # upright, as load_image reads it (Ultralytics)
     assert ds.exif_rotated == [str(tiny.root / "images" / "train" / "a.jpg")]
-    assert any("1 images carry an EXIF orientation and are read unrotated" in m for m in logs), logs
+    assert any("1 image carries an EXIF orientation: read upright" in m for m in logs), logs
 
 
 def test_max_images_takes_the_first_in_path_order(tiny):

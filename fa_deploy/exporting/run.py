@@ -40,7 +40,8 @@ class ExportResult:
 
 
 def _verify_images(model, ckpt, s: ExportSettings, img_size: int, log) -> np.ndarray:
-    test_ds = dataset_for(ckpt, "test", s.calib_data, img_size, max_images=s.verify_images, log=log)
+    test_ds = dataset_for(ckpt, "test", s.calib_data, img_size, max_images=s.verify_images, log=log,
+                          flag="--calib-data")
     if len(test_ds) == 0:
         raise ExportError("the test split has no images for the parity check")
     return np.concatenate([test_ds[i][0][None].numpy() for i in range(min(s.verify_images, len(test_ds)))])
@@ -66,7 +67,8 @@ def calibration_dataset(ckpt, s: ExportSettings, img_size: int, log):
 
     spec = checkpoint_data(ckpt, s.calib_data, img_size)[0]
     split = DEFAULT_SPLITS[parse_data_spec(spec)[0]]["train"]
-    return dataset_for(ckpt, "test", s.calib_data, img_size, split=split, max_images=s.calib_images, log=log)
+    return dataset_for(ckpt, "test", s.calib_data, img_size, split=split, max_images=s.calib_images, log=log,
+                       flag="--calib-data")
 
 
 def _origin(weights: str, ckpt: dict, model, precision: str, batch_range, img_size: int) -> dict:
@@ -110,6 +112,10 @@ def run_export(s: ExportSettings, log: Callable[[str], None] = print,
 
         raise SettingsError(f"--img-size {img_size}: must be a multiple of 32")
     out_dir = s.out_dir or os.path.join(os.path.dirname(os.path.abspath(s.weights)), "export")
+    if not s.out_dir:  # the default beside the weights: a read-only weights folder is named with the flag to use
+        from fa_train.errors import check_output_dir
+
+        check_output_dir(out_dir, "--out (default: the weights' folder/export)")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(s.weights))[0]
     if getattr(model, "export_parts", None):  # deployed as several networks with the model's glue

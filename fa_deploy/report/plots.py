@@ -31,6 +31,21 @@ def _nice_step(span: float) -> float:
     return 0.1
 
 
+def _separate_labels(fig, labels) -> None:
+    """Move each point label down (in steps of its height) until it overlaps no label placed before it."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for t in labels:
+        for _ in range(4 * len(labels) + 4):
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(p) for p in placed):
+                break
+            dx, dy = t.xyann
+            t.xyann = (dx, dy - (box.height * 72.0 / fig.dpi + 2))
+        placed.append(t.get_window_extent(renderer))
+
+
 def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model", y_key: str = "advAP") -> str:
     """Clean AP50 (x) against advAP (y; or `y_key`, e.g. "worst", the worst case over attacks), one point per row
     (with error bars where rows carry `clean_std` / `<y_key>_std`), zoomed on the points; dotted lines of equal
@@ -65,6 +80,7 @@ def tradeoff_plot(rows: List[Dict], path: str, label_key: str = "model", y_key: 
                     fontsize=8)
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
+    _separate_labels(fig, ax.texts[len(ax.texts) - len(rows):])
     ax.set_xlabel("clean AP50")
     ax.set_ylabel("advAP (mean AP50 over PGD steps)" if y_key == "advAP" else
                   "worst-case AP50 over attacks" if y_key == "worst" else y_key)
@@ -137,9 +153,15 @@ def sanity_plot(details: List[Dict], path: str) -> str:
     b.set_xlabel("APGD iterations")
     b.set_xscale("log")
     b.set_title(f"AP50 against iterations (eps {details[0]['curves']['eps']:g})", fontsize=9)
+    values = [v for d in details for key in ("eps_curve", "steps_curve") for _, v in d["curves"][key]]
+    values += [d["curves"]["clean"] for d in details] + [d["curves"].get("transfer") or 0.0 for d in details]
+    nothing = max(values, default=0.0) < 0.01  # all (near) zero: matplotlib would zoom on rounding noise
     for ax in (a, b):
         ax.set_ylabel("AP50")
-        ax.set_ylim(bottom=0)
+        if nothing:
+            ax.set_ylim(0.0, 1.0)
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.2)
         ax.legend(fontsize=7)
     return _save(fig, path)

@@ -108,9 +108,10 @@ def tog_table(details: List[Dict], label: str = "model"):
     rows = []
     for d in details:
         for attack, c in (d.get("tog") or {}).items():
-            n = max(c["clean"], 1)
-            rows.append({label: d["name"], "attack": attack, "clean dets": c["clean"], "kept": c["kept"] / n,
-                         "lost": c["lost"] / n, "relabelled": c["relabelled"] / n, "fabricated": c["fabricated"],
+            n = c["clean"]  # no confident clean detection: the fractions measure nothing ("-", as misses do)
+            rows.append({label: d["name"], "attack": attack, "clean dets": c["clean"],
+                         "kept": c["kept"] / n if n else None, "lost": c["lost"] / n if n else None,
+                         "relabelled": c["relabelled"] / n if n else None, "fabricated": c["fabricated"],
                          "adv dets": c["adversarial"]})
     if not rows:
         return None
@@ -256,7 +257,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_deploy.runtime.backends import BackendError
     from fa_deploy.runtime.metadata import sha256
     from fa_deploy.robustness.harness import distinct_names, gate, run_harness
-    from fa_deploy.runtime.loading import load_backend
+    from fa_deploy.runtime.loading import check_backend_source, load_backend
     from fa_deploy.robustness.threats import file_hash, load_twins
 
     if D.env_world_size() > 1:
@@ -270,7 +271,8 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     wsha = sha256(weights)
     loaded = [load_backend(b, list(s.providers) or None, s.allow_cpu_fallback) for b in s.backends]
     for path, bk in zip(s.backends, loaded):
-        check_backend_source(bk, path, model, weights, wsha, size, s.cross_model, log)
+        check_backend_source(bk, path, model, weights, wsha, size, s.cross_model,
+                             lambda m: log(f"fa-bench: {m}"))
     ds = dataset_for(ckpt, "test", s.data, size, s.test_split, s.max_images, log=log)
     check_classes(ckpt, ds.class_names, weights, ds.name)
     loader = make_loader(ds, s.batch_size, False, s.workers)
@@ -317,38 +319,6 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
                        inconclusive=inconclusive, extra=extra, gate_name=gate_name,
                        context={"sources": [("source", model)], "backends": list(zip(names, loaded)),
                                 "dataset": ds, "device": dev, "main": True})
-
-
-def check_backend_source(backend, path: str, model, weights: str, wsha: str, img_size: int, cross_model: bool,
-                         log=print) -> None:
-    """The backend was exported from `weights`, for this architecture and input size: its sidecar or manifest, else
-    the metadata inside the ONNX file, says so. Another source is an error unless `cross_model`."""
-    from fa_deploy.runtime.backends import BackendError
-    from fa_deploy.runtime.loading import recorded_source
-
-    rec = recorded_source(backend, path)
-    arch = rec.get("model")
-    if isinstance(arch, dict) and arch.get("name") and arch.get("name") != model.arch_config().get("name"):
-        raise BackendError(f"{path}: exported from a {arch.get('name')} model, the source --weights {weights} is a "
-                           f"{model.arch_config().get('name')}: the architectures differ")
-    src = rec.get("source_sha256")
-    if not src:
-        msg = f"{path}: no record of the weights it was exported from (no sidecar, manifest or ONNX metadata)"
-        if not cross_model:
-            raise BackendError(msg + "; pass --cross-model to compare it with --weights anyway")
-        log(f"fa-bench: warning: {msg}")
-    elif src != wsha:
-        msg = (f"{path}: exported from other weights ({rec.get('source_weights') or src[:12]}) than --weights "
-               f"{weights}")
-        if not cross_model:
-            raise BackendError(msg + "; pass --cross-model to compare them anyway")
-        log(f"fa-bench: warning: {msg} (--cross-model)")
-    if isinstance(arch, dict) and arch.get("num_classes") not in (None, model.num_classes):
-        raise BackendError(f"{path}: exported for {arch['num_classes']} classes, --weights {weights} has "
-                           f"{model.num_classes}")
-    size = rec.get("img_size")
-    if size and int(size) != int(img_size):
-        raise BackendError(f"{path}: exported for {size} px input, the benchmark uses {img_size} px")
 
 
 def check_backend_outputs(model, backends, paths, dataset, device) -> None:

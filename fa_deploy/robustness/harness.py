@@ -48,17 +48,29 @@ def _cache_key(weights_sha: str, dataset, attack: str, eps: float, k: int, image
 
 
 def _load_cached(path: str, shape) -> Optional[np.ndarray]:
-    """A cached batch, or None when absent; a file of another shape or a truncated file is an error naming it."""
+    """A cached batch, or None when absent. A truncated or corrupt file, or one of another shape (an interrupted
+    copy, a disk that filled up: bad input, not a bug), is also None, said in one line: the caller regenerates it."""
     if not os.path.isfile(path):
         return None
     try:
         arr = np.load(path)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"--cache-dir: {path} is truncated or corrupt ({e}); delete it to regenerate") from None
+        _say(f"--cache-dir: {path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+             f": regenerating it")
+        return None
     if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float32:
-        raise ValueError(f"--cache-dir: {path} holds {arr.dtype}{list(arr.shape)}, the batch is float32"
-                         f"{list(shape)}; delete it to regenerate")
+        _say(f"--cache-dir: {path} holds {arr.dtype}{list(arr.shape)}, the batch is float32{list(shape)}: "
+             f"regenerating it")
+        return None
     return arr
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(f"fa-bench: warning: {msg}", file=sys.stderr)
 
 
 def _column_cache_id(col) -> tuple:

@@ -9,8 +9,17 @@ def checkpoint_data(ckpt: dict, data=None, img_size=None):
     return data or dcfg.get("spec", "synth"), img_size or dcfg.get("img_size", 416), dcfg.get("synth_seed", 0)
 
 
-def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print):
-    from fa_train.data import build_dataset
+def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print,
+                flag: str = "--data"):
+    """The dataset of `role`; when the data spec came from the checkpoint and cannot be read, the error says so and
+    names `flag`, the command's flag that overrides it."""
+    from fa_train.data import DataError, build_dataset
 
     spec, size, seed = checkpoint_data(ckpt, data, img_size)
-    return build_dataset(spec, role, size, split, max_images, seed, log=log)
+    try:
+        return build_dataset(spec, role, size, split, max_images, seed, log=log)
+    except DataError as e:
+        if data:
+            raise
+        raise DataError(f"{e} (the data {spec!r} is stored in the checkpoint; give {flag} to use other data or "
+                        f"another path)") from None

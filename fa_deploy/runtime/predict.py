@@ -18,6 +18,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from fa_deploy.report.pictures import _draw
+from fa_deploy.report.tables import write_json
+from fa_deploy.runtime.backends import TorchBackend
+from fa_deploy.runtime.loading import check_backend_source, load_backend, recorded_source
+from fa_deploy.runtime.metadata import sha256
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -47,7 +53,6 @@ class Predictor:
         if is_checkpoint(path):
             from fa_train.checkpoint import load_model
 
-            from fa_deploy.runtime.backends import TorchBackend
 
             model, ckpt = load_model(path)
             self.source = model.to(self.device).eval()
@@ -56,7 +61,6 @@ class Predictor:
             self.class_names = list(ckpt.get("class_names") or [])
             size = (ckpt.get("config") or {}).get("data", {}).get("img_size")
         else:
-            from fa_deploy.runtime.loading import load_backend, recorded_source
 
             self.backend = load_backend(path, providers)
             rec = recorded_source(self.backend, path)
@@ -146,6 +150,7 @@ class PredictSettings:
     eps: float = 0.03
     steps: int = 10
     quiet: bool = False
+    cross_model: bool = False  # --weights and --backend of other weights (or classes): compare anyway
 
     def validate(self) -> "PredictSettings":
         from fa_train.errors import SettingsError, check_output_dir
@@ -229,7 +234,6 @@ def _picture(path: str, panels: Sequence[tuple], class_names, conf: float) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fa_deploy.report.pictures import _draw
 
     h, w = panels[0][1].shape[:2]
     scale = 6.4 / max(w, h)
@@ -244,19 +248,40 @@ def _picture(path: str, panels: Sequence[tuple], class_names, conf: float) -> No
 
 
 def run_predict(s: PredictSettings, log: Callable[[str], None] = print) -> Dict:
-    """fa-predict: detections of every image in `s.source`; returns a summary (files written, counts, speed)."""
+    """fa-predict: detections of every image in `s.source`; returns a summary (files written, counts, speed).
+    A failed run removes the output folder when it created it."""
+    made = os.path.abspath(s.out_dir)  # the topmost folder this run creates (validate creates --out)
+    while not os.path.exists(os.path.dirname(made)) and os.path.dirname(made) != made:
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
+    try:
+        return _run_predict(s, log)
+    except BaseException:
+        if made and os.path.isdir(made):
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _run_predict(s: PredictSettings, log: Callable[[str], None]) -> Dict:
     from tqdm import tqdm
 
     s.validate()
     files = find_images(s.source)
     det_model = Predictor(s.backend or s.weights, s.device, img_size=s.img_size, batch_size=s.batch_size)
     attacker = None
+    if s.weights and s.backend:  # the same check as fa-bench's: exported from these weights, same classes and size
+        attacker = Predictor(s.weights, s.device, img_size=det_model.img_size)
+        check_backend_source(det_model.backend, s.backend, attacker.source, s.weights, sha256(s.weights),
+                             det_model.img_size, s.cross_model, log=lambda m: log(f"fa-predict: {m}"))
     if s.attack == "pgd":
-        attacker = det_model if det_model.source is not None else Predictor(s.weights, s.device,
-                                                                             img_size=det_model.img_size)
+        attacker = attacker or det_model
         if attacker.img_size != det_model.img_size:
             raise PredictError(f"--weights {s.weights} is for {attacker.img_size} px, --backend {s.backend} for "
                                f"{det_model.img_size} px")
+    else:
+        attacker = None
     os.makedirs(s.out_dir, exist_ok=True)
     if s.save_txt:
         os.makedirs(os.path.join(s.out_dir, "labels"), exist_ok=True)
@@ -303,7 +328,6 @@ def run_predict(s: PredictSettings, log: Callable[[str], None] = print) -> Dict:
         bar.set_postfix(img_s=f"{(i + len(chunk)) / max(t_net, 1e-9):.1f}")
     bar.close()
     pred_path = os.path.join(s.out_dir, "predictions.json")
-    from fa_deploy.report.tables import write_json
 
     write_json(results, pred_path)
     summary = {"images": len(files), "detections": n_det, "predictions": pred_path, "pictures": written,

@@ -32,16 +32,27 @@ class Record:
     ignore: np.ndarray  # [M] bool (VOC difficult, COCO crowd)
     area: Optional[np.ndarray] = None  # [M] float32, COCO segmentation area when known
     source: str = ""  # annotation file, for messages
+    upright: bool = False  # True: width/height are the EXIF-upright size (YOLO); False: the annotation's size decides
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("x") else "s")
 
 
 @dataclass
 class SanitizeStats:
     clipped: int = 0
-    dropped_zero_area: int = 0
+    dropped_zero_area: int = 0  # every dropped box (kept name): zero area once clipped, or a negative size
     per_file: Counter = field(default_factory=Counter)
+    dropped_negative: int = 0  # of those, boxes with x2 < x1 or y2 < y1 as written
 
     def summary(self) -> str:
-        return f"{self.clipped} boxes clipped to the image, {self.dropped_zero_area} zero-area boxes dropped"
+        parts = [f"{_n(self.clipped, 'box')} clipped to the image"] if self.clipped else []
+        zero, neg = self.dropped_zero_area - self.dropped_negative, self.dropped_negative
+        drops = ([_n(zero, "zero-area box")] if zero else []) + ([_n(neg, "negative-size box")] if neg else [])
+        if drops:
+            parts.append(" and ".join(drops) + " dropped")
+        return ", ".join(parts) or "no box clipped or dropped"
 
 
 def sanitize_boxes(boxes: np.ndarray, width: int, height: int, stats: SanitizeStats, source: str):
@@ -53,22 +64,77 @@ def sanitize_boxes(boxes: np.ndarray, width: int, height: int, stats: SanitizeSt
     n_clip = int((np.abs(clipped - boxes) > 1e-6).any(1).sum())
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     n_drop = int((~keep).sum())
+    negative = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     stats.clipped += n_clip
     stats.dropped_zero_area += n_drop
+    stats.dropped_negative += int((negative & ~keep).sum())
     if n_clip or n_drop:
         stats.per_file[source] += n_clip + n_drop
     return clipped, keep
 
 
-def load_image(path: str) -> np.ndarray:
-    """RGB uint8 [H,W,3]; a missing or corrupt file raises DataError naming it."""
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations whose upright image has width and height exchanged
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation tag of an open image (1, upright as stored, when absent or unreadable)."""
+    try:
+        o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def upright_size(width: int, height: int, orientation: int):
+    """The size a viewer shows for an image stored `width` x `height` with this EXIF orientation."""
+    return (height, width) if orientation in SWAPS_SIDES else (width, height)
+
+
+def _to_rgb8(im, path: str) -> np.ndarray:
+    """RGB uint8 of any Pillow mode, 16-bit ones scaled to the 8-bit values a viewer shows (v / 257): Pillow's own
+    convert("RGB") clips a 16-bit value to 255, so a 16-bit PNG became white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: {im.mode} image with values {a.min()}..{a.max()} outside the 16-bit range; "
+                            "convert it to an 8- or 16-bit image")
+        g = ((a * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        return np.repeat(g[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise DataError(f"{path}: a 32-bit float image has no standard display range; convert it to an 8- or "
+                        "16-bit image")
+    return np.asarray(im.convert("RGB"))
+
+
+def load_image(path: str, annotated_size=None) -> np.ndarray:
+    """RGB uint8 [H,W,3]; a missing or corrupt file raises DataError naming it. 16-bit images give the 8-bit
+    values a viewer shows. The EXIF orientation: with `annotated_size` None the image is returned upright, as
+    every viewer and Ultralytics show it; with the (width, height) an annotation records (VOC, COCO), in the
+    frame that size names: upright when it is the upright size, as stored when it is the stored size (also
+    when both are the same, as for 180 degrees or a mirror: those annotation tools work on the stored pixels),
+    and a DataError naming both sizes when it is neither."""
+    from PIL import ImageOps
+
     if not os.path.isfile(path):
         raise DataError(f"{path}: image file is missing")
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            o = exif_orientation(im)
+            if o != 1:
+                stored = im.size
+                upright = upright_size(*stored, o)
+                if annotated_size is not None and tuple(annotated_size) not in (stored, upright):
+                    raise DataError(f"{path}: image carries EXIF orientation {o}: stored {stored[0]}x{stored[1]}, "
+                                    f"shown {upright[0]}x{upright[1]}, but its annotation says "
+                                    f"{annotated_size[0]}x{annotated_size[1]}")
+                if annotated_size is None or (tuple(annotated_size) == upright and upright != stored):
+                    im = ImageOps.exif_transpose(im)
+            return _to_rgb8(im, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: corrupt or unreadable image ({e})") from e
 
 
@@ -109,7 +175,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def _load(self, i, seed):
         r = self.records[i]
-        img = load_image(r.file)
+        img = load_image(r.file, None if r.upright else (r.width, r.height))
         h, w = img.shape[:2]
         if (w, h) != (r.width, r.height):
             raise DataError(f"{r.file}: image is {w}x{h} but its annotation {r.source or '?'} says "

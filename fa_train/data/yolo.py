@@ -12,7 +12,9 @@ headers. Image ids are 1..N in sorted path order; category ids 1..K. The rules f
 COCO readers' (DataError naming the file, and here the line; boxes clipped or dropped and counted), plus:
 an image without a label file is an image without objects; a label file without an image is listed as an
 orphan, never an error; a line of more than 5 fields (segments, keypoints, a confidence column) is refused,
-since only detection boxes are read; images with an EXIF orientation are named (read unrotated, as everywhere).
+since only detection boxes are read; an empty label file is an image without objects (counted); images with an
+EXIF orientation are read upright, as Ultralytics reads them (its exif_size / exif_transpose): the labels refer to
+the rotated image a viewer shows, and the images are named.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from .common import DataError, DetectionDataset, Record, SanitizeStats, sanitize_boxes
+from .common import (DataError, DetectionDataset, Record, SanitizeStats, exif_orientation, sanitize_boxes,
+                     upright_size)
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 NOT_SPLITS = ("path", "names", "nc", "download")  # data.yaml keys that never name images
 # label writers round to ~6 digits: a corner this close outside [0, 1] is rounding, not a box to clip and count
 EDGE_TOLERANCE = 1e-5
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -251,10 +253,12 @@ def parse_label_file(path: str, names: Sequence[str], data_yaml: str) -> Tuple[n
 
 
 def _image_header(path: str) -> Optional[Tuple[int, int, int]]:
-    """(width, height, EXIF orientation) from the header alone; None when unreadable (loading names the problem)."""
+    """(upright width, upright height, EXIF orientation) from the header alone; None when unreadable (loading names
+    the problem)."""
     try:
         with Image.open(path) as im:
-            return im.size[0], im.size[1], int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            o = exif_orientation(im)
+            return (*upright_size(im.size[0], im.size[1], o), o)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError):
         return None
 
@@ -270,7 +274,8 @@ def to_pixel_boxes(cxcywh: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def read_yolo(data_yaml: str, split_keys: Sequence[str], max_images: Optional[int] = None):
-    """-> (records, stats, class names, orphan label files, images without a label file, EXIF-rotated images)."""
+    """-> (records, stats, class names, orphan label files, images without a label file, EXIF-rotated images,
+    empty label files)."""
     spec = read_data_yaml(data_yaml)
     sources = [s for key in split_keys for s in _split_sources(spec, key)]
     images = sorted({f for src in sources for f in src.images})
@@ -280,6 +285,7 @@ def read_yolo(data_yaml: str, split_keys: Sequence[str], max_images: Optional[in
     records: List[Record] = []
     unlabelled: List[str] = []
     rotated: List[str] = []
+    empty: List[str] = []
     for image_id, img in enumerate(images, 1):
         lbl = label_path(img)
         has_labels = os.path.isfile(lbl)
@@ -287,6 +293,8 @@ def read_yolo(data_yaml: str, split_keys: Sequence[str], max_images: Optional[in
             unlabelled.append(img)
         labels, cxcywh = parse_label_file(lbl, spec.names, spec.file) if has_labels else \
             (np.zeros(0, np.int64), np.zeros((0, 4)))
+        if has_labels and not len(labels):
+            empty.append(lbl)
         header = _image_header(img)
         if header is None:  # kept: loading it raises (or `--bad-images skip` skips it), as for VOC and COCO
             width = height = 0
@@ -300,8 +308,12 @@ def read_yolo(data_yaml: str, split_keys: Sequence[str], max_images: Optional[in
                                          lbl if has_labels else img)
         records.append(Record(image_id=image_id, file=img, width=width, height=height, boxes=boxes[keep],
                               labels=labels[keep], ignore=np.zeros(int(keep.sum()), bool),
-                              source=lbl if has_labels else img))
-    return records, stats, spec.names, _orphan_labels(sources), unlabelled, rotated
+                              source=lbl if has_labels else img, upright=True))
+    return records, stats, spec.names, _orphan_labels(sources), unlabelled, rotated, empty
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def yolo_dataset(data_yaml: str, split_spec: str, img_size: int, train: bool, max_images: Optional[int] = None,
@@ -310,12 +322,13 @@ def yolo_dataset(data_yaml: str, split_spec: str, img_size: int, train: bool, ma
     keys = [k.strip() for k in split_spec.split("+") if k.strip()]
     if not keys:
         raise DataError(f"{data_yaml}: empty split {split_spec!r}; give a split key of the yaml, e.g. val")
-    records, stats, names, orphans, unlabelled, rotated = read_yolo(data_yaml, keys, max_images)
+    records, stats, names, orphans, unlabelled, rotated, empty = read_yolo(data_yaml, keys, max_images)
     ds = DetectionDataset(records, names, img_size, train=train, name=f"yolo:{data_yaml}:{split_spec}",
                           stats=stats)
     ds.orphan_labels = orphans
     ds.images_without_labels = unlabelled
     ds.exif_rotated = rotated
+    ds.empty_label_files = empty
     if log is not None:
         if orphans:
             shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
@@ -323,9 +336,12 @@ def yolo_dataset(data_yaml: str, split_spec: str, img_size: int, train: bool, ma
         if unlabelled:
             log(f"data {ds.name}: {len(unlabelled)} of {len(records)} images have no label file (read as images "
                 f"without objects), e.g. no {label_path(unlabelled[0])}")
+        if empty:
+            log(f"data {ds.name}: {_plural(len(empty), 'label file is', 'label files are')} empty (read as images "
+                f"without objects), e.g. {empty[0]}")
         if rotated:
-            # images are read as stored (load_image applies no EXIF rotation); Ultralytics (OpenCV) rotates them,
-            # so labels written against the rotated image do not fit these pixels
-            log(f"data {ds.name}: {len(rotated)} images carry an EXIF orientation and are read unrotated, e.g. "
-                f"{rotated[0]}; if their labels were made on the rotated image, rotate the files first")
+            # as Ultralytics reads them: labels refer to the image a viewer shows
+            log(f"data {ds.name}: {_plural(len(rotated), 'image carries', 'images carry')} an EXIF orientation: read "
+                f"upright (labels refer to the rotated image, as in Ultralytics), e.g. {rotated[0]}")
+
     return ds
