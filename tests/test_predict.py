@@ -30,12 +30,20 @@ def _matched(a, b, tol):
         assert any(np.abs(np.array(q["bbox"]) - np.array(p["bbox"])).max() <= tol for q in cands), p
 
 
-def test_checkpoint_and_onnx_backend_give_the_same_detections(overfit, exported, images, tmp_path):
-    folder, files = images
-    pattern = os.path.join(folder, "00000[0-2].jpg")
-    r = _run(pattern, "--weights", overfit, "--out", tmp_path / "src", "--save-txt", "--quiet", "--conf", "0.3")
+def test_checkpoint_and_onnx_backend_give_the_same_detections(overfit, overfit_images, exported, tmp_path):
+    # the overfit model's own two images, where it detects every object with a score >= OVERFIT_SCORE (conftest)
+    import shutil
+
+    from conftest import OVERFIT_SCORE
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in overfit_images:
+        shutil.copy(f, folder)
+    conf = str(OVERFIT_SCORE)
+    r = _run(folder, "--weights", overfit, "--out", tmp_path / "src", "--save-txt", "--quiet", "--conf", conf)
     assert r.exit_code == 0, r.output
-    r2 = _run(pattern, "--backend", exported["fp32"], "--out", tmp_path / "onnx", "--quiet", "--conf", "0.3")
+    r2 = _run(folder, "--backend", exported["fp32"], "--out", tmp_path / "onnx", "--quiet", "--conf", conf)
     assert r2.exit_code == 0, r2.output
     src = json.loads((tmp_path / "src" / "predictions.json").read_text())
     onx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
@@ -46,10 +54,11 @@ def test_checkpoint_and_onnx_backend_give_the_same_detections(overfit, exported,
     for p in src:
         w, h = Image.open(p["file_name"]).size
         x, y, bw, bh = p["bbox"]
-        assert 0 <= x and 0 <= y and x + bw <= w + 1e-3 and y + bh <= h + 1e-3 and p["score"] >= 0.3
+        assert 0 <= x and 0 <= y and x + bw <= w + 1e-3 and y + bh <= h + 1e-3 and p["score"] >= OVERFIT_SCORE
     pics = sorted(f for f in os.listdir(tmp_path / "src") if f.endswith(".png"))
-    assert len(pics) == 3
-    txt = (tmp_path / "src" / "labels" / "000000.txt").read_text().split("\n")
+    assert len(pics) == 2
+    stem = sorted(os.path.splitext(os.path.basename(f))[0] for f in overfit_images)[0]
+    txt = (tmp_path / "src" / "labels" / f"{stem}.txt").read_text().split("\n")
     first = [p for p in src if p["image_id"] == 1]
     assert len([t for t in txt if t]) == len(first)
     for line in filter(None, txt):
