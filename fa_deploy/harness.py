@@ -132,7 +132,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     `threats` (fa_deploy/threats.py): transfer (images from the source, the same for every backend), whitebox and
     differential (images from each backend's verified twin in `twins`, evaluated on that backend). One row per
     backend and threat, and with several threats a "worst" row per backend: each AP50 column's minimum and each
-    miss fraction's maximum over its threats."""
+    miss fraction's maximum over its threats, its advAP / acAP / drops computed from those columns."""
     from tqdm import tqdm
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
@@ -282,7 +282,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
             row["drift_adv"] = float(np.mean(tl.drift["adv"])) if tl.drift["adv"] else 0.0
             group.append(row)
         if len(group) > 1:
-            worst = worst_over_threats(group, ap_keys, miss_keys)
+            worst = worst_over_threats(group, ap_keys, miss_keys, [f"PGD-{k}" for k in steps] if paper else ())
             worst["drift_clean"] = max(r["drift_clean"] for r in group)
             worst["drift_adv"] = max(r["drift_adv"] for r in group)
             group.append(worst)

@@ -125,3 +125,32 @@ def test_frcnn_twins_are_batch_independent(frcnn_export):
 def _roi_shape(out, prec):
     m = onnx.load(str(out / f"last.{prec}.roi_heads.onnx"))
     return [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
+
+
+# ---------------------------------------------------------------------------------------------- defect 4
+
+
+def test_the_worst_row_is_one_row_and_the_gate_reads_it():
+    from fa_deploy.harness import gate
+    from fa_deploy.threats import worst_over_threats
+
+    # each threat's advAP is the mean of its PGD-1 / PGD-3: 0.30 and 0.25; the worst columns are 0.20 and 0.10
+    rows = [{"backend": "b", "threat": "whitebox", "clean": 0.80, "PGD-1": 0.50, "PGD-3": 0.10, "advAP": 0.30,
+             "acAP": 0.55},
+            {"backend": "b", "threat": "differential", "clean": 0.79, "PGD-1": 0.20, "PGD-3": 0.30, "advAP": 0.25,
+             "acAP": 0.52}]
+    keys = ["clean", "PGD-1", "PGD-3", "advAP", "acAP"]
+    w = worst_over_threats(rows, keys, [], ["PGD-1", "PGD-3"])
+    assert (w["clean"], w["PGD-1"], w["PGD-3"]) == (0.79, 0.20, 0.10)
+    assert w["advAP"] == pytest.approx(0.15) and w["acAP"] == pytest.approx((0.79 + 0.15) / 2)  # by hand
+    assert w["worst_threat"]["advAP"] == "differential/whitebox"
+    # the gate on the row's own columns: the source's advAP 0.20 is 0.05 above the row's, 0.05 > 0.04 fails
+    # (the minimum of the threats' advAPs, 0.25, would have passed)
+    src = {"backend": "source", "threat": "own", "clean": 0.80, "advAP": 0.20}
+    for key in ("clean", "advAP"):
+        w[f"drop_{key}"] = src[key] - w[key]
+    for r in rows:
+        r.update({f"drop_{k}": src[k] - r[k] for k in ("clean", "advAP")})
+    failures = gate([src, *rows, w], max_drop=0.04)
+    assert len(failures) == 1 and "advAP lower by 0.0500" in failures[0] and "differential/whitebox" in failures[0]
+    assert gate([src, *rows[:1]], max_drop=0.04) == []  # one threat: its own row
