@@ -154,3 +154,64 @@ def test_the_worst_row_is_one_row_and_the_gate_reads_it():
     failures = gate([src, *rows, w], max_drop=0.04)
     assert len(failures) == 1 and "advAP lower by 0.0500" in failures[0] and "differential/whitebox" in failures[0]
     assert gate([src, *rows[:1]], max_drop=0.04) == []  # one threat: its own row
+
+
+# ---------------------------------------------------------------------------------------------- defect 6
+
+
+def _graph(node, x_shape, inits=(), opset=13):
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _against_onnxruntime(model, x):
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = OnnxGraph(model)(torch.from_numpy(x))[0].numpy()
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET"])
+@pytest.mark.parametrize("size", [7, 8])
+def test_conv_and_maxpool_auto_pad_against_onnxruntime(auto_pad, size):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, size, size + 3)).astype(np.float32)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 4, 3)).astype(np.float32), "w")
+    extra = {"pads": [1, 0, 2, 1]} if auto_pad == "NOTSET" else {}
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], "conv", auto_pad=auto_pad, strides=[2, 3], **extra)
+    _against_onnxruntime(_graph(conv, x.shape, [w]), x)
+    pool = helper.make_node("MaxPool", ["x"], ["y"], "pool", auto_pad=auto_pad, kernel_shape=[3, 2], strides=[2, 2],
+                            **({"pads": [1, 0, 1, 1]} if auto_pad == "NOTSET" else {}))
+    _against_onnxruntime(_graph(pool, x.shape), x)
+
+
+def test_clip_without_bounds_is_the_identity_and_one_bound_clips():
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32) * 5
+    _against_onnxruntime(_graph(helper.make_node("Clip", ["x"], ["y"], "clip"), x.shape), x)
+    hi = onnx.numpy_helper.from_array(np.array(1.5, np.float32), "hi")
+    _against_onnxruntime(_graph(helper.make_node("Clip", ["x", "", "hi"], ["y"], "clip"), x.shape, [hi]), x)
+    old = _graph(helper.make_node("Clip", ["x"], ["y"], "clip", min=-0.5), x.shape, opset=6)  # bounds as attributes
+    _against_onnxruntime(old, x)
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_resize_modes_other_than_nearest_are_refused(mode):
+    x = np.random.default_rng(2).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], "up", mode=mode)
+    with pytest.raises(GraphError, match=f"node up \\(Resize\\): attribute mode='{mode}' is not interpreted"):
+        OnnxGraph(_graph(node, x.shape, [scales]))
+    # nearest, as the exports hold it, against ONNX Runtime
+    for ctm, nm in (("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("align_corners", "ceil")):
+        node = helper.make_node("Resize", ["x", "", "scales"], ["y"], "up", mode="nearest",
+                                coordinate_transformation_mode=ctm, nearest_mode=nm)
+        _against_onnxruntime(_graph(node, x.shape, [scales]), x)
+    anti = helper.make_node("Resize", ["x", "", "scales"], ["y"], "up", mode="nearest", antialias=1)
+    with pytest.raises(GraphError, match="antialias"):
+        OnnxGraph(_graph(anti, x.shape, [scales], opset=18))
