@@ -218,7 +218,7 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
 
     from .backends import BackendError
     from .onnx_export import sha256
-    from .harness import distinct_names, gate, run_harness
+    from .harness import DRIFT_TOLERANCE, DRIFT_TOLERANCE_BY_MODEL, distinct_names, gate, run_harness
     from .loading import load_backend
     from .threats import file_hash, load_twins
 
@@ -264,11 +264,15 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     if not none:
         title += f"; threats: {', '.join(threats)}" + (f" (differential weight {s.diff_weight:g})"
                                                        if "differential" in threats else "")
-    failures = gate(res["rows"], s.max_drop, s.max_deploy_misses)
+    model_name = model.arch_config().get("name")
+    failures = gate(res["rows"], s.max_drop, s.max_deploy_misses, s.max_drift, drift_gate=True, model=model_name)
     extra = {k: v for k, v in res.items() if k != "rows"}
-    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "failures": failures}
+    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "failures": failures,
+                     "max_drift": s.max_drift,
+                     "max_drift_defaults": dict(DRIFT_TOLERANCE_BY_MODEL.get(model_name, DRIFT_TOLERANCE))}
     gate_name = f"gate (max drop {s.max_drop}" + (f", max deployment-only misses {s.max_deploy_misses:.0%}"
                                                   if s.max_deploy_misses is not None else "") + \
+        (f", max drift {s.max_drift:g}" if s.max_drift is not None else ", max drift per precision") + \
         (", worst case over threats)" if len(threats) > 1 else ")")
     return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures, extra=extra,
                        gate_name=gate_name,

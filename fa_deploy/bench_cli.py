@@ -70,6 +70,11 @@ def _numbers(value: str, kind):
 @click.option("--max-deploy-misses", type=float, default=0.1, show_default=True,
               help="with --backend: exit 1 when a backend misses more than this fraction of the objects the source "
                    "detects on the same images (deployment-only misses), worst case over --threat")
+@click.option("--max-drift", type=float, default=None,
+              help="with --backend: exit 1 when an output of a backend drifts from the source's on the same images by "
+                   "more than this (mean |difference| / mean |source|, clean or adversarial images; default per "
+                   "precision, from measured spreads: fp32 1e-4, fp16 1e-3, int8 0.1; Faster R-CNN, whose output is a "
+                   "ranked detection list: fp32 1e-4, fp16 0.3, int8 2)")
 @click.option("--threat", help="with --backend: transfer (images from the source weights), whitebox (from the "
               "backend's verified differentiable twin), differential (from the twin, keeping the source's detections), "
               "a comma-separated list, or all (default)")

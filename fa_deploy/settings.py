@@ -59,6 +59,7 @@ class BenchSettings:
     md_path: Optional[str] = None
     max_drop: float = 0.02
     max_deploy_misses: Optional[float] = 0.1
+    max_drift: Optional[float] = None  # --backend: per output, relative drift from the source; None: per precision
     threat: Optional[str] = None  # --backend: transfer, whitebox, differential, a list, or all (None: all)
     diff_weight: float = 1.0
     detect_score: float = 0.25
@@ -134,6 +135,8 @@ class BenchSettings:
             raise SettingsError(f"--detect-score {self.detect_score}: must be in (0, 1]")
         if self.max_deploy_misses is not None and not (0.0 <= self.max_deploy_misses <= 1.0):
             raise SettingsError(f"--max-deploy-misses {self.max_deploy_misses}: a fraction in [0, 1]")
+        if self.max_drift is not None and not (self.max_drift >= 0):
+            raise SettingsError(f"--max-drift {self.max_drift}: must be >= 0")
 
     def validate(self) -> "BenchSettings":
         self.weights, self.backends, self.steps = tuple(self.weights), tuple(self.backends), tuple(self.steps)

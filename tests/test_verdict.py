@@ -215,3 +215,56 @@ def test_resize_modes_other_than_nearest_are_refused(mode):
     anti = helper.make_node("Resize", ["x", "", "scales"], ["y"], "up", mode="nearest", antialias=1)
     with pytest.raises(GraphError, match="antialias"):
         OnnxGraph(_graph(anti, x.shape, [scales], opset=18))
+
+
+# ---------------------------------------------------------------------------------------------- defect 8
+
+
+def _scaled_stride32(src, dst, factor=0.7):
+    """A copy of the fp32 export (and its sidecar) whose stride-32 prediction conv weights are scaled by `factor`
+    after export: another function, whose AP50 on the small test images (no large objects) does not move."""
+    import shutil
+
+    m = onnx.load(str(src))
+    hit = 0
+    for init in m.graph.initializer:
+        if init.name.startswith(("model.branch32.pred.", "branch32.pred.")) and init.name.endswith("weight"):
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(factor),
+                                                       init.name))
+            hit += 1
+    assert hit == 1
+    onnx.save(m, str(dst))
+    shutil.copy(str(src) + ".json", str(dst) + ".json")
+
+
+def test_the_gate_fails_a_file_that_computes_another_function(overfit, exported, tmp_path):
+    from fa_deploy.bench_cli import main as bench_main
+
+    broken = tmp_path / "last.fp32.onnx"
+    _scaled_stride32(exported["fp32"], broken)
+    common = ["--weights", str(overfit), "--test-split", "shapes:train", "--max-images", "2", "--steps", "1",
+              "--threat", "transfer", "--max-drop", "1", "--max-deploy-misses", "1", "--quiet"]
+    r = CliRunner().invoke(bench_main, [*common, "--backend", str(broken), "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 1, r.output
+    out = json.loads((tmp_path / "b.json").read_text())
+    row = out["rows"][1]
+    # the independent reference: ONNX Runtime's outputs of the two files on the same images
+    import onnxruntime as ort
+
+    x, _ = _data(overfit, 2, "shapes:train")
+    ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+                for p in (exported["fp32"], broken))
+    rel = np.abs(got - ref).mean() / np.abs(ref).mean()
+    name = next(iter(row["drift_outputs"]))
+    assert row["drift_outputs"][name]["clean"] == pytest.approx(rel, rel=1e-3)
+    assert rel > 10 * 1e-4  # beyond the fp32 default, by far
+    failures = out["gate"]["failures"]
+    assert any(f"output {name} drifts" in f and "clean" in f and "fp32" in f for f in failures), failures
+    assert "FAIL" in r.output and "--max-drift" in r.output
+    # the file as exported passes; a --max-drift above the drift lets the broken one pass too
+    r = CliRunner().invoke(bench_main, [*common, "--backend", str(exported["fp32"])])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(bench_main, [*common, "--backend", str(broken), "--max-drift", str(2 * rel)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(bench_main, [*common, "--backend", str(broken), "--max-drift", "-1"])
+    assert r.exit_code == 2 and "--max-drift -1" in r.output
