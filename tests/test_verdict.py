@@ -268,3 +268,48 @@ def test_the_gate_fails_a_file_that_computes_another_function(overfit, exported,
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(bench_main, [*common, "--backend", str(broken), "--max-drift", "-1"])
     assert r.exit_code == 2 and "--max-drift -1" in r.output
+
+
+# ---------------------------------------------------------------------------------------------- defect 2
+
+
+def test_tog_mislabel_on_faster_rcnn_follows_each_detection(frcnn_export):
+    """Faster R-CNN's slots are its proposals, re-ranked for every input: the clean slot indices name other boxes
+    after one step, and past an image's own proposal count, nothing (the reported IndexError at batch 1)."""
+    from torchvision.ops import box_iou
+
+    from fa_deploy.bench_cli import main as bench_main
+    from fa_train.adversarial.attack_objectives import TogMislabel
+
+    w, _ = frcnn_export
+    r = CliRunner().invoke(bench_main, ["--weights", str(w), "--attack", "tog-mislabel", "--batch-size", "1",
+                                        "--tog-score", "0.05", "--max-images", "4", "--workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    model, _ = load_model(str(w))
+    model.eval()
+    x = _eight(w, "shapes:test")[:4]
+    obj = TogMislabel(score_thres=0.05)
+    ctx = obj.prepare(model, x, None)
+    assert sum(len(c["slots"]) for c in ctx) > 0
+    g = torch.Generator().manual_seed(7)
+    moved = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * 0.03).clamp(0, 1)  # a random start
+    slots = model.output_slots(moved)
+    ious, beyond = [], 0
+    for i, c in enumerate(ctx):  # the clean indices at the moved input name other boxes, or none at all
+        inside = c["slots"] < int(slots["valid"][i].sum())
+        beyond += int((~inside).sum())
+        if inside.any():
+            ious.append(box_iou(c["box"][inside].float(), slots["boxes"][i][c["slots"][inside]].detach().float())
+                        .diagonal())
+    assert beyond > 0 or float(torch.cat(ious).median()) < 0.9
+    # the objective at the moved input: each image's value is that image's alone (mixed batch: images with and
+    # without detections, different proposal counts), it is finite, and it has a gradient where there are slots
+    xx = moved.clone().requires_grad_(True)
+    batched = obj(model, xx, ctx)
+    batched.sum().backward()
+    for i in range(len(x)):
+        alone = obj(model, moved[i:i + 1], ctx[i:i + 1])
+        assert float(alone[0].detach()) == pytest.approx(float(batched[i].detach()), rel=1e-4, abs=1e-6)
+        if len(ctx[i]["slots"]):
+            assert float(xx.grad[i].abs().sum()) > 0
+    assert torch.isfinite(batched).all()
