@@ -208,6 +208,9 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
                        context={"sources": [], "backends": [], "dataset": ds, "device": dev, "main": True})
 
 
+VERIFY_IMAGES = 8  # test images a twin is verified on (and the same with uniform noise at --eps)
+
+
 def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     """The harness: every backend on the same clean images and on the adversarial images of each threat (from the
     source weights; from the backend's verified twin: white-box and differential), the gate on the worst case."""
@@ -244,10 +247,10 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     if any(t != "transfer" for t in threats):
         import torch
 
-        verify = torch.stack([ds[i][0] for i in range(min(2, len(ds)))])
+        verify = torch.stack([ds[i][0] for i in range(min(VERIFY_IMAGES, len(ds)))])
         log(f"threats {', '.join(threats)}: building the differentiable twin of each backend and verifying it "
             f"against ONNX Runtime")
-        twins = load_twins(s.backends, names, verify, dev, log=log)
+        twins = load_twins(s.backends, names, verify, dev, log=log, eps=s.eps)
         hashes = [file_hash(b) for b in s.backends]
     res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attacks, s.cache_dir, wsha,
                       progress=not s.quiet, source_path=weights, apgd_iterations=s.apgd_iterations,

@@ -119,24 +119,52 @@ class ThreatError(RuntimeError):
     """A threat that cannot be run on a backend (no twin can be built, or the twin does not match the file)."""
 
 
+def verification_images(images: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:
+    """What a twin is verified on: the images and the same images with uniform noise in [-eps, eps] (clipped to
+    [0, 1]): the twin is attacked on perturbed images, not only on clean ones."""
+    if eps <= 0:
+        return images
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(images.shape, generator=g) * 2 - 1) * eps
+    return torch.cat([images, (images.cpu() + noise).clamp(0, 1).to(images)])
+
+
+def disagreement(verification: dict) -> Optional[dict]:
+    """The measured per-layer disagreement of an int8 twin with ONNX Runtime's integer activations (each layer fed
+    ONNX Runtime's own inputs): the largest and the mean fraction of a layer's elements one quantization step
+    apart, over the parts' quantized layers; None for a twin without quantized layers."""
+    flips = [a["flip_fraction"] for rep in verification.values() for a in rep.get("activations", {}).values()]
+    if not flips:
+        return None
+    return {"max_flip_fraction": max(flips), "mean_flip_fraction": sum(flips) / len(flips), "layers": len(flips)}
+
+
 def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.Tensor, device,
-               log=print) -> List[object]:
-    """The verified twin of each deployed file (the white-box and differential threats attack it). A file no twin
-    can be built for, or whose twin does not match ONNX Runtime, is an error naming it (with the numbers): the
-    threat is never run on a model that is not the deployed one."""
+               log=print, eps: float = 0.0) -> List[object]:
+    """The verified twin of each deployed file (the white-box and differential threats attack it), verified on
+    `verify_images` and, with `eps`, on the same images with uniform noise at eps (`verification_images`). A file
+    no twin can be built for, or whose twin does not match ONNX Runtime, is an error naming it (with the
+    numbers): the threat is never run on a model that is not the deployed one. The log line says on how many
+    images, and for int8 the measured per-layer disagreement."""
     from .twin import TwinError, load_twin
 
+    images = verification_images(verify_images.cpu(), eps)
     twins = []
     for path, name in zip(paths, names):
         try:
-            twin = load_twin(path, verify_images=verify_images.cpu())
+            twin = load_twin(path, verify_images=images)
         except TwinError as e:
             raise ThreatError(f"--threat whitebox/differential: {name}: {e} (run with --threat transfer to skip "
                               f"the attacks on the deployed file)") from None
         twin.to(device).eval()
         for p in twin.parameters():
             p.requires_grad_(False)
-        log(f"[{name}] {twin.precision} twin verified against ONNX Runtime on {len(verify_images)} images")
+        how = f"{len(verify_images)} images" + (f" and the same with uniform noise at eps {eps:g}" if eps > 0 else "")
+        d = disagreement(twin.verification)
+        if d:
+            how += (f"; per-layer disagreement: at most {d['max_flip_fraction']:.2%} of a layer's elements one "
+                    f"quantization step apart (mean {d['mean_flip_fraction']:.3%} over {d['layers']} layers)")
+        log(f"[{name}] {twin.precision} twin verified against ONNX Runtime on {how}")
         twins.append(twin)
     return twins
 
@@ -172,4 +200,4 @@ def worst_over_threats(rows: Sequence[dict], keys: Sequence[str], miss_keys: Seq
 
 
 __all__ = ["THREATS", "parse_threats", "Differential", "deployment_misses", "file_hash", "ThreatError",
-           "load_twins", "worst_over_threats"]
+           "load_twins", "worst_over_threats", "verification_images", "disagreement"]

@@ -313,3 +313,24 @@ def test_tog_mislabel_on_faster_rcnn_follows_each_detection(frcnn_export):
         if len(ctx[i]["slots"]):
             assert float(xx.grad[i].abs().sum()) > 0
     assert torch.isfinite(batched).all()
+
+
+# ---------------------------------------------------------------------------------------------- defect 7
+
+
+def test_twins_are_verified_on_more_and_on_perturbed_images_and_the_disagreement_is_reported(overfit, exported):
+    from fa_deploy.threats import load_twins
+
+    x = _eight(overfit, "shapes:test")[:4]
+    lines = []
+    (twin,) = load_twins([str(exported["int8"])], ["last.int8.onnx"], x, "cpu", log=lines.append, eps=0.03)
+    rep = twin.verification["model"]
+    assert rep["inputs"]["images"] == [8, 3, 64, 64]  # the 4 images and the same with noise
+    # the perturbed half, checked on its own: the twin is the file on noisy images too
+    noisy = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.03).clamp(0, 1)
+    assert verify_twin(twin.graphs["model"], str(exported["int8"]), noisy.numpy())["passed"]
+    flips = [a["flip_fraction"] for a in rep["activations"].values()]
+    assert 0 < max(flips) <= TOLERANCES["int8"]["max_flip_fraction"]
+    (line,) = lines
+    assert "8 images" not in line and "4 images and the same with uniform noise at eps 0.03" in line
+    assert f"at most {max(flips):.2%}" in line and f"mean {np.mean(flips):.3%}" in line
