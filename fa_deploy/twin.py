@@ -426,6 +426,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         self._rpn_out = None
 
     def _features_of(self, x):
+        self._roi_counts = None  # a new forward: no RoI counts of an earlier one
         outs = self._run("backbone", {self.backbone_input: x}, self.backbone_outputs + [self.mid_name])
         n = len(FPN_LEVELS)
         self._rpn_out = (outs[n:2 * n], outs[2 * n:3 * n])  # read by the RPN head right after

@@ -334,3 +334,23 @@ def test_twins_are_verified_on_more_and_on_perturbed_images_and_the_disagreement
     (line,) = lines
     assert "8 images" not in line and "4 images and the same with uniform noise at eps 0.03" in line
     assert f"at most {max(flips):.2%}" in line and f"mean {np.mean(flips):.3%}" in line
+
+
+def test_drift_defaults_per_precision_and_detector():
+    from fa_deploy.harness import gate
+
+    def rows(prec, drift):
+        return [{"backend": "source", "threat": "own", "clean": 0.5},
+                {"backend": f"m.{prec}", "threat": "transfer", "precision": prec, "drop_clean": 0.0,
+                 "drift_outputs": {"detections": {"clean": drift, "adv": drift / 2}}}]
+
+    for prec, ok, bad in (("fp32", 5e-5, 2e-4), ("fp16", 5e-4, 2e-3), ("int8", 0.05, 0.2)):
+        assert gate(rows(prec, ok), 1.0, drift_gate=True, model="yolov3") == []
+        (f,) = gate(rows(prec, bad), 1.0, drift_gate=True, model="yolov3")
+        assert f"m.{prec}: output detections drifts" in f and "clean images" in f
+        assert gate(rows(prec, bad), 1.0, max_drift=1.0, drift_gate=True, model="yolov3") == []
+        assert gate(rows(prec, bad), 1.0) == []  # the drift gate is fa-bench's; others call gate() as before
+    # Faster R-CNN's ranked detection list: fp32 gated, fp16 / int8 only with --max-drift
+    assert len(gate(rows("fp32", 2e-4), 1.0, drift_gate=True, model="fasterrcnn_resnet50_fpn")) == 1
+    assert gate(rows("int8", 0.9), 1.0, drift_gate=True, model="fasterrcnn_resnet50_fpn") == []
+    assert len(gate(rows("int8", 0.9), 1.0, max_drift=0.4, drift_gate=True, model="fasterrcnn_resnet50_fpn")) == 2
