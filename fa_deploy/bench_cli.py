@@ -72,6 +72,11 @@ def _numbers(value: str, kind):
 @click.option("--min-clean-ap", type=float, default=0.05, show_default=True,
               help="with --backend or --sanity: below this clean AP50 of the source (or of a --sanity model) there is "
                    "nothing to attack, and the verdict is INCONCLUSIVE (exit 1), never PASS")
+@click.option("--max-drift", type=float, default=None,
+              help="with --backend: exit 1 when an output of a backend drifts from the source's on the same images by "
+                   "more than this (mean |difference| / mean |source|, clean or adversarial images; default per "
+                   "precision, from measured spreads: fp32 1e-4, fp16 1e-3, int8 0.1; Faster R-CNN, whose output is a "
+                   "ranked detection list: fp32 1e-4, fp16 and int8 not gated unless this is given)")
 @click.option("--threat", help="with --backend: transfer (images from the source weights), whitebox (from the "
               "backend's verified differentiable twin), differential (from the twin, keeping the source's detections), "
               "a comma-separated list, or all (default)")

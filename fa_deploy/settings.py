@@ -78,6 +78,7 @@ class BenchSettings:
     max_drop: float = 0.02
     max_deploy_misses: Optional[float] = 0.1
     min_clean_ap: float = 0.05
+    max_drift: Optional[float] = None  # --backend: per output, relative drift from the source; None: per precision
     threat: Optional[str] = None  # --backend: transfer, whitebox, differential, a list, or all (None: all)
     diff_weight: float = 1.0
     detect_score: float = 0.25
@@ -153,6 +154,8 @@ class BenchSettings:
             raise SettingsError(f"--min-clean-ap {self.min_clean_ap}: an AP50 in [0, 1]")
         if self.max_deploy_misses is not None and not (0.0 <= self.max_deploy_misses <= 1.0):
             raise SettingsError(f"--max-deploy-misses {self.max_deploy_misses}: a fraction in [0, 1]")
+        if self.max_drift is not None and not (self.max_drift >= 0):
+            raise SettingsError(f"--max-drift {self.max_drift}: must be >= 0")
 
     def validate(self) -> "BenchSettings":
         if isinstance(self.steps, str):

@@ -145,8 +145,14 @@ def test_threats_rows_fp32_in_disguise_and_the_cache(overfit, exported, tmp_path
         if row["threat"] in ("transfer", "whitebox"):  # the same images as the source's own attack, or its twin's
             assert row["advAP"] == pytest.approx(rows[0]["advAP"], abs=0.02), row
     int8 = {x["threat"]: x for x in rows[5:]}
-    for col in ("clean", "PGD-1", "PGD-3", "advAP", "acAP"):
+    for col in ("clean", "PGD-1", "PGD-3"):
         assert int8["worst"][col] == min(int8[t][col] for t in ("transfer", "whitebox", "differential"))
+    # the worst row is one row: its aggregates come from its own columns (issue 23), never above any threat's
+    w = int8["worst"]
+    assert w["advAP"] == pytest.approx((w["PGD-1"] + w["PGD-3"]) / 2) and w["acAP"] == pytest.approx(
+        (w["clean"] + w["advAP"]) / 2)
+    assert w["advAP"] <= min(int8[t]["advAP"] for t in ("transfer", "whitebox", "differential")) + 1e-12
+    assert w["drop_advAP"] == pytest.approx(rows[0]["advAP"] - w["advAP"])
     assert out["threats"] == ["transfer", "whitebox", "differential"]
     # cache: the transfer images once, and per backend file and threat its own (2 PGD columns, one batch)
     files = sorted(os.listdir(cache))

@@ -246,6 +246,9 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
                        context={"sources": [], "backends": [], "dataset": ds, "device": dev, "main": True})
 
 
+VERIFY_IMAGES = 8  # test images a twin is verified on (and the same with uniform noise at --eps)
+
+
 def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     """The harness: every backend on the same clean images and on the adversarial images of each threat (from the
     source weights; from the backend's verified twin: white-box and differential), the gate on the worst case."""
@@ -254,11 +257,11 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import robustness_columns
 
-    from fa_deploy.runtime.backends import BackendError
-    from fa_deploy.runtime.metadata import sha256
-    from fa_deploy.robustness.harness import distinct_names, gate, run_harness
-    from fa_deploy.runtime.loading import check_backend_source, load_backend
+    from fa_deploy.robustness.harness import DRIFT_TOLERANCE, DRIFT_TOLERANCE_BY_MODEL, distinct_names, gate, run_harness
     from fa_deploy.robustness.threats import file_hash, load_twins
+    from fa_deploy.runtime.backends import BackendError
+    from fa_deploy.runtime.loading import check_backend_source, load_backend
+    from fa_deploy.runtime.metadata import sha256
 
     if D.env_world_size() > 1:
         raise BackendError("--backend runs in one process (the exported models are not sharded); "
@@ -283,10 +286,10 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     if any(t != "transfer" for t in threats):
         import torch
 
-        verify = torch.stack([ds[i][0] for i in range(min(2, len(ds)))])
+        verify = torch.stack([ds[i][0] for i in range(min(VERIFY_IMAGES, len(ds)))])
         log(f"threats {', '.join(threats)}: building the differentiable twin of each backend and verifying it "
             f"against ONNX Runtime")
-        twins = load_twins(s.backends, names, verify, dev, log=log)
+        twins = load_twins(s.backends, names, verify, dev, log=log, eps=s.eps)
         hashes = [file_hash(b) for b in s.backends]
     res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attacks, s.cache_dir, wsha,
                       progress=not s.quiet, source_path=weights, apgd_iterations=s.apgd_iterations,
@@ -303,17 +306,21 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     if not none:
         title += f"; threats: {', '.join(threats)}" + (f" (differential weight {s.diff_weight:g})"
                                                        if "differential" in threats else "")
-    failures = gate(res["rows"], s.max_drop, s.max_deploy_misses)
+    model_name = model.arch_config().get("name")
+    failures = gate(res["rows"], s.max_drop, s.max_deploy_misses, s.max_drift, drift_gate=True, model=model_name)
     src_clean = res["rows"][0]["clean"]
     inconclusive = [] if src_clean >= s.min_clean_ap else [
         f"the source's clean AP50 {src_clean:.4f} is below --min-clean-ap {s.min_clean_ap:g}: there is nothing for a "
         f"deployment to lose, so the gate measures nothing"]
     verdict = "FAIL" if failures else "INCONCLUSIVE" if inconclusive else "PASS"
     extra = {k: v for k, v in res.items() if k != "rows"}
-    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "min_clean_ap": s.min_clean_ap,
-                     "verdict": verdict, "failures": failures, "inconclusive": inconclusive}
+    extra["gate"] = {"max_drop": s.max_drop, "max_deploy_misses": s.max_deploy_misses, "max_drift": s.max_drift,
+                     "max_drift_defaults": dict(DRIFT_TOLERANCE_BY_MODEL.get(model_name, DRIFT_TOLERANCE)),
+                     "min_clean_ap": s.min_clean_ap, "verdict": verdict, "failures": failures,
+                     "inconclusive": inconclusive}
     gate_name = f"gate (max drop {s.max_drop}" + (f", max deployment-only misses {s.max_deploy_misses:.0%}"
                                                   if s.max_deploy_misses is not None else "") + \
+        (f", max drift {s.max_drift:g}" if s.max_drift is not None else ", max drift per precision") + \
         (", worst case over threats)" if len(threats) > 1 else ")")
     return BenchResult(title, columns, res["rows"], details=res.get("details"), failures=failures,
                        inconclusive=inconclusive, extra=extra, gate_name=gate_name,

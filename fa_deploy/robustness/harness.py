@@ -123,6 +123,23 @@ class _Tally:
         self.results = {s: [] for s in settings}
         self.drift = {"clean": [], "adv": []}
         self.misses = {"clean": [0, 0], "adv": [0, 0]}
+        self.out_drift = {"clean": {}, "adv": {}}  # per output: [sum |backend - source|, sum |source|]
+
+    def add_output_drift(self, kind: str, outs, refs) -> None:
+        for j, (o, r) in enumerate(zip(outs, refs)):
+            o, r = np.asarray(o, np.float64), np.asarray(r, np.float64)
+            acc = self.out_drift[kind].setdefault(j, [0.0, 0.0])
+            acc[0] += float(np.abs(o - r).sum()) if o.shape == r.shape else float("inf")
+            acc[1] += float(np.abs(r).sum())
+
+    def output_drift(self, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+        """Per output: mean |backend - source| / mean |source| on clean and on adversarial images."""
+        out: Dict[str, Dict[str, float]] = {}
+        for kind, per in self.out_drift.items():
+            for j, (diff, ref) in per.items():
+                name = names[j] if j < len(names) else f"output {j}"
+                out.setdefault(name, {})[kind] = diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+        return out
 
     def add_misses(self, kind: str, counts) -> None:
         self.misses[kind][0] += counts[0]
@@ -144,7 +161,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
     `threats` (fa_deploy/threats.py): transfer (images from the source, the same for every backend), whitebox and
     differential (images from each backend's verified twin in `twins`, evaluated on that backend). One row per
     backend and threat, and with several threats a "worst" row per backend: each AP50 column's minimum and each
-    miss fraction's maximum over its threats."""
+    miss fraction's maximum over its threats, its advAP / acAP / drops computed from those columns."""
     from tqdm import tqdm
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
@@ -195,6 +212,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
                 ts = [tallies[i][threat]] if threat else list(tallies[i].values())
                 for tl in ts:
                     tl.drift[kind].append(d)
+                    tl.add_output_drift(kind, out, ref)
                     tl.add_misses(kind, deployment_misses(targets, src_dets[s], dep[i][s], detect_score))
         if with_worst and losses:  # per image the largest-loss candidate of the model the attack ran on
             cols = list(losses)
@@ -292,11 +310,14 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
                 row["misses_adv"] = tl.miss_fraction("adv")
             row["drift_clean"] = float(np.mean(tl.drift["clean"])) if tl.drift["clean"] else 0.0
             row["drift_adv"] = float(np.mean(tl.drift["adv"])) if tl.drift["adv"] else 0.0
+            row["drift_outputs"] = tl.output_drift(list(getattr(b, "output_names", None) or []))
             group.append(row)
         if len(group) > 1:
-            worst = worst_over_threats(group, ap_keys, miss_keys)
+            worst = worst_over_threats(group, ap_keys, miss_keys, [f"PGD-{k}" for k in steps] if paper else ())
             worst["drift_clean"] = max(r["drift_clean"] for r in group)
             worst["drift_adv"] = max(r["drift_adv"] for r in group)
+            worst["drift_outputs"] = {o: {k: max(r["drift_outputs"][o][k] for r in group if k in r["drift_outputs"][o])
+                                          for k in v} for o, v in group[0]["drift_outputs"].items()}
             group.append(worst)
         for row in group:
             for key in drops:
@@ -317,10 +338,36 @@ def drop_keys(columns: Sequence[str], paper: bool, with_worst: bool) -> List[str
     return keys
 
 
-def gate(rows: List[Dict], max_drop: float, max_misses: Optional[float] = None) -> List[str]:
+# --max-drift defaults: how far each output of a deployed file may drift from the source's on the same images
+# (mean |backend - source| / mean |source|, per output, over clean and over adversarial images), per precision.
+# Measured 2026-12-02 on the test fixtures (tests/conftest.py's overfit YOLOv3 and tests' tiny Faster R-CNN, 8
+# images: 4 test images and the same with uniform noise 0.03, ONNX Runtime CPU): YOLOv3 (its raw output holds every
+# anchor's prediction in a fixed order) fp32 8e-8, fp16 9e-5, int8 0.018 (with 4 activation scales halved: 0.021);
+# its fp32 file with the stride-32 prediction conv scaled by 0.7: 0.012, with AP50 unchanged. Faster R-CNN's raw
+# output is its detection list ranked by score, which reduced precision reorders and shortens or lengthens: fp32
+# 3e-8, fp16 0.059, int8 0.50 (a ratio without bound when the backend detects more than the source), so there
+# only fp32 files are gated on drift by default (--max-drift gates every precision). Each default leaves a
+# margin of 5-10x over the spread.
+DRIFT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3, "int8": 0.1}
+DRIFT_TOLERANCE_BY_MODEL = {"fasterrcnn_resnet50_fpn": {"fp32": 1e-4}}
+
+
+def drift_tolerance(precision: str, max_drift: Optional[float] = None, model: Optional[str] = None) -> Optional[float]:
+    """The drift a backend of `precision` may show: `max_drift` when given, else the default of its precision (for
+    `model`'s kind of output); None for a precision without one (not gated on drift)."""
+    if max_drift is not None:
+        return max_drift
+    return DRIFT_TOLERANCE_BY_MODEL.get(model, DRIFT_TOLERANCE).get(precision)
+
+
+def gate(rows: List[Dict], max_drop: float, max_misses: Optional[float] = None, max_drift: Optional[float] = None,
+         drift_gate: bool = False, model: Optional[str] = None) -> List[str]:
     """Backends whose clean AP50 or adversarial AP50 (advAP, worst, or the single attack's) is lower than the
     source's by more than `max_drop`, or whose deployment-only misses exceed `max_misses`: on each backend's worst
-    case over its threats (its "worst" row; its only row with one threat), naming the threat that failed it."""
+    case over its threats (its "worst" row; its only row with one threat), naming the threat that failed it.
+    With `drift_gate`, also every output whose drift from the source (`drift_outputs`: relative mean absolute
+    difference) exceeds `max_drift`, or its precision's DRIFT_TOLERANCE when None: a file that computes another
+    function fails even where the test images' AP50 does not show it."""
     groups: Dict[str, List[Dict]] = {}
     for r in rows[1:]:
         groups.setdefault(r["backend"], []).append(r)
@@ -345,4 +392,12 @@ def gate(rows: List[Dict], max_drop: float, max_misses: Optional[float] = None) 
                     what = "clean" if key == "misses_clean" else "adversarial"
                     failures.append(f"{name}: deployment-only misses: {v:.1%} of the objects the source detects on "
                                     f"{what} images > {max_misses:.1%} ({under(key)})")
+        tol = drift_tolerance(r.get("precision"), max_drift, model) if drift_gate else None
+        if tol is not None:
+            for out, per in (r.get("drift_outputs") or {}).items():
+                for kind, v in per.items():
+                    if not v <= tol:
+                        failures.append(f"{name}: output {out} drifts from the source's by {v:.3g} (mean |difference|"
+                                        f" / mean |source|) on {'clean' if kind == 'clean' else 'adversarial'} "
+                                        f"images > {tol:g} (--max-drift, {r.get('precision')})")
     return failures

@@ -20,7 +20,10 @@ float32, the same scales and zero points.
 - Nodes that depend on shapes only (Shape, and the index arithmetic after it: the YOLOv3 grid, the FPN's
   upsampling sizes) are evaluated once per input shape and cached; constants are folded at construction.
 
-Only the operators our exports use are interpreted (`OPS`); any other is refused at construction, naming it.
+Only the operators our exports use are interpreted (`OPS`); any other is refused at construction, naming it, and
+so is an attribute value that would change an operator's meaning beyond what is implemented (Resize's linear
+and cubic modes, antialias, exclude_outside, axes: `check_attributes`). Conv's and MaxPool's `auto_pad` (VALID,
+SAME_UPPER, SAME_LOWER) and Clip without bounds (the identity) are ONNX's definitions.
 """
 from __future__ import annotations
 
@@ -119,14 +122,34 @@ def _ints(t) -> List[int]:
     return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
 
 
+def _pads(at, x, kernel, nd) -> Tuple[List[int], List[int]]:
+    """(begin, end) padding of the spatial dimensions: `pads`, or what ONNX's `auto_pad` says: VALID none,
+    SAME_UPPER / SAME_LOWER an output of ceil(input / stride), the odd extra pixel at the end (UPPER) or at the
+    beginning (LOWER)."""
+    mode = at.get("auto_pad", "NOTSET")
+    if mode == "NOTSET":
+        pads = at.get("pads", [0] * 2 * nd)
+        return list(pads[:nd]), list(pads[nd:])
+    if mode == "VALID":
+        return [0] * nd, [0] * nd
+    strides, dil = at.get("strides", [1] * nd), at.get("dilations", [1] * nd)
+    begin, end = [], []
+    for d in range(nd):
+        n = x.shape[2 + d]
+        total = max((-(-n // strides[d]) - 1) * strides[d] + (kernel[d] - 1) * dil[d] + 1 - n, 0)
+        small = total // 2
+        begin.append(small if mode == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin, end
+
+
 def _conv(a, at, g):
     x, w = a[0], a[1]
     b = a[2] if len(a) > 2 else None
     nd = w.dim() - 2
     if nd != 2:
         raise GraphError(f"Conv with {nd} spatial dimensions: only 2-D convolutions are interpreted")
-    pads = at.get("pads", [0] * 2 * nd)
-    begin, end = pads[:nd], pads[nd:]
+    begin, end = _pads(at, x, list(w.shape[2:]), nd)
     if begin != end:
         x = F.pad(x, [p for d in reversed(range(nd)) for p in (begin[d], end[d])])
         begin = [0] * nd
@@ -156,8 +179,7 @@ def _maxpool(a, at, g):
     nd = len(k)
     if nd != 2 or at.get("storage_order", 0) or len(g.outputs_of_current) > 1:
         raise GraphError("MaxPool: only 2-D pooling without the indices output is interpreted")
-    pads = at.get("pads", [0] * 2 * nd)
-    begin, end = pads[:nd], pads[nd:]
+    begin, end = _pads(at, x, k, nd)
     if begin != end:
         x = F.pad(x, [p for d in reversed(range(nd)) for p in (begin[d], end[d])], value=float("-inf"))
         begin = [0] * nd
@@ -173,9 +195,13 @@ def _div(a, at, g):
 
 
 def _clip(a, at, g):
+    """Clip: min and max are optional inputs (opset 11+; attributes before), each absent bound unbounded; neither
+    given is the identity (ONNX's definition)."""
     x = a[0]
-    lo = a[1] if len(a) > 1 else None
-    hi = a[2] if len(a) > 2 else None
+    lo = a[1] if len(a) > 1 and a[1] is not None else at.get("min")
+    hi = a[2] if len(a) > 2 and a[2] is not None else at.get("max")
+    if lo is None and hi is None:
+        return (x,)
     return (torch.clamp(x, lo, hi),)
 
 
@@ -293,6 +319,29 @@ def _resize(a, at, g):
         idx = torch.from_numpy(np.clip(idx, 0, n_in - 1).astype(np.int64)).to(x.device)
         x = torch.index_select(x, d, idx)
     return (x,)
+
+
+# attributes that change what an operator computes, beyond what its function above implements: refused at
+# construction, naming the node, the operator and the attribute, instead of being run as something else
+# ({op: {attribute: the values interpreted}}; an absent attribute takes ONNX's default, which is interpreted)
+_INTERPRETED_VALUES = {
+    "Resize": {"mode": ("nearest",), "antialias": (0,), "exclude_outside": (0,),
+               "keep_aspect_ratio_policy": ("stretch",)},
+    "Conv": {"auto_pad": ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")},
+    "MaxPool": {"auto_pad": ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")},
+}
+_NOT_INTERPRETED = {"Resize": ("axes",)}  # attributes refused whatever their value
+
+
+def check_attributes(op: str, name: str, attrs: dict) -> None:
+    """GraphError when a node carries an attribute value the interpreter would not honour."""
+    for key, allowed in _INTERPRETED_VALUES.get(op, {}).items():
+        if key in attrs and attrs[key] not in allowed:
+            raise GraphError(f"node {name} ({op}): attribute {key}={attrs[key]!r} is not interpreted (only "
+                             f"{', '.join(map(repr, allowed))}); the twin would compute another function")
+    for key in _NOT_INTERPRETED.get(op, ()):
+        if key in attrs:
+            raise GraphError(f"node {name} ({op}): attribute {key} is not interpreted")
 
 
 def _cast(a, at, g):
@@ -450,6 +499,10 @@ class OnnxGraph(nn.Module):
         steps: List[_Step] = []
         for node in g.node:
             at = _attrs(node)
+            try:
+                check_attributes(node.op_type, node.name, at)
+            except GraphError as e:
+                raise GraphError(f"{self.name}: {e}") from None
             if node.op_type == "Constant":
                 (key, val), = ((k, v) for k, v in at.items())
                 if key != "value":

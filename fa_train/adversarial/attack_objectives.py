@@ -124,7 +124,10 @@ class TogMislabel(TogUntargeted):
     score, so the few slots that produce the detection dominate) are driven to object (BCE of the objectness logit
     to 1) of the detection's new class (BCE of the class logits to the one-hot new class; cross-entropy for a
     softmax over classes) with their box on the detection's (GIoU loss); the objective is minus the weighted sum.
-    Images without detections (or a one-class model) are left unchanged.
+    Images without detections (or a one-class model) get no gradient: they stay at the attack's random start.
+    Where the slots are not the same outputs from one input to the next (`output_slots(...)["fixed"]` False:
+    Faster R-CNN's proposals, re-ranked at every step), they are matched to the detections' boxes again at every
+    step, weighted by their current score, so the slots attacked are those that carry each clean detection now.
 
     Not the detection loss against the relabelled boxes, as TOG's code has it for YOLOv3 with Darknet's ignore
     threshold: this project's YOLOv3 loss pushes every output not assigned to a target towards background, so
@@ -133,30 +136,44 @@ class TogMislabel(TogUntargeted):
     name = "tog-mislabel"
     iou = 0.5
 
-    def prepare(self, model, images, targets):
+    def _match(self, slots, score, i, boxes, labels):
+        """The output slots of image i that carry the detections `boxes` (IoU >= self.iou, valid), each slot with
+        the detection it overlaps most, weighted by the slot's score."""
         import torchvision
 
-        slots = model.output_slots(images)
+        if not len(boxes):
+            return {"slots": torch.zeros(0, dtype=torch.long)}
+        iou = torchvision.ops.box_iou(boxes.to(slots["boxes"]), slots["boxes"][i].detach())  # [K, S]
+        best, which = iou.max(0)
+        hit = torch.where((best >= self.iou) & slots["valid"][i])[0]
+        if not len(hit):
+            return {"slots": hit}
+        w = score[i][hit].detach().float()
+        return {"slots": hit, "weight": w / w.sum().clamp(min=1e-12), "label": labels.to(hit.device)[which[hit]],
+                "box": boxes.to(hit.device)[which[hit]]}
+
+    @staticmethod
+    def _scores(slots):
         prob = torch.sigmoid(slots["cls"]) if slots["cls_activation"] == "sigmoid" else slots["cls"].softmax(-1)
-        score = torch.sigmoid(slots["obj"]) * prob.max(-1).values
+        return (torch.sigmoid(slots["obj"]) * prob.max(-1).values).detach()
+
+    def prepare(self, model, images, targets):
+        slots = model.output_slots(images)
+        score = self._scores(slots)
         out = []
         for i, t in enumerate(confident_detections(model, images, self.score_thres, with_class_scores=True)):
             scores = t["class_scores"].clone()
-            empty = {"slots": torch.zeros(0, dtype=torch.long)}
             if not len(t["labels"]) or scores.shape[1] < 2:
-                out.append(empty)
+                out.append({"slots": torch.zeros(0, dtype=torch.long)})
                 continue
             scores[torch.arange(len(scores)), t["labels"]] = -1.0
             new = scores.argmax(1)
-            iou = torchvision.ops.box_iou(t["boxes"].to(slots["boxes"].dtype), slots["boxes"][i].detach())  # [K, S]
-            best, which = iou.max(0)
-            hit = torch.where((best >= self.iou) & slots["valid"][i])[0]
-            if not len(hit):
-                out.append(empty)
-                continue
-            w = score[i][hit].float()
-            out.append({"slots": hit, "weight": w / w.sum().clamp(min=1e-12), "label": new[which[hit]],
-                        "box": t["boxes"][which[hit]]})
+            c = self._match(slots, score, i, t["boxes"], new)
+            if not slots.get("fixed", True):
+                # slots that are not the same outputs from one input to the next (Faster R-CNN: its proposals,
+                # re-ranked at every step): matched again at every step to each detection's box (issue 23)
+                c.update(detections=t["boxes"], new_labels=new)
+            out.append(c)
         return out
 
     def __call__(self, model, images, ctx):
@@ -165,6 +182,10 @@ class TogMislabel(TogUntargeted):
         import torchvision
 
         slots = model.output_slots(images)
+        if any("detections" in c for c in ctx):  # slots that move: follow each clean detection by its box
+            score = self._scores(slots)
+            ctx = [self._match(slots, score, i, c["detections"], c["new_labels"]) if "detections" in c else c
+                   for i, c in enumerate(ctx)]
         rows = [(i, c) for i, c in enumerate(ctx) if len(c["slots"])]
         if not rows:
             return slots["obj"].new_zeros(len(ctx))

@@ -343,7 +343,9 @@ class FasterRCNNFPN(Detector):
 
     def output_slots(self, images):
         """Every inference proposal: its box (input pixels; proposals carry no gradient in torchvision),
-        not-background log-odds, foreground class logits (a softmax over classes given an object)."""
+        not-background log-odds, foreground class logits (a softmax over classes given an object). The proposals
+        are ranked anew for every input, so a slot index names no fixed output (`fixed`: False): an attack follows
+        a detection by its box (TogMislabel re-matches by IoU at every step)."""
         _, boxes, logits, sizes = self._inference_heads(images)
         n = len(boxes)
         scaled = []
@@ -354,7 +356,8 @@ class FasterRCNNFPN(Detector):
         obj, valid = self._pad([torch.logsumexp(x[:, 1:], 1) - x[:, 0] for x in split], n)
         cls, _ = self._pad([x[:, 1:] for x in split], n)
         box, _ = self._pad(scaled, n)
-        return {"boxes": box, "obj": obj, "cls": cls, "valid": valid, "cls_activation": "softmax"}
+        # "fixed": False: slot k is the k-th proposal of this very input, not the same output for another input
+        return {"boxes": box, "obj": obj, "cls": cls, "valid": valid, "cls_activation": "softmax", "fixed": False}
 
     @torch.no_grad()
     def _class_scores(self, images, boxes):
