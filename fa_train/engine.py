@@ -406,8 +406,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if len(images):
             info = StepInfo(step=self.step, epoch=self.epoch, batch=batch, replay=replay, rank=self.rank)
+            if hasattr(self.objective, "begin_step"):  # where the step is: its random draws, warm-up, Free AT replay
+                self.objective.begin_step(info)
             with D.sync_normalizers():  # loss denominators over the global batch
-                logs = self.objective.step(self.model, images, targets, self.scaler, self.amp, info=info)
+                logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
         else:  # every image of this rank's share was skipped
             logs = {"loss": 0.0}
         # ranks agree on skipping: a non-finite loss anywhere (or an empty batch) skips the step everywhere

@@ -147,6 +147,7 @@ class AdversarialObjective:
         self.tod = name == "tod"
         self.teacher = teacher
         self.delta: Optional[torch.Tensor] = None  # Free AT: the perturbation carried across replays and batches
+        self.info: Optional[StepInfo] = None
         if kdfa_weight and teacher is None:
             raise ValueError("KDFA needs a teacher")
         if teacher is not None:
@@ -222,8 +223,13 @@ class AdversarialObjective:
         return run_attack(model, training_attack_objective(name, model), SignStep(step_size), budget, x_clean,
                           targets, generator=gen).images
 
+    def begin_step(self, info: StepInfo) -> None:
+        """Where the next `step` is (the training loop says it before each step): seeds its draws, its budget."""
+        self.info = info
+
     def step(self, model, images, targets, scaler, amp: bool, info: Optional[StepInfo] = None) -> Dict[str, float]:
-        info = info or StepInfo()
+        """One training step's passes; `info` (or the last `begin_step`'s) says where it is (default: step 0)."""
+        info = info or self.info or StepInfo()
         if self.free_replays > 1:
             return self.free_step(model, images, targets, scaler, amp, info)
         x_clean = images.detach()
