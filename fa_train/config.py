@@ -285,7 +285,8 @@ def check_config(cfg: dict) -> dict:
 
 
 def _check_inner_attack(cfg) -> None:
-    """The training attack's options (issue 22), and the combinations that have no meaning."""
+    """The training attack's options (issue 22), and the combinations that have no meaning. Standard training
+    ignores them (a robust preset also serves the base model's stage)."""
     from .adversarial.objectives import OBJECTIVE_CHOICES
 
     m = "method."
@@ -300,9 +301,6 @@ def _check_inner_attack(cfg) -> None:
     if meth["name"] == "tod" and meth["free_replays"] > 1:
         raise ConfigError(f"{describe(m + 'free_replays', meth['free_replays'])}: not with --method tod (its "
                           f"attack needs a gradient per loss domain)")
-    if meth["free_replays"] > 1 and meth["name"] == "standard":
-        raise ConfigError(f"{describe(m + 'free_replays', meth['free_replays'])}: Free AT is adversarial training; "
-                          f"choose an adversarial --method (at, kdfa, ssfa, fa)")
     if meth["free_replays"] > 1 and meth["objective"] != "det":
         raise ConfigError(f"{describe(m + 'objective', meth['objective'])}: Free AT (--free-replays "
                           f"{meth['free_replays']}) ascends the training loss's own input gradient; it takes "

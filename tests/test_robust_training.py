@@ -282,8 +282,8 @@ def test_free_at_divides_the_epochs_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("flags", ["at", "ssfa", "tod"])
 def test_free_at_refuses_what_it_cannot_do(tmp_path, flags):
-    extra = {"at": ["--free-replays", "2", "--train-objective", "mix"], "ssfa": ["--method", "standard",
-             "--free-replays", "2"], "tod": ["--method", "tod", "--train-objective", "cls"]}[flags]
+    extra = {"at": ["--free-replays", "2", "--train-objective", "mix"], "ssfa": ["--method", "ssfa",
+             "--free-replays", "0"], "tod": ["--method", "tod", "--train-objective", "cls"]}[flags]
     r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--out", str(tmp_path / "x")] + extra)
     assert r.exit_code == 2, r.output
     assert r.output.strip().count("\n") == 0 and "fa-train: error:" in r.output
@@ -383,3 +383,60 @@ def test_strong_recipe_lowers_the_suite_loss_ceiling_below_pgd1_at_001(tiny_yolo
 
 
 STRONG_STEPS = 30
+
+
+# ------------------------------------------------------------------------------------------------- the study
+
+
+def _study(*args, **kw):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([sys.executable, os.path.join(root, "scripts", "robust_study.py"), *args], cwd=root,
+                          env=env, capture_output=True, text=True, **kw)
+
+
+def test_study_dry_run_prints_the_whole_plan(tmp_path):
+    r = _study("--base", str(tmp_path / "base.pt"), "--out", str(tmp_path / "s"), "--dry-run", timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    train = [l for l in lines if " train " in l]
+    bench = [l for l in lines if " bench " in l]
+    sanity = [l for l in lines if " sanity " in l]
+    assert len(train) == 8 and len(bench) == 24 and len(sanity) == 8  # 4 recipes x {at, fa}; 3 eps each
+    assert all(l.startswith("todo") for l in lines)
+    assert any("--method fa" in l and "--free-replays 4" in l and "free_fa" in l for l in train)
+    assert any("--pgd-steps 1 --train-eps 0.01 --train-step-size 0.01 --no-random-start" in l for l in train)
+    assert any("--train-objective mix" in l and "--random-start" in l for l in train)
+    assert {l.split("--eps ")[1].split()[0] for l in bench} == {"0.01", "0.02", "0.03"}
+    assert all("--attack suite" in l for l in bench)
+    assert all(f"--transfer-from {tmp_path / 'base.pt'}" in l for l in sanity)
+    r = _study("--base", "b.pt", "--recipes", "pgd9", "--dry-run", timeout=60)
+    assert r.returncode == 2 and "pgd9" in r.stderr
+
+
+def test_study_quick_end_to_end_and_resumable(tmp_path):
+    """One recipe with and without alignment at the smoke scale: trained, attacked by the suite, reported; a second
+    run finds every stage done."""
+    (tmp_path / "tiny.yaml").write_text("model: {name: yolov3, width_mult: 0.125, depth_mult: 0.2}\n"
+                                        "data: {spec: 'synth:60', img_size: 64, workers: 0}\n"
+                                        "train: {optimizer: adamw, momentum: 0.9, batch_size: 4}\n")
+    r = CliRunner().invoke(main, ["--config", str(tmp_path / "tiny.yaml"), "--max-images", "8", "--max-test-images",
+                                  "2", "--epochs", "1", "--eval-every", "0", "--quiet", "--out", str(tmp_path / "base")])
+    assert r.exit_code == 0, r.output
+    args = ["--base", str(tmp_path / "base" / "last.pt"), "--out", str(tmp_path / "s"), "--quick", "--config",
+            str(tmp_path / "tiny.yaml"), "--recipes", "free", "--methods", "at,fa"]
+    r = _study(*args, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    study = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert [row["model"] for row in study["rows"]] == ["free_at", "free_fa"]
+    for row in study["rows"]:
+        assert 0 <= row["worst@0.03"] <= 1 and 0 <= row["clean"] <= 1 and row["train_seconds"] > 0
+        assert row["advAP@0.03"] is not None
+    assert (tmp_path / "s" / "frontier.png").stat().st_size > 0
+    assert "| free_fa |" in (tmp_path / "s" / "study.md").read_text()
+    r = _study(*args, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("done before") == 4, r.stdout

@@ -233,6 +233,13 @@ class AdversarialObjective:
         if self.free_replays > 1:
             return self.free_step(model, images, targets, scaler, amp, info)
         x_clean = images.detach()
+        if self.alpha == 0 and not self.ssfa_weight and self.random_start and not self.tod:
+            # nothing needs the clean pass (no clean loss, no SSFA target, no first gradient from a random start):
+            # PGD-k costs k + 1 passes instead of k + 2
+            x_adv = self.attack(model, x_clean, targets, None, None, info)
+            logs = self._adversarial_part(model, x_clean, x_adv, targets, None, torch.zeros(()), scaler, amp)
+            logs.pop("clean")
+            return logs
         clean, mid_clean, grad, domain_grads = self.clean_pass(model, x_clean, targets, scaler, amp)
         if grad is None:  # non-finite clean loss: nothing was back-propagated; the loop skips the step
             return {"loss": float("nan"), "clean": float(clean.detach())}
@@ -268,7 +275,7 @@ class AdversarialObjective:
         if self.kdfa_weight:
             c = _pooled_cos(mid_adv, teacher_mid)
             logs.update(kdfa=self.kdfa_weight * (1 - c), cos_kdfa=c)
-        logs["loss"] = float(total.detach()) + self.alpha * logs["clean"]
+        logs["loss"] = float(total.detach()) + self.alpha * logs["clean"]  # alpha = 0 where no clean pass ran
         if math.isfinite(logs["loss"]):
             scaler.scale(total).backward()
         return logs
