@@ -32,7 +32,10 @@ DEFAULTS: Dict[str, Any] = {
     },
     # equation (3): --ssfa-weight is beta, --kdfa-weight is gamma (None: the model's default, 10 for YOLOv3)
     "method": {"name": "standard", "pgd_steps": 1, "train_eps": 0.01, "step_size": 0.01, "alpha": 0.5,
-               "ssfa_weight": None, "kdfa_weight": None, "teacher": None},
+               "ssfa_weight": None, "kdfa_weight": None, "teacher": None,
+               # the inner attack (issue 22); these defaults are the paper's PGD-1 (clean start, whole loss)
+               # step_size None: auto (PGD-k eps/k, 2.5 eps/k from a random start; Free AT eps)
+               "random_start": False, "objective": "det", "free_replays": 1, "eps_warmup_epochs": 0},
     "device": "auto",
     "out": "runs/exp",
 }
@@ -51,6 +54,8 @@ FLAG_KEYS: Dict[str, str] = {
     "method": "method.name", "pgd_steps": "method.pgd_steps", "train_eps": "method.train_eps",
     "step_size": "method.step_size", "alpha": "method.alpha", "ssfa_weight": "method.ssfa_weight",
     "kdfa_weight": "method.kdfa_weight", "teacher": "method.teacher",
+    "random_start": "method.random_start", "train_objective": "method.objective",
+    "free_replays": "method.free_replays", "eps_warmup_epochs": "method.eps_warmup_epochs",
     "device": "device", "out": "out",
 }
 _KEY_FLAGS = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
@@ -265,16 +270,41 @@ def check_config(cfg: dict) -> dict:
     _choice(cfg, m + "name", ("standard", "at", "tod", "kdfa", "ssfa", "fa"))
     _number(cfg, m + "pgd_steps", integer=True, lo=1)
     _number(cfg, m + "train_eps", lo=0, hi=1, hint=" (the budget is in [0,1] pixel units: 0.01 ~ 2.55/255)")
-    _number(cfg, m + "step_size", lo=0, hi=1, lo_open=True, hint=" (in [0,1] pixel units)")
+    _number(cfg, m + "step_size", lo=0, hi=1, lo_open=True, optional=True,
+            hint=" (in [0,1] pixel units; null: auto)")
     _number(cfg, m + "alpha", lo=0, hi=1, hint=" (the weight of the clean loss)")
     for key in ("ssfa_weight", "kdfa_weight"):
         _number(cfg, m + key, lo=0, optional=True)
     _file(cfg, m + "teacher", "KDFA teacher checkpoint")
+    _check_inner_attack(cfg)
 
     _check_device(cfg["device"])
     if not isinstance(cfg["out"], str) or not cfg["out"].strip():
         raise ConfigError(f"{describe('out', repr(cfg['out']))}: must be a folder path")
     return cfg
+
+
+def _check_inner_attack(cfg) -> None:
+    """The training attack's options (issue 22), and the combinations that have no meaning. Standard training
+    ignores them (a robust preset also serves the base model's stage)."""
+    from .adversarial.objectives import OBJECTIVE_CHOICES
+
+    m = "method."
+    _flag(cfg, m + "random_start")
+    _choice(cfg, m + "objective", OBJECTIVE_CHOICES)
+    _number(cfg, m + "free_replays", integer=True, lo=1, hint=" (1: no Free AT)")
+    _number(cfg, m + "eps_warmup_epochs", lo=0, hint=" (0: the full budget from the first step)")
+    meth = cfg["method"]
+    if meth["name"] == "tod" and meth["objective"] != "det":
+        raise ConfigError(f"{describe(m + 'objective', meth['objective'])}: --method tod has its own attack (one "
+                          f"candidate per loss domain); use --method at with this objective")
+    if meth["name"] == "tod" and meth["free_replays"] > 1:
+        raise ConfigError(f"{describe(m + 'free_replays', meth['free_replays'])}: not with --method tod (its "
+                          f"attack needs a gradient per loss domain)")
+    if meth["free_replays"] > 1 and meth["objective"] != "det":
+        raise ConfigError(f"{describe(m + 'objective', meth['objective'])}: Free AT (--free-replays "
+                          f"{meth['free_replays']}) ascends the training loss's own input gradient; it takes "
+                          f"--train-objective det only")
 
 
 def _check_device(name) -> None:

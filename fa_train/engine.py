@@ -192,12 +192,17 @@ def check_resume(ckpt: dict, cfg: dict, path: str) -> Optional[str]:
     if diffs:
         raise TrainingError(f"--resume {path}: the run was started with another configuration; resuming it "
                             f"would not continue the same run:\n  " + "\n  ".join(diffs))
+    from .adversarial.objectives import data_passes
+
     done, epochs = int(ckpt.get("epoch", 0)), cfg["train"]["epochs"]
-    if epochs < done:
+    m = cfg.get("method", {})
+    replays = int(m.get("free_replays") or 1) if m.get("name", "standard") != "standard" else 1
+    passes = data_passes(epochs, replays)  # Free AT: `epoch` counts passes over the data
+    if passes < done:
         raise TrainingError(f"{describe('train.epochs', epochs)}: {path} has already trained {done} epochs; "
-                            f"pass more than {done} to train longer")
-    if epochs == done:
-        return (f"{path}: the run is finished ({done} of {epochs} epochs); nothing to do (raise --epochs to "
+                            f"pass more than {done * replays if replays > 1 else done} to train longer")
+    if passes == done:
+        return (f"{path}: the run is finished ({done} of {passes} epochs); nothing to do (raise --epochs to "
                 f"train longer)")
     return None
 
@@ -251,13 +256,20 @@ class Trainer:
         self.test_loader = make_loader(self.test_set, self.batch_size // self.world or 1, False, d["workers"],
                                        sampler=D.ShardSampler(len(self.test_set)), timeout=d["loader_timeout"])
         self.steps_per_epoch = len(self.train_loader)
+        from .adversarial.objectives import data_passes
+
+        # Free AT replays each batch m times: ceil(epochs / m) passes over the data, m optimizer steps per batch,
+        # so the schedule spans about the optimizer steps of `epochs` standard epochs
+        self.replays = int(cfg["method"].get("free_replays") or 1) if cfg["method"]["name"] != "standard" else 1
+        self.epochs = data_passes(t["epochs"], self.replays)
+        sched = dict(t, epochs=self.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, t))
+            self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch * self.replays, sched))
         self.amp = bool(t["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         from .adversarial.objectives import build_objective
 
-        self.objective = build_objective(cfg, self.model, self.device, log)
+        self.objective = build_objective(cfg, self.model, self.device, log, steps_per_epoch=self.steps_per_epoch)
         self.epoch, self.step, self.best_ap = 0, 0, -1.0
         self.batch_in_epoch = 0  # batches of the current epoch already consumed (a mid-epoch resume skips them)
         self._signal = None
@@ -282,6 +294,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "batch_in_epoch": self.batch_in_epoch,
             "nonfinite_total": self.nonfinite_total,
+            # Free AT's carried perturbation (rank 0's), None otherwise
+            "objective_state": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
             "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
             "config": resolved_data_paths(self.cfg), "versions": versions(),
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
@@ -307,6 +321,12 @@ class Trainer:
         self.epoch, self.step, self.best_ap = ckpt["epoch"], ckpt["step"], ckpt["best_ap"]
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
+        if hasattr(self.objective, "load_state_dict"):
+            if self.world > 1 and (ckpt.get("objective_state") or {}).get("free_delta") is not None:
+                # the checkpoint holds rank 0's perturbation only: each rank starts its own afresh
+                self.log("Free AT under torchrun: the carried perturbations restart at the resume")
+            else:
+                self.objective.load_state_dict(ckpt.get("objective_state") or {})
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} (step {self.step})")
         return None
 
@@ -331,7 +351,7 @@ class Trainer:
         skip = self.batch_in_epoch
         save_every = int(t.get("save_every_steps") or 0)
         sums, n_img, nsteps, t0 = {}, 0, 0, time.time()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{t['epochs']}",
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}",
                    disable=None if self.progress else True, unit="batch", dynamic_ncols=True)
         for i, (images, targets, metas) in enumerate(self._batches(bar)):
             if i < skip:
@@ -339,56 +359,86 @@ class Trainer:
             self.batch_in_epoch = i + 1
             self._check_signal()
             self._note_skipped(metas.skipped)
-            self.optimizer.zero_grad(set_to_none=True)
             if len(images):
                 images = images.to(self.device, non_blocking=True)
                 targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-                with D.sync_normalizers():  # loss denominators over the global batch
-                    logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
-            else:  # every image of this rank's share was skipped
-                logs = {"loss": 0.0}
-            # ranks agree on skipping: a non-finite loss anywhere (or an empty batch) skips the step everywhere
-            bad, empty = D.all_reduce_values([float(not math.isfinite(logs["loss"])), float(len(images) == 0)])
-            if empty and not bad:
-                self.log(f"step {self.step}: every image of the batch was skipped, no update")
-                continue
-            if bad:
-                self.nonfinite_in_row += 1
-                self.nonfinite_total += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self._metrics({"event": "nonfinite_loss", "epoch": self.epoch, "step": self.step, **logs})
-                self.log(f"step {self.step}: non-finite loss, step skipped ({logs})")
-                if self.nonfinite_in_row >= self.cfg["train"]["max_nonfinite"]:
-                    raise TrainingError(f"{self.nonfinite_in_row} non-finite losses in a row, the last at step "
-                                        f"{self.step}: {logs}; {self._last_good()}")
-                continue
-            self.nonfinite_in_row = 0
-            D.average_gradients(self.model.parameters())
-            if self.world > 1:  # logged values: the mean over ranks
-                keys = sorted(logs)
-                logs = dict(zip(keys, (v / self.world for v in D.all_reduce_values([logs[k] for k in keys]))))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            if save_every and self.step % save_every == 0:
+            step_before = self.step
+            for replay in range(self.replays):  # Free AT: the same batch m times (1 otherwise)
+                logs = self._optimizer_step(images, targets, i, replay)
+                if logs is None:
+                    continue
+                n_img += len(images) * self.world
+                nsteps += 1
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            # checkpoints fall between batches (a resume starts a batch, never the middle of its replays)
+            if save_every and self.step // save_every > step_before // save_every:
                 self.save("last.pt")
                 self._metrics({"event": "checkpoint", "epoch": self.epoch, "batch": self.batch_in_epoch,
                                "step": self.step})
-            n_img += len(images) * self.world
-            nsteps += 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            mean = {k: v / nsteps for k, v in sums.items()}
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in mean.items() if k in ("loss", "box", "obj", "cls",
-                                                                                  "adv", "clean", "ssfa", "kdfa")},
-                             "img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}",
-                             "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"})
+            if nsteps:
+                mean = {k: v / nsteps for k, v in sums.items()}
+                bar.set_postfix({**{k: f"{v:.3f}" for k, v in mean.items() if k in (
+                    "loss", "box", "obj", "cls", "adv", "clean", "ssfa", "kdfa")},
+                    "img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}",
+                    "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"})
         steps = max(1, nsteps)
         rec = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "images_per_s": n_img / max(time.time() - t0, 1e-9),
                **{f"train/{k}": v / steps for k, v in sums.items()}}
         return rec
+
+    def _attack_summary(self) -> str:
+        """The training attack in the start line (nothing for standard training)."""
+        m = self.cfg["method"]
+        ob = self.objective
+        if m["name"] == "standard" or not hasattr(ob, "eps"):
+            return ""
+        kind = f"Free AT m={ob.free_replays}" if ob.free_replays > 1 else f"PGD-{ob.steps}"
+        warm = f", eps warm-up over {m['eps_warmup_epochs']:g} epochs" if ob.eps_warmup_steps else ""
+        return (f"; training attack {kind} at eps {ob.eps:g}, step {ob.step_size:g}, "
+                f"{'random' if ob.random_start else 'clean'} start, objective {ob.objective}{warm}")
+
+    def _optimizer_step(self, images, targets, batch: int, replay: int) -> Optional[dict]:
+        """One optimizer step on the batch (one replay of it under Free AT): the objective's passes, the
+        non-finite-loss guard, the update. The logged values, or None when the step was skipped."""
+        from .adversarial.objectives import StepInfo
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(images):
+            info = StepInfo(step=self.step, epoch=self.epoch, batch=batch, replay=replay, rank=self.rank)
+            if hasattr(self.objective, "begin_step"):  # where the step is: its random draws, warm-up, Free AT replay
+                self.objective.begin_step(info)
+            with D.sync_normalizers():  # loss denominators over the global batch
+                logs = self.objective.step(self.model, images, targets, self.scaler, self.amp)
+        else:  # every image of this rank's share was skipped
+            logs = {"loss": 0.0}
+        # ranks agree on skipping: a non-finite loss anywhere (or an empty batch) skips the step everywhere
+        bad, empty = D.all_reduce_values([float(not math.isfinite(logs["loss"])), float(len(images) == 0)])
+        if empty and not bad:
+            if replay == 0:
+                self.log(f"step {self.step}: every image of the batch was skipped, no update")
+            return None
+        if bad:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self._metrics({"event": "nonfinite_loss", "epoch": self.epoch, "step": self.step, **logs})
+            self.log(f"step {self.step}: non-finite loss, step skipped ({logs})")
+            if self.nonfinite_in_row >= self.cfg["train"]["max_nonfinite"]:
+                raise TrainingError(f"{self.nonfinite_in_row} non-finite losses in a row, the last at step "
+                                    f"{self.step}: {logs}; {self._last_good()}")
+            return None
+        self.nonfinite_in_row = 0
+        D.average_gradients(self.model.parameters())
+        if self.world > 1:  # logged values: the mean over ranks
+            keys = sorted(logs)
+            logs = dict(zip(keys, (v / self.world for v in D.all_reduce_values([logs[k] for k in keys]))))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return logs
 
     def _batches(self, loader):
         """The loader's batches; a worker that dies or hangs becomes a TrainingError that says so."""
@@ -466,14 +516,17 @@ class Trainer:
         self.log(f"training {self.cfg['model']['name']} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
                  f"parameters) with method {self.cfg['method']['name']} on {self.train_set.name} "
                  f"({len(self.train_set)} images), device {self.device}, {t['epochs']} epochs"
+                 + (f" (Free AT: each batch replayed {self.replays} times, so {self.epochs} passes over the data, "
+                    f"{self.epochs * self.replays * self.steps_per_epoch} optimizer steps)" if self.replays > 1 else "")
+                 + self._attack_summary()
                  + (f", {self.world} processes, {self.batch_size // self.world} images each per step"
                     if self.world > 1 else ""))
         result = None
-        while self.epoch < t["epochs"]:
+        while self.epoch < self.epochs:
             rec = self.train_epoch()
             self.epoch += 1
             self.batch_in_epoch = 0
-            last = self.epoch == t["epochs"]
+            last = self.epoch == self.epochs
             if last or (t["eval_every"] and self.epoch % t["eval_every"] == 0):
                 result = evaluate(self.model, self.test_loader, self.device, progress=self.progress)
                 rec["val/AP50"] = result["AP50"]

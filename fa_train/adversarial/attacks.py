@@ -353,13 +353,18 @@ def choose_larger_loss(model, targets, candidates: Sequence[torch.Tensor]) -> to
 
 
 def tod_attack(model, images: torch.Tensor, targets, eps: float, steps: int, step_size: Optional[float] = None,
-               first_domain_grads: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+               first_domain_grads: Optional[Dict[str, torch.Tensor]] = None,
+               start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Task-oriented-domain PGD (training): at each step one candidate from each loss domain's gradient
     (classification, localization: the model's `loss_domains`), keeping per image the candidate with the larger
-    total loss. Gradients of the batch's loss, as training's other attacks."""
+    total loss. Gradients of the batch's loss, as training's other attacks. `start`: the first iterate (a random
+    start in the ball, `start_points`); the clean images by default. `first_domain_grads` are the gradients at the
+    clean images, so they apply only to a clean start."""
     step_size = eps / max(steps, 1) if step_size is None else step_size
     x_clean = images.detach()
-    x_adv = x_clean.clone()
+    if start is not None and first_domain_grads is not None:
+        raise ValueError("tod_attack: first_domain_grads are the clean images' gradients; not for a random start")
+    x_adv = x_clean.clone() if start is None else start.detach().clone()
     with frozen_batchnorm(model), torch.enable_grad():
         for i in range(steps):
             candidates = []
