@@ -159,7 +159,7 @@ def test_harness_table_and_gate(overfit, exported, tmp_path):
                                                  str(exported["fp16"]), "--json", str(js),
                                                  "--cache-dir", str(tmp_path / "cache")])
     assert r.exit_code == 0, r.output
-    assert "gate (max drop 0.02, max deployment-only misses 10%): PASS" in r.output
+    assert "gate (max drop 0.02, max deployment-only misses 10%, max drift per precision): PASS" in r.output
     rows = json.loads(js.read_text())["rows"]
     assert [row["backend"] for row in rows] == ["source", "last.fp32.onnx", "last.fp16.onnx"]
     assert [row["provider"] for row in rows] == ["torch-cpu", "ort-cpu", "ort-cpu"]
