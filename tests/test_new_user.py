@@ -416,7 +416,7 @@ def test_yolo_reader_counts_empty_label_files(tmp_path):
 
 
 def _capture_figure(monkeypatch):
-    from fa_deploy import plots
+    from fa_deploy.report import plots
 
     figs = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
