@@ -14,15 +14,15 @@ from onnx import TensorProto, helper
 
 from conftest import train_tiny_frcnn
 from fa_deploy.cli import export_main
-from fa_deploy.onnx_torch import GraphError, OnnxGraph
-from fa_deploy.twin import TOLERANCES, compare, load_twin, reference_session, verify_twin
+from fa_deploy.robustness.interpreter import GraphError, OnnxGraph
+from fa_deploy.robustness.twin import TOLERANCES, compare, load_twin, reference_session, verify_twin
 from fa_train.checkpoint import load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def _data(weights, n, split):
-    from fa_deploy.bench import dataset_for
+    from fa_deploy.runtime.datasets import dataset_for
 
     _, ckpt = load_model(str(weights))
     ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
@@ -131,8 +131,8 @@ def _roi_shape(out, prec):
 
 
 def test_the_worst_row_is_one_row_and_the_gate_reads_it():
-    from fa_deploy.harness import gate
-    from fa_deploy.threats import worst_over_threats
+    from fa_deploy.robustness.harness import gate
+    from fa_deploy.robustness.threats import worst_over_threats
 
     # each threat's advAP is the mean of its PGD-1 / PGD-3: 0.30 and 0.25; the worst columns are 0.20 and 0.10
     rows = [{"backend": "b", "threat": "whitebox", "clean": 0.80, "PGD-1": 0.50, "PGD-3": 0.10, "advAP": 0.30,
@@ -319,7 +319,7 @@ def test_tog_mislabel_on_faster_rcnn_follows_each_detection(frcnn_export):
 
 
 def test_twins_are_verified_on_more_and_on_perturbed_images_and_the_disagreement_is_reported(overfit, exported):
-    from fa_deploy.threats import load_twins
+    from fa_deploy.robustness.threats import load_twins
 
     x = _eight(overfit, "shapes:test")[:4]
     lines = []
@@ -337,7 +337,7 @@ def test_twins_are_verified_on_more_and_on_perturbed_images_and_the_disagreement
 
 
 def test_drift_defaults_per_precision_and_detector():
-    from fa_deploy.harness import gate
+    from fa_deploy.robustness.harness import gate
 
     def rows(prec, drift):
         return [{"backend": "source", "threat": "own", "clean": 0.5},
