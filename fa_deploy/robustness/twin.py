@@ -37,9 +37,12 @@ a random-weight ResNet-50 FPN at 320 px (README "Twins of the deployed files"):
   cannot tell a correct twin from one with a wrong scale. The check is per layer instead: ONNX Runtime's integer
   activations are exposed (which leaves its outputs unchanged, tested), each fake-quantized activation of the
   twin, computed from ONNX Runtime's own inputs to that layer, must be within one quantization step everywhere
-  and a step apart on at most 1 % of its elements (measured 2026-12-02 on the test fixtures, clean images and
+  and a step apart on at most 5 % of its elements (measured 2026-12-02 on the test fixtures, clean images and
   the same with uniform noise at 0.03: 0.004-0.03 % of a layer's elements on average over the layers, at most
-  0.20-0.52 % in one layer; a scale off by 2x: 27 % to 100 %, up to 64 steps), and the outputs computed on that
+  0.20-1.04 % in one layer on this AVX2 machine, 1.56 % reported on an AVX-512 VNNI one, where ONNX Runtime's
+  integer kernels and torch's float paths round differently; a scale off by 2x: 27 % to 100 %, up to 64 steps:
+  5 % sits between the two with a margin of 3x above the correct twins and 5x below the wrong ones; the one-step
+  bound, which a wrong scale breaks at once, is the sharper test), and the outputs computed on that
   footing match to 1e-4. The free-running difference is reported (`free_running`), not gated. fa-bench verifies
   each twin on 8 test images and on the same with uniform noise at --eps, and logs the disagreement measured.
 """
@@ -68,7 +71,7 @@ from fa_deploy.runtime.backends import unshare_constants
 TOLERANCES = {
     "fp32": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0},
     "fp16": {"atol": 3e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
-    "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 1e-2},
+    "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 5e-2},
 }
 # the ONNX Runtime session options of the reference, per precision (see the module docstring for why)
 REFERENCE_CONFIG = {"fp32": {}, "fp16": {}, "int8": {"session.x64quantprecision": "1"}}
