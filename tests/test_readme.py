@@ -121,7 +121,7 @@ def test_quick_start_walk(tmp_path, monkeypatch):
         # the deployment gate's FAIL is a documented result (exit 1), never an error (exit 2)
         assert r.exit_code in ((0, 1) if gated else (0,)), (prog, args, r.output)
         if gated:
-            assert re.search(r"gate: (PASS|FAIL|INCONCLUSIVE)", r.output), r.output
+            assert re.search(r"^gate\b.*: (PASS|FAIL|INCONCLUSIVE)", r.output, re.M), r.output  # gate (...): PASS
     bench = json.loads((tmp_path / "runs" / "bench.json").read_text())
     clean = {row["model"]: row["clean"] for row in bench["rows"]}
     assert set(clean) == {"base", "fa"}, clean
