@@ -1,4 +1,4 @@
-"""Cost of the differentiable twins (fa_deploy/twin.py) against the source model: one attack step's forward and
+"""Cost of the differentiable twins (fa_deploy/robustness/twin.py) against the source model: one attack step's forward and
 backward (`forward_train` on ground truth, then the gradient with respect to the input images), on the CPU.
 
     python bench/twins.py [--model yolov3|fasterrcnn|both] [--img-size 416] [--frcnn-size 320] [--batch 1] [--iters 5]

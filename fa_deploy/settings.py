@@ -132,7 +132,7 @@ class BenchSettings:
 
     @property
     def threats(self) -> Tuple[str, ...]:
-        """--threat as threat names (fa_deploy/threats.py); the transfer threat alone under --attack none."""
+        """--threat as threat names (fa_deploy/robustness/threats.py); the transfer threat alone under --attack none."""
         if self.attacks == ("none",):
             return ("transfer",)
         return parse_threats(self.threat or "all")

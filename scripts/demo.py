@@ -18,6 +18,12 @@ import time
 
 BIN = os.path.dirname(sys.executable)
 OUT = "runs/demo"
+# torch's AVX2 kernels (and oneDNN's) on every x86 CPU, unless the user chose: training amplifies the last digits
+# of floating-point arithmetic, so on an AVX-512 CPU the default kernels give other tables than the published ones
+# (docs/results.md "What reproduces where"); every command below inherits this environment
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+for _k, _v in PINNED.items():
+    os.environ.setdefault(_k, _v)
 FINETUNE = ["--epochs", "4", "--lr", "0.0005", "--warmup-iters", "0", "--eval-every", "0", "--pgd-steps", "1"]
 
 

@@ -1,4 +1,4 @@
-"""fa-bench --backend --threat (fa_deploy/threats.py, fa_deploy/harness.py): the white-box and differential threats
+"""fa-bench --backend --threat (fa_deploy/robustness/threats.py, fa_deploy/harness.py): the white-box and differential threats
 on the deployed files' twins, deployment-only misses, the worst case over threats, the gate, the cache keys."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Differentiable twins of the deployed files (fa_deploy/twin.py, fa_deploy/onnx_torch.py): equal to ONNX Runtime's
+"""Differentiable twins of the deployed files (fa_deploy/robustness/twin.py, fa_deploy/robustness/interpreter.py): equal to ONNX Runtime's
 outputs of the same file for fp32 / fp16 / int8 YOLOv3 and both Faster R-CNN parts, int8 with int32 and with float
 biases; a wrong twin refused with the numbers; gradients to the input; PGD on the int8 twin raises the loss of
 the deployed file itself."""

@@ -244,7 +244,7 @@ def _build_single_engines(s, out_dir, stem, img_size, paths, ref, verify, result
 
 
 def _export_split(model, ckpt, s, out_dir, stem, img_size, calib_spec, log, show) -> ExportResult:
-    """A detector deployed as two networks (Faster R-CNN; fa_deploy/split.py): the ONNX parts and a pipeline
+    """A detector deployed as two networks (Faster R-CNN; fa_deploy/exporting/two_network.py): the ONNX parts and a pipeline
     manifest per precision, parity of each part against the source, TensorRT engines of each part."""
     from fa_train.engine import make_loader
 

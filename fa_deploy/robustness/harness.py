@@ -1,5 +1,5 @@
 """The deployment harness: every backend evaluated on the same clean images and on adversarial images made three
-ways (`--threat`, fa_deploy/threats.py): from the source weights' gradients (transfer: the same images for every
+ways (`--threat`, fa_deploy/robustness/threats.py): from the source weights' gradients (transfer: the same images for every
 backend), on the backend's own differentiable twin (white-box), and on the twin against the source's agreement
 (differential); the paper's PGD rows by default, or any of fa-bench's attacks. Per backend and threat: AP50,
 deployment-only misses and output drift; a gate on each backend's worst case over its threats.
@@ -158,7 +158,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
                 diff_weight: float = 1.0, detect_score: float = 0.25) -> Dict:
     """`attack`: any of fa-bench's attacks or a list of them (fa_train/adversarial/suite.py); with more than one,
     a "worst" column: per image the candidate with the largest ground-truth loss on the model the attack ran on.
-    `threats` (fa_deploy/threats.py): transfer (images from the source, the same for every backend), whitebox and
+    `threats` (fa_deploy/robustness/threats.py): transfer (images from the source, the same for every backend), whitebox and
     differential (images from each backend's verified twin in `twins`, evaluated on that backend). One row per
     backend and threat, and with several threats a "worst" row per backend: each AP50 column's minimum and each
     miss fraction's maximum over its threats, its advAP / acAP / drops computed from those columns."""

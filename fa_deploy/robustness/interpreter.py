@@ -1,5 +1,5 @@
 """An ONNX graph run by PyTorch node by node, differentiable with respect to its inputs: what a deployed file
-computes, in a form an attack can take gradients through. `fa_deploy/twin.py` proves a graph equal to ONNX
+computes, in a form an attack can take gradients through. `fa_deploy/robustness/twin.py` proves a graph equal to ONNX
 Runtime's outputs of the same file before anything uses it.
 
 The graph is interpreted as it is, not rebuilt from the model, so the twin is the deployed computation by

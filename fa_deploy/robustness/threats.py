@@ -3,7 +3,7 @@ and the deployment-only misses.
 
 - `transfer`: the adversarial images are made on the source weights and every backend is evaluated on them (the
   attacker holds the training checkpoint; a lower bound for the deployed model).
-- `whitebox`: the attack is computed on the backend's differentiable twin (`fa_deploy/twin.py`: the ONNX graph
+- `whitebox`: the attack is computed on the backend's differentiable twin (`fa_deploy/robustness/twin.py`: the ONNX graph
   interpreted in torch, fp16 nodes and int8 Q/DQ as the file has them, verified against ONNX Runtime before use)
   and the images are evaluated on the backend itself (an attacker who holds the shipped file; a TensorRT engine
   through the twin of the ONNX file it was built from).

@@ -2,7 +2,7 @@
 proven equal to ONNX Runtime's outputs of that file before anything may use it, so an attack loop can take
 gradients through the deployed precision (white-box on fp16 / int8) instead of only transferring from the source.
 
-- The network is the file's graph interpreted in PyTorch (`fa_deploy/onnx_torch.py`), not the model rebuilt with
+- The network is the file's graph interpreted in PyTorch (`fa_deploy/robustness/interpreter.py`), not the model rebuilt with
   the file's settings: float16 nodes exactly where the file has them, the file's own int8 scales and zero points
   (fake quantization, straight-through rounding), so the twin is the deployed graph by construction. Everything
   around the network is the model's own code: YOLOv3's `yolo_loss` on the head maps the file's decode reads,

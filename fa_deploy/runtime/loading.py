@@ -18,7 +18,7 @@ def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fal
     that does not load is a BackendError unless `allow_cpu_fallback`."""
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
-    if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/split.py)
+    if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/runtime/pipeline.py)
         from fa_deploy.runtime.pipeline import PipelineBackend
 
         return PipelineBackend(path, providers, allow_cpu_fallback)
