@@ -97,9 +97,13 @@ def test_worst_over_threats_takes_each_columns_worst():
     assert w["worst_threat"] == {"clean": "transfer", "advAP": "whitebox", "misses_adv": "differential"}
 
 
-def test_whitebox_on_the_int8_file_reaches_a_higher_loss_than_transfer(overfit, exported):
-    """PGD-10 on the int8 twin (verified against ONNX Runtime: the deployed file's function) against PGD-10 on
-    the source, both scored by the deployed file's loss."""
+def test_each_threat_raises_the_int8_files_loss_above_clean(overfit, exported):
+    """PGD-10 on the int8 twin (verified against ONNX Runtime: the deployed file's function) and PGD-10 on the
+    source (transfer), both scored by the deployed file's loss. What is true: each threat raises that loss above the
+    clean images' on every image, and the worst case over threats (per image, the larger) is at least each one's.
+    What is not: that the white-box attack always beats transfer (issue 23: on another small model transfer reached
+    the higher loss on 4 of 4 image pairs): white-box PGD with a fixed sign step is no exact maximiser, which is why
+    the harness reports the worst case over threats rather than trusting any one threat as the bound."""
     source, _ = load_model(str(overfit))
     source.eval()
     x, t = _data(overfit)
@@ -107,8 +111,10 @@ def test_whitebox_on_the_int8_file_reaches_a_higher_loss_than_transfer(overfit, 
     rule, budget = SignStep(0.003), Budget(0.03, 10)
     transfer = run_attack(source, DetectionLoss(), rule, budget, x, t, image_keys=[0, 1]).images
     white = run_attack(twin, DetectionLoss(), SignStep(0.003), budget, x, t, image_keys=[0, 1]).images
-    lt, lw = ground_truth_losses(twin, transfer, t), ground_truth_losses(twin, white, t)
-    assert float(lw.sum()) >= float(lt.sum()), (lw, lt)
+    lc, lt, lw = (ground_truth_losses(twin, im, t) for im in (x, transfer, white))
+    assert (lt > lc).all() and (lw > lc).all(), (lc, lt, lw)
+    # which threat is stronger is not asserted; the worst row's columns are the minimum over threats
+    # (test_worst_over_threats_takes_each_columns_worst, test_threats_rows_fp32_in_disguise_and_the_cache)
 
 
 def test_differential_attack_keeps_the_sources_detections_and_moves_the_backend(overfit, exported, tmp_path):
