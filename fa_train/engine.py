@@ -273,6 +273,7 @@ class Trainer:
         self.epoch, self.step, self.best_ap = 0, 0, -1.0
         self.batch_in_epoch = 0  # batches of the current epoch already consumed (a mid-epoch resume skips them)
         self._signal = None
+        self._threads_before = None  # the CPU thread count before a resume adopted its checkpoint's (restored by fit)
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.out = cfg["out"]
 
@@ -298,6 +299,8 @@ class Trainer:
             "objective_state": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
             "arch": self.model.arch_config(), "class_names": list(self.train_set.class_names),
             "config": resolved_data_paths(self.cfg), "versions": versions(),
+            # CPU sums split across threads round differently for another thread count: an exact resume needs it
+            "cpu_threads": torch.get_num_threads(),
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                     "python": list(random.getstate()[1]),
                     **({"torch_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
@@ -321,6 +324,7 @@ class Trainer:
         self.epoch, self.step, self.best_ap = ckpt["epoch"], ckpt["step"], ckpt["best_ap"]
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
+        self._adopt_threads(ckpt.get("cpu_threads"), path)
         if hasattr(self.objective, "load_state_dict"):
             if self.world > 1 and (ckpt.get("objective_state") or {}).get("free_delta") is not None:
                 # the checkpoint holds rank 0's perturbation only: each rank starts its own afresh
@@ -329,6 +333,19 @@ class Trainer:
                 self.objective.load_state_dict(ckpt.get("objective_state") or {})
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} (step {self.step})")
         return None
+
+    def _adopt_threads(self, saved, path: str) -> None:
+        """A run on the CPU continues with the CPU thread count it was computed with (sums split across another
+        number of threads round differently, and the resumed weights would drift from the uninterrupted run's); the
+        count is restored when `fit` returns. Checkpoints written before the count was recorded are resumed as they
+        are."""
+        now = torch.get_num_threads()
+        if self.device.type != "cpu" or not saved or int(saved) == now:
+            return
+        self._threads_before = now
+        torch.set_num_threads(int(saved))
+        self.log(f"resume: {saved} CPU threads as the run of {path} was computed with (this process had {now}), so "
+                 f"the result is the uninterrupted run's")
 
     def _metrics(self, rec: dict):
         if not self.main:
@@ -497,6 +514,9 @@ class Trainer:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
+            if self._threads_before:
+                torch.set_num_threads(self._threads_before)  # a resume adopted the checkpoint's count for the run
+                self._threads_before = None
 
     def _fit(self, resume: Optional[str] = None) -> Optional[dict]:
         # nothing is written to the run folder before the run is accepted (a refused resume leaves it untouched)

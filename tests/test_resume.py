@@ -28,8 +28,10 @@ def reference(tmp_path_factory):
     return load_checkpoint(str(out / "last.pt"))["model"]
 
 
-def _start(out):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+def _start(out, threads=None):
+    # the interrupted run computes with the thread count of this process (the reference's) unless told otherwise:
+    # conftest gives each pytest-xdist worker one thread, and sums split across another count round differently
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or torch.get_num_threads()))
     return subprocess.Popen([sys.executable, "-m", "fa_train.cli", *ARGS, "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -85,4 +87,30 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     assert 4 <= ck["step"] < TOTAL_STEPS
     r = CliRunner().invoke(main, ARGS + ["--out", str(out), "--resume", str(out / "last.pt")])
     assert r.exit_code == 0, r.output
+    _assert_same(load_checkpoint(str(out / "last.pt"))["model"], reference)
+
+
+def test_resume_in_a_process_with_another_thread_count_continues_the_run_exactly(tmp_path):
+    """The run is computed with `other` CPU threads (its reference too); the resume happens in this process, which
+    has another count: it adopts the checkpoint's count for the run (and gives this process its own back)."""
+    now = torch.get_num_threads()
+    other = 1 if now > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        r = CliRunner().invoke(main, ARGS + ["--out", str(tmp_path / "ref")])
+    finally:
+        torch.set_num_threads(now)
+    assert r.exit_code == 0, r.output
+    reference = load_checkpoint(str(tmp_path / "ref" / "last.pt"))["model"]
+    out = tmp_path / "run"
+    proc = _start(out, threads=other)
+    _wait_for_step(proc, out, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    ck = load_checkpoint(str(out / "last.pt"))
+    assert ck["cpu_threads"] == other and 5 <= ck["step"] < TOTAL_STEPS
+    r = CliRunner().invoke(main, ARGS + ["--out", str(out), "--resume", str(out / "last.pt")])
+    assert r.exit_code == 0, r.output
+    assert f"resume: {other} CPU threads" in r.output
+    assert torch.get_num_threads() == now
     _assert_same(load_checkpoint(str(out / "last.pt"))["model"], reference)
