@@ -135,7 +135,10 @@ def _worker_avg(rank, world, port, q):
         mine = x[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
         (sync(mine) * w).pow(2).sum().backward()
         D.average_gradients(sync.parameters())
-        q.put((rank, mine.grad, sync[0].weight.grad, sync[0].running_mean, sync[0].running_var))
+        # numpy copies, not tensors: a tensor crosses the queue as a shared-memory handle that the receiver opens
+        # through this process, which may have exited by then (FileNotFoundError on a loaded machine)
+        q.put((rank, *(t.detach().numpy().copy() for t in (mine.grad, sync[0].weight.grad, sync[0].running_mean,
+                                                           sync[0].running_var))))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -151,7 +154,7 @@ def test_cpu_sync_batchnorm_and_gradient_averaging_match_one_batch():
     procs = [ctx.Process(target=_worker_avg, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict((r[0], r[1:]) for r in (q.get(timeout=120) for _ in procs))
+    got = dict((r[0], [torch.from_numpy(a) for a in r[1:]]) for r in (q.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
