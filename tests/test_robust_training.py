@@ -376,8 +376,8 @@ def test_study_dry_run_prints_the_whole_plan(tmp_path):
 
 
 def test_study_quick_end_to_end_and_resumable(tmp_path):
-    """One recipe with and without alignment at the smoke scale: trained, attacked by the suite, reported; a second
-    run finds every stage done."""
+    """One recipe with alignment at the smoke scale: trained, attacked by the suite, reported; a second run finds
+    every stage done (the plan of every recipe with and without alignment: the dry-run test above)."""
     (tmp_path / "tiny.yaml").write_text("model: {name: yolov3, width_mult: 0.125, depth_mult: 0.2}\n"
                                         "data: {spec: 'synth:60', img_size: 64, workers: 0}\n"
                                         "train: {optimizer: adamw, momentum: 0.9, batch_size: 4}\n")
@@ -385,15 +385,15 @@ def test_study_quick_end_to_end_and_resumable(tmp_path):
                                   "2", "--epochs", "1", "--eval-every", "0", "--quiet", "--out", str(tmp_path / "base")])
     assert r.exit_code == 0, r.output
     args = ["--base", str(tmp_path / "base" / "last.pt"), "--out", str(tmp_path / "s"), "--quick", "--config",
-            str(tmp_path / "tiny.yaml"), "--recipes", "free", "--methods", "at,fa"]
+            str(tmp_path / "tiny.yaml"), "--recipes", "free", "--methods", "fa"]
     r = _study(*args, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     study = json.loads((tmp_path / "s" / "study.json").read_text())
-    assert [row["model"] for row in study["rows"]] == ["free_at", "free_fa"]
+    assert [row["model"] for row in study["rows"]] == ["free_fa"]
     for row in study["rows"]:
         assert 0 <= row["worst@0.03"] <= 1 and 0 <= row["clean"] <= 1 and row["train_seconds"] > 0
         assert row["advAP@0.03"] is not None
     assert (tmp_path / "s" / "frontier.png").stat().st_size > 0
     assert "| free_fa |" in (tmp_path / "s" / "study.md").read_text()
     r = _study(*args, timeout=300)
-    assert r.returncode == 0 and r.stdout.count("done before") == 4, r.stdout
+    assert r.returncode == 0 and r.stdout.count("done before") == 2, r.stdout
