@@ -10,7 +10,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from fa_deploy.report.html import write_report
+from fa_deploy.report.pictures import visualize
+from fa_deploy.report.plots import drop_plot, sanity_plot, steps_plot, tradeoff_plot
+from fa_deploy.report.tables import markdown_table, write_json
+from fa_deploy.robustness.harness import distinct_names, DRIFT_TOLERANCE, DRIFT_TOLERANCE_BY_MODEL, gate, run_harness
+from fa_deploy.robustness.threats import file_hash, load_twins
+from fa_deploy.runtime.backends import BackendError, measure_latency, TorchBackend
 from fa_deploy.runtime.datasets import checkpoint_data, dataset_for
+from fa_deploy.runtime.loading import check_backend_source, load_backend
+from fa_deploy.runtime.metadata import sha256
 from fa_deploy.settings import BenchSettings
 
 
@@ -172,7 +181,6 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
 def network_latency(model, loader, device) -> Dict:
     """ms per image of the network alone (median and p90 after warm-up, on the first test batch), measured as the
     deployment harness measures every backend: not the data loading, not pycocotools."""
-    from fa_deploy.runtime.backends import TorchBackend, measure_latency
 
     images = next(iter(loader))[0].numpy()
     lat = measure_latency(TorchBackend(model, device=device), model.postprocess, images)
@@ -186,8 +194,6 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.checkpoint import check_classes, load_model
     from fa_train.engine import make_loader, resolve_device
 
-    from fa_deploy.report.plots import sanity_plot
-    from fa_deploy.report.tables import markdown_table, write_json
 
     if D.env_world_size() > 1:
         from fa_train.errors import SettingsError
@@ -257,11 +263,6 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import robustness_columns
 
-    from fa_deploy.robustness.harness import DRIFT_TOLERANCE, DRIFT_TOLERANCE_BY_MODEL, distinct_names, gate, run_harness
-    from fa_deploy.robustness.threats import file_hash, load_twins
-    from fa_deploy.runtime.backends import BackendError
-    from fa_deploy.runtime.loading import check_backend_source, load_backend
-    from fa_deploy.runtime.metadata import sha256
 
     if D.env_world_size() > 1:
         raise BackendError("--backend runs in one process (the exported models are not sharded); "
@@ -333,7 +334,6 @@ def check_backend_outputs(model, backends, paths, dataset, device) -> None:
     of another architecture, class count or a part of a split deployment is refused before the benchmark)."""
     import numpy as np
 
-    from fa_deploy.runtime.backends import BackendError, TorchBackend
 
     x = dataset[0][0][None].numpy().astype(np.float32)
     ref = TorchBackend(model, device=device).raw(x)
@@ -355,8 +355,6 @@ def check_backend_outputs(model, backends, paths, dataset, device) -> None:
 
 def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]:
     """The JSON, Markdown, pictures and report the settings ask for; returns the paths written."""
-    from fa_deploy.report.tables import markdown_table, write_json
-
     written = []
     gated = result.failures is not None
     if s.md_path:
@@ -379,7 +377,6 @@ def write_outputs(result: BenchResult, s: BenchSettings, log=print) -> List[str]
 def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str]:
     from fa_train.evaluation import attack_loss_keys
 
-    from fa_deploy.report.pictures import visualize
 
     ctx = result.context
     sources, backends, ds, dev = ctx["sources"], ctx["backends"], ctx["dataset"], ctx["device"]
@@ -394,8 +391,6 @@ def _pictures_and_report(result: BenchResult, s: BenchSettings, log) -> List[str
              f"truth; heat map: Grad-CAM of the aligned layer through the detection loss", p) for p in paths]
     if not s.report_dir:
         return paths
-    from fa_deploy.report.html import write_report
-    from fa_deploy.report.plots import drop_plot, steps_plot, tradeoff_plot
 
     rd = s.report_dir
     os.makedirs(rd, exist_ok=True)

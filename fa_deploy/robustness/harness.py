@@ -19,7 +19,8 @@ import torch
 
 from fa_train.evaluation import coco_evaluate, coco_ground_truth, detections_to_coco
 
-from fa_deploy.runtime.backends import Backend, TorchBackend, measure_latency
+from fa_deploy.robustness.threats import deployment_misses, Differential, worst_over_threats
+from fa_deploy.runtime.backends import Backend, measure_latency, TorchBackend
 
 
 CACHE_VERSION = 2  # bump when the attack code changes what a cached image would be
@@ -166,7 +167,6 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
 
-    from fa_deploy.robustness.threats import Differential, deployment_misses, worst_over_threats
 
     attack_names = parse_attacks(attack)
     none = attack_names == ("none",)

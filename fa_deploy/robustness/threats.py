@@ -28,6 +28,9 @@ from fa_train.adversarial.attacks import frozen_batchnorm
 
 from fa_deploy.settings import THREATS, parse_threats  # noqa: F401  (the flag's parser; re-exported)
 
+from fa_deploy.robustness.twin import load_twin, TwinError
+from fa_deploy.runtime.metadata import sha256
+from fa_deploy.runtime.pipeline import read_manifest
 
 
 class Differential(Objective):
@@ -86,10 +89,8 @@ def deployment_misses(targets: Sequence[dict], source_dets: Sequence[dict], depl
 def file_hash(path: str) -> str:
     """sha256 of a deployed file; for a pipeline manifest, of the manifest and every part it names (the cache key
     of images made on that deployment)."""
-    from fa_deploy.runtime.metadata import sha256
 
     if path.endswith(".pipeline.json"):
-        from fa_deploy.runtime.pipeline import read_manifest
 
         base = os.path.dirname(os.path.abspath(path))
         h = hashlib.sha256(sha256(path).encode())
@@ -130,7 +131,6 @@ def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.
     no twin can be built for, or whose twin does not match ONNX Runtime, is an error naming it (with the
     numbers): the threat is never run on a model that is not the deployed one. The log line says on how many
     images, and for int8 the measured per-layer disagreement."""
-    from fa_deploy.robustness.twin import TwinError, load_twin
 
     images = verification_images(verify_images.cpu(), eps)
     twins = []

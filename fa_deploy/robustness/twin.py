@@ -59,8 +59,12 @@ from torch import nn
 from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN, _Call  # _Call: a function as a module
 from fa_train.models.yolov3 import YoloConfig, YoloV3
 
-from fa_deploy.robustness.interpreter import FLOAT16, OnnxGraph
-from fa_deploy.runtime.backends import unshare_constants
+from fa_deploy.robustness.interpreter import _broadcast, FLOAT16, OnnxGraph
+from fa_deploy.runtime.backends import ENGINE_SUFFIXES, OrtBackend, unshare_constants
+from fa_deploy.runtime.loading import PIPELINE_SUFFIX
+from fa_deploy.runtime.metadata import onnx_metadata, read_sidecar
+from fa_deploy.runtime.pipeline import read_manifest
+
 
 # Polygraphy's convention with atol in units of the output's root mean square: an element fails when
 # |twin - ort| > atol * rms(ort) and > rtol * |ort| (float error scales with the magnitudes computed: trained
@@ -151,8 +155,6 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], na
 
 def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
     """ONNX Runtime's integers of a fake-quantized activation, dequantized with the twin's scale and zero point."""
-    from fa_deploy.robustness.interpreter import _broadcast
-
     s = graph.constant(st.inputs[1])
     z = graph.constant(st.inputs[2]) if len(st.inputs) > 2 and st.inputs[2] else None
     v = torch.from_numpy(np.asarray(q)).to(s.device, s.dtype)
@@ -163,8 +165,6 @@ def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
 
 
 def _activation_steps(graph: OnnxGraph, steps, record, force) -> Dict[str, dict]:
-    from fa_deploy.robustness.interpreter import _broadcast
-
     out = {}
     for st in steps:
         name = st.outputs[0]
@@ -306,10 +306,8 @@ def run_per_image(graph: OnnxGraph, feeds: Dict[str, torch.Tensor], names: Seque
     return [torch.cat([r[i] for r in runs]) for i in range(len(names))]
 
 
-
 class DeployedTwin:
     """What every twin adds to its model class: the part graphs, their files, and the verification gate."""
-
     graphs: nn.ModuleDict
     files: Dict[str, str]
     verification: Optional[Dict[str, dict]] = None
@@ -444,7 +442,6 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         """Each part against ONNX Runtime on the inputs the deployed pipeline gives it: the backbone on the
         transformed images, the RoI heads on the pooled RoI features of those images (computed with ONNX
         Runtime's backbone part and the glue, as `PipelineBackend` runs it)."""
-        from fa_deploy.runtime.backends import OrtBackend
 
         self.verification = None
         x = torch.as_tensor(np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images,
@@ -474,8 +471,6 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
 
 
 def _onnx_behind_engine(path: str) -> str:
-    from fa_deploy.runtime.metadata import read_sidecar
-
     side = read_sidecar(path) or {}
     onnx_path = side.get("onnx")
     if not onnx_path or not os.path.isfile(onnx_path):
@@ -491,14 +486,10 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
     before the twin will run."""
     from fa_train.models import create_model
 
-    from fa_deploy.runtime.backends import ENGINE_SUFFIXES
-    from fa_deploy.runtime.loading import PIPELINE_SUFFIX
-    from fa_deploy.runtime.metadata import onnx_metadata, read_sidecar
 
     if not os.path.isfile(path):
         raise TwinError(f"{path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):
-        from fa_deploy.runtime.pipeline import read_manifest
 
         info = read_manifest(path)
         base = os.path.dirname(os.path.abspath(path))

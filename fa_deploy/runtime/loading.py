@@ -8,6 +8,8 @@ from typing import List, Optional
 
 from fa_deploy.runtime.backends import Backend, BackendError, open_network
 from fa_deploy.runtime.metadata import ExportError, onnx_metadata
+from fa_deploy.runtime.pipeline import PipelineBackend
+
 
 PIPELINE_SUFFIX = ".pipeline.json"
 PART_FILE = re.compile(r"^(.+)\.(backbone|roi_heads)\.(onnx|engine|plan|trt)$")
@@ -19,7 +21,6 @@ def load_backend(path: str, providers: Optional[List[str]] = None, allow_cpu_fal
     if not os.path.isfile(path):
         raise BackendError(f"--backend {path}: file not found")
     if path.endswith(PIPELINE_SUFFIX):  # a detector deployed as several networks (fa_deploy/runtime/pipeline.py)
-        from fa_deploy.runtime.pipeline import PipelineBackend
 
         return PipelineBackend(path, providers, allow_cpu_fallback)
     m = PART_FILE.match(os.path.basename(path))
