@@ -108,7 +108,7 @@ def attack_title(s: BenchSettings, source: str = "") -> str:
     if "apgd" in names or "cwa" in names:
         parts.append(f"APGD {s.apgd_iterations} iterations x {s.restarts} restart{'s' * (s.restarts > 1)}")
     if len(names) > 1:
-        parts.append("worst = per-image largest-loss candidate")
+        parts.append("worst = the lower of the per-image largest-loss images' AP50 and every single attack's")
     return ", " + "; ".join(parts)
 
 
