@@ -198,7 +198,8 @@ def test_gate_catches_a_fragile_int8_that_the_transfer_gate_passes(overfit, expo
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "crushed.int8.onnx" in r.output
     failures = json.loads((tmp_path / "g.json").read_text())["gate"]["failures"]
-    assert failures and all("transfer" not in f for f in failures), failures
+    # each failure comes from an attack on the file (a column's worst may be shared with transfer: "whitebox/transfer")
+    assert failures and all("whitebox" in f or "differential" in f for f in failures), failures
     assert any("under the differential threat" in f or "under the whitebox threat" in f for f in failures)
 
 
