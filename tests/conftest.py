@@ -104,6 +104,17 @@ def frcnn_exported(tmp_path_factory):
     return Path(w), Path(out), output
 
 
+def checkpoint_images(weights, n, split):
+    """n images of a split of the checkpoint's data [n,3,64,64] (no augmentation) and their ground truth."""
+    from fa_deploy.runtime.datasets import dataset_for
+    from fa_train.checkpoint import load_model
+
+    _, ckpt = load_model(str(weights))
+    ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it[0] for it in items]), [it[1] for it in items]
+
+
 def make_targets(n, size=64):
     g = torch.Generator().manual_seed(1)
     out = []

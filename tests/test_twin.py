@@ -10,31 +10,25 @@ import pytest
 import torch
 
 from fa_deploy.robustness.interpreter import OnnxGraph
-from fa_deploy.robustness.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin, reference_session, verify_twin)
+from conftest import checkpoint_images
+from fa_deploy.robustness.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin,
+                                       reference_session, verify_twin)
 from fa_train.checkpoint import load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _data(weights, n, split):
-    """n images of a split of the checkpoint's data [n,3,64,64] (no augmentation) and their ground truth."""
-    from fa_deploy.runtime.datasets import dataset_for
-
-    _, ckpt = load_model(str(weights))
-    ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it[0] for it in items]), [it[1] for it in items]
 
 
 @pytest.fixture(scope="module")
 def yolo_data(overfit):
-    return _data(overfit, 2, "shapes:train")  # the overfit model's own two images: it detects them
+    return checkpoint_images(overfit, 2, "shapes:train")  # the overfit model's own two images: it detects them
 
 
 @pytest.fixture(scope="module")
 def frcnn(frcnn_exported):
     w, out, _ = frcnn_exported  # tests/conftest.py: shared with the deployment tests
-    return w, out, _data(w, 2, "shapes:test")
+    return w, out, checkpoint_images(w, 2, "shapes:test")
 
 
 def _loss(model, x, targets):

@@ -12,8 +12,7 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from conftest import train_tiny_frcnn
-from fa_deploy.cli import export_main
+from conftest import checkpoint_images
 from fa_deploy.robustness.interpreter import GraphError, OnnxGraph
 from fa_deploy.robustness.twin import TOLERANCES, compare, load_twin, reference_session, verify_twin
 from fa_train.checkpoint import load_model
@@ -21,30 +20,17 @@ from fa_train.checkpoint import load_model
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _data(weights, n, split):
-    from fa_deploy.runtime.datasets import dataset_for
-
-    _, ckpt = load_model(str(weights))
-    ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it[0] for it in items]), [it[1] for it in items]
 
 
 @pytest.fixture(scope="module")
-def frcnn_export(tmp_path_factory):
-    d = tmp_path_factory.mktemp("verdict-frcnn")
-    r = train_tiny_frcnn(d)
-    assert r.exit_code == 0, r.output
-    w = d / "run" / "last.pt"
-    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
-                                         "--calib-images", "4", "--verify-images", "2"])
-    assert r.exit_code == 0, r.output
-    return w, d / "run" / "export"
+def frcnn_export(frcnn_exported):
+    w, out, _ = frcnn_exported  # tests/conftest.py: the shared tiny Faster R-CNN and its pipelines
+    return w, out
 
 
 def _eight(weights, split):
     """8 images: 4 test images and the same 4 with uniform noise of 0.03 (the twin is used on attacked images)."""
-    x, _ = _data(weights, 4, split)
+    x, _ = checkpoint_images(weights, 4, split)
     g = torch.Generator().manual_seed(3)
     noisy = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * 0.03).clamp(0, 1)
     return torch.cat([x, noisy])
@@ -251,7 +237,7 @@ def test_the_gate_fails_a_file_that_computes_another_function(overfit, exported,
     # the independent reference: ONNX Runtime's outputs of the two files on the same images
     import onnxruntime as ort
 
-    x, _ = _data(overfit, 2, "shapes:train")
+    x, _ = checkpoint_images(overfit, 2, "shapes:train")
     ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
                 for p in (exported["fp32"], broken))
     rel = np.abs(got - ref).mean() / np.abs(ref).mean()
