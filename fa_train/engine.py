@@ -279,15 +279,11 @@ class Trainer:
 
     # -- weights
     def _load_init(self, path):
-        if path.endswith(".weights") or path.endswith(".conv.74"):
-            from .models.darknet import load_darknet_weights
+        """--init: Darknet weights, a fa-train checkpoint, or a state dict of one of the model's parts (a robust
+        ImageNet ResNet backbone, a Darknet-53 backbone, a torchvision Faster R-CNN): fa_train/initial_weights.py."""
+        from .initial_weights import load_init
 
-            n = load_darknet_weights(self.model, path)
-            self.log(f"init: {n} Darknet convolutions from {path}")
-        else:
-            ckpt = load_checkpoint(path)
-            load_into(self.model, ckpt, path)
-            self.log(f"init: weights from {path}")
+        load_init(self.model, path, self.log)
 
     def checkpoint(self) -> dict:
         return {

@@ -81,3 +81,17 @@ class Detector(nn.Module):
     def arch_config(self) -> dict:
         """What is needed to rebuild this model with create_model (stored in checkpoints)."""
         raise NotImplementedError
+
+    # -- initial weights (fa_train/initial_weights.py: --init)
+    def init_parts(self) -> list:
+        """The parts of the model a state dict given to --init can initialise, most specific first
+        (`initial_weights.InitPart`); a file is loaded into the one whose keys it holds exactly. Here: the whole
+        model in its own layout."""
+        from ..initial_weights import InitPart
+
+        return [InitPart("model", self, f"fa-train {self.model_name} weights (a state dict of the whole model)",
+                         "the whole model")]
+
+    def input_normalization(self) -> Tuple[List[float], List[float]]:
+        """(mean, std) per RGB channel the model normalises its [0, 1] input with."""
+        raise NotImplementedError

@@ -42,28 +42,26 @@ class WeightsFileError(FileNotFoundError):
     pass
 
 
-def _load_state(path: str, what: str, expected: str) -> dict:
+def _load_state(path: str, what: str, expected: str) -> None:
     if not os.path.isfile(path):
         raise WeightsFileError(f"{path}: {what} not found (nothing is downloaded: place torchvision's "
                                f"{expected} there, or leave the option unset)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return state
+
+
+def _body_part(body, name: str):
+    from ..initial_weights import InitPart
+
+    return InitPart("backbone", body, f"a torchvision {name} state dict (ResNet layout, ImageNet or robust ImageNet)",
+                    f"the {name} body (conv1 to layer4); the FPN, the RPN and the RoI heads keep their initialisation",
+                    file_extra=("fc.",))
 
 
 def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str]):
-    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN (layers 1-4 + max-pool)."""
+    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN (layers 1-4 + max-pool).
+    `weights_backbone`: a local torchvision ResNet state dict (read as --init reads one: prefixes stripped)."""
     if name not in BACKBONES:
         raise ValueError(f"backbone {name!r}: expected one of {BACKBONES}")
     resnet = torchvision.models.__dict__[name](weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
-    if weights_backbone:
-        missing, unexpected = resnet.load_state_dict(
-            _load_state(weights_backbone, f"ImageNet {name} weights", f"{name} ImageNet checkpoint (.pth)"),
-            strict=False)
-        if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ValueError(f"{weights_backbone}: not a torchvision {name} state dict "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     # which stages train, as torchvision's _resnet_fpn_extractor does
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
@@ -73,8 +71,14 @@ def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_
             p.requires_grad_(False)
     c = resnet.inplanes // 8  # layer1 channels (256 for ResNet-50, 64 for ResNet-18)
     in_channels = [c, c * 2, c * 4, c * 8]
-    return BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
-                           fpn_channels, extra_blocks=LastLevelMaxPool())
+    fpn = BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
+                          fpn_channels, extra_blocks=LastLevelMaxPool())
+    if weights_backbone:
+        from ..initial_weights import load_weights_file
+
+        _load_state(weights_backbone, f"ImageNet {name} weights", f"{name} ImageNet checkpoint (.pth)")
+        load_weights_file(None, weights_backbone, "model.weights_backbone", [_body_part(fpn.body, name)])
+    return fpn
 
 
 @contextlib.contextmanager
@@ -151,30 +155,42 @@ class FasterRCNNFPN(Detector):
         super().__init__(num_classes)
         self._arch = {"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
                       "max_size": max_size, "trainable_layers": trainable_layers}
-        body = build_backbone(backbone, trainable_layers, fpn_channels, weights_backbone)
+        body = build_backbone(backbone, trainable_layers, fpn_channels, None)
         self.detector = FasterRCNN(body, num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **frcnn_kw)
         self.mid_channels = body.body.layer4[-1].conv1.in_channels  # 2048 for ResNet-50
+        if weights_backbone:  # loaded here rather than in build_backbone: the messages name the model
+            from ..initial_weights import load_weights_file
+
+            _load_state(weights_backbone, f"ImageNet {backbone} weights", f"{backbone} ImageNet checkpoint (.pth)")
+            load_weights_file(self, weights_backbone, "model.weights_backbone", [self.init_parts()[0]])
         if weights:
             self.load_torchvision_detector(weights)
 
     def load_torchvision_detector(self, path: str) -> None:
         """A torchvision Faster R-CNN checkpoint (e.g. COCO); a different class count re-initialises only the
         box predictor."""
-        state = _load_state(path, "Faster R-CNN checkpoint", "fasterrcnn_resnet50_fpn COCO checkpoint (.pth)")
-        own = self.detector.state_dict()
-        skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if any(not k.startswith("roi_heads.box_predictor.") for k in skipped):
-            raise ValueError(f"{path}: shapes differ outside the box predictor: {skipped[:5]}")
-        state = {k: v for k, v in state.items() if k not in skipped}
-        missing, unexpected = self.detector.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("roi_heads.box_predictor.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: not a matching torchvision Faster R-CNN state dict "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        from ..initial_weights import load_weights_file
+
+        _load_state(path, "Faster R-CNN checkpoint", "fasterrcnn_resnet50_fpn COCO checkpoint (.pth)")
+        load_weights_file(self, path, "model.weights", [self.init_parts()[1]])
 
     def arch_config(self) -> dict:
         return {"name": self.model_name, "num_classes": self.num_classes, **self._arch}
+
+    def init_parts(self) -> list:
+        """--init state dicts: the ResNet body (torchvision's ResNet layout, the ImageNet classifier `fc` ignored),
+        a torchvision Faster R-CNN (another class count re-initialises the box predictor), or this wrapper."""
+        from ..initial_weights import InitPart
+
+        name = self._arch["backbone"]
+        return [_body_part(self.detector.backbone.body, name),
+                InitPart("detector", self.detector, f"a torchvision Faster R-CNN state dict ({name} FPN)",
+                         "the whole detector", reinit=("roi_heads.box_predictor.",)),
+                *super().init_parts()]
+
+    def input_normalization(self):
+        return list(self.detector.transform.image_mean), list(self.detector.transform.image_std)
 
     @staticmethod
     def _tv_targets(targets):

@@ -209,6 +209,16 @@ class YoloV3(Detector):
         return {"name": self.model_name, "num_classes": self.num_classes,
                 "width_mult": self.cfg.width_mult, "depth_mult": self.cfg.depth_mult}
 
+    def init_parts(self) -> list:
+        from ..initial_weights import InitPart
+
+        return [InitPart("backbone", self.backbone, "a Darknet-53 state dict in fa-train's layout (stem.*, stages.*)",
+                         "the Darknet-53 backbone; the neck and the YOLO heads keep their initialisation"),
+                *super().init_parts()]
+
+    def input_normalization(self):
+        return self.mean.flatten().tolist(), self.std.flatten().tolist()
+
     # -- forward pieces
     def _normalize(self, images):
         if images.dim() != 4 or images.shape[1] != 3:
