@@ -283,7 +283,7 @@ class Trainer:
         ImageNet ResNet backbone, a Darknet-53 backbone, a torchvision Faster R-CNN): fa_train/initial_weights.py."""
         from .initial_weights import load_init
 
-        load_init(self.model, path, self.log)
+        load_init(self.model, path, self.log, class_names=self.train_set.class_names)
 
     def checkpoint(self) -> dict:
         return {

@@ -54,8 +54,9 @@ class InitReport:
     notes: List[str] = field(default_factory=list)
 
 
-def load_init(model, path: str, log: Callable[[str], None] = print) -> InitReport:
-    """Load the --init file `path` into `model`, log what was loaded (which part, how many tensors) and return it."""
+def load_init(model, path: str, log: Callable[[str], None] = print, class_names=None) -> InitReport:
+    """Load the --init file `path` into `model`, log what was loaded (which part, how many tensors) and return it.
+    `class_names`: the run's classes (a fa-train checkpoint trained for others is noted in the log)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InitError(f"--init {path}: initial weights file not found")
@@ -64,7 +65,7 @@ def load_init(model, path: str, log: Callable[[str], None] = print) -> InitRepor
     else:
         obj = read_weights(path, "--init")
         if isinstance(obj, dict) and "arch" in obj and isinstance(obj.get("model"), dict):
-            report = _load_checkpoint(model, obj, path)
+            report = _load_checkpoint(model, obj, path, class_names)
         else:
             state, how = state_dict_of(obj, path)
             report = load_state_into_part(model, state, path, how)
@@ -193,19 +194,27 @@ def _load_darknet(model, path: str) -> InitReport:
     return InitReport("darknet", tensors, f"Darknet weights from {path}: {part}, {tensors} tensors")
 
 
-def _load_checkpoint(model, ckpt: dict, path: str) -> InitReport:
-    from .checkpoint import CheckpointError, load_into
+def _load_checkpoint(model, ckpt: dict, path: str, class_names=None) -> InitReport:
+    from .checkpoint import CheckpointError, arch_differences, load_into
 
     theirs = (ckpt.get("arch") or {}).get("name")
     if theirs != model.model_name:
         raise InitError(f"--init {path}: checkpoint is for another model: a fa-train {theirs} checkpoint cannot "
                         f"initialise {model.model_name}; --init takes {_expected(model)}")
+    diffs = arch_differences(model.arch_config(), ckpt["arch"])
+    if diffs:
+        raise InitError(f"--init {path}: checkpoint is for another model: {'; '.join(diffs)}")
     try:
         load_into(model, ckpt, path)
     except CheckpointError as e:
-        raise InitError(f"--init {e}") from None
+        raise InitError(f"--init {' '.join(str(e).split())}") from None
     n = len(ckpt["model"])
-    return InitReport("checkpoint", n, f"fa-train checkpoint {path}: the whole model, {n} tensors")
+    notes = []
+    theirs = ckpt.get("class_names")
+    if class_names is not None and theirs is not None and list(theirs) != list(class_names):
+        notes.append(f"{path} was trained for the classes {list(theirs)}, this run's data has {list(class_names)}: "
+                     f"its class outputs start from the checkpoint's order")
+    return InitReport("checkpoint", n, f"fa-train checkpoint {path}: the whole model, {n} tensors", notes)
 
 
 def _expected(model) -> str:

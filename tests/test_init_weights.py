@@ -255,6 +255,11 @@ def test_yolo_refuses_other_files_clearly(tmp_path, source_yolo, resnet18_state)
     frcnn = _frcnn()
     torch.save({"model": frcnn.state_dict(), "arch": frcnn.arch_config()}, tmp_path / "frcnn.pt")
     _one_line_refusal(model, tmp_path / "frcnn.pt", "checkpoint is for another model", "fasterrcnn_resnet50_fpn")
+    # a fa-train YOLOv3 checkpoint of another width: the differences in one line
+    wide = _yolo(width_mult=0.25)
+    torch.save({"model": wide.state_dict(), "arch": wide.arch_config()}, tmp_path / "wide_ckpt.pt")
+    _one_line_refusal(model, tmp_path / "wide_ckpt.pt", "checkpoint is for another model: width_mult: model has "
+                      "0.125, checkpoint has 0.25")
     # an exported model
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
     _one_line_refusal(model, tmp_path / "m.onnx", "exported model")
@@ -317,3 +322,15 @@ def test_two_stage_recipe_adversarial_base_then_robust_fine_tuning(tmp_path):
     # the fine-tuning trained adversarially against the teacher (the initial weights): both alignment terms logged
     rec = [__import__("json").loads(l) for l in open(fine / "metrics.jsonl")]
     assert {"train/ssfa", "train/kdfa", "train/adv"} <= set(rec[-1])
+
+
+def test_checkpoint_init_notes_other_class_names(tmp_path, source_yolo):
+    torch.save({"model": source_yolo.state_dict(), "arch": source_yolo.arch_config(),
+                "class_names": ["a", "b", "c", "d"]}, tmp_path / "ck.pt")
+    model, logs = _yolo(), []
+    load_init(model, str(tmp_path / "ck.pt"), logs.append, class_names=["circle", "square", "triangle", "star"])
+    assert any("note" in m and "['a', 'b', 'c', 'd']" in m and "'circle'" in m for m in logs), logs
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source_yolo.state_dict().items())
+    logs.clear()
+    load_init(_yolo(), str(tmp_path / "ck.pt"), logs.append, class_names=["a", "b", "c", "d"])
+    assert len(logs) == 1 and "the whole model" in logs[0]

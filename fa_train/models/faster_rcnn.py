@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
@@ -163,7 +164,9 @@ class FasterRCNNFPN(Detector):
             from ..initial_weights import load_weights_file
 
             _load_state(weights_backbone, f"ImageNet {backbone} weights", f"{backbone} ImageNet checkpoint (.pth)")
-            load_weights_file(self, weights_backbone, "model.weights_backbone", [self.init_parts()[0]])
+            report = load_weights_file(self, weights_backbone, "model.weights_backbone", [self.init_parts()[0]])
+            for note in report.notes:  # no log here: a warning, never silent
+                warnings.warn(f"model.weights_backbone: {note}", stacklevel=2)
         if weights:
             self.load_torchvision_detector(weights)
 
