@@ -47,7 +47,10 @@ def _d(key: str, shown=None) -> str:
 @click.option("--device", help="auto | cpu | cuda | cuda:N " + _d("device"))
 @click.option("--out", help="run folder (config.yaml, last.pt, best.pt, metrics.jsonl, eval.json); "
               "default runs/exp, or with --resume the checkpoint's folder")
-@click.option("--init", help="initial weights: Darknet .weights / darknet53.conv.74, or a fa-train checkpoint")
+@click.option("--init", help="initial weights: a fa-train checkpoint of the same model; YOLOv3: Darknet .weights / "
+              "darknet53.conv.74 or a Darknet-53 state dict; Faster R-CNN: a (robust) ImageNet ResNet state dict in "
+              "torchvision's layout (module./model. prefixes and robustness-library checkpoints accepted) or a "
+              "torchvision Faster R-CNN state dict")
 @click.option("--resume", type=click.Path(dir_okay=False),
               help="continue a run from its last.pt, with the configuration stored in it; only the flags given "
                    "(and a --config preset) change it, and only where the run stays the same (--epochs, --device, ...)")
