@@ -95,6 +95,18 @@ def test_frcnn_resnet_backbone_in_each_published_layout(tmp_path, resnet18_state
     assert "FPN" in logs[0] and str(path) in logs[0]
 
 
+def test_frcnn_resnet_backbone_from_plain_safetensors(tmp_path, resnet18_state):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in _prefixed(resnet18_state, "module.").items()}
+    save_file(state, str(tmp_path / "r.safetensors"))
+    model = _frcnn()
+    report = load_init(model, str(tmp_path / "r.safetensors"), lambda m: None)
+    assert report.kind == "backbone"
+    assert torch.equal(model.detector.backbone.body.layer2[0].downsample[1].running_var,
+                       resnet18_state["layer2.0.downsample.1.running_var"])
+
+
 def test_robustness_normalizer_other_than_imagenet_is_noted(tmp_path, resnet18_state):
     path = tmp_path / "cifar_norm.pt"
     torch.save(_robustness_layout(resnet18_state, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)), path)
@@ -250,7 +262,8 @@ def test_yolo_refuses_other_files_clearly(tmp_path, source_yolo, resnet18_state)
     _one_line_refusal(model, tmp_path / "r18.pth", "torchvision ResNet", "Darknet-53 state dict")
     # Darknet-53 of another width: the shapes are named
     torch.save(_yolo(width_mult=0.25).backbone.state_dict(), tmp_path / "wide.pt")
-    _one_line_refusal(model, tmp_path / "wide.pt", "shapes differ", "stages.0.down.conv.weight (16, 8, 3, 3) vs (8, 8, 3, 3)")
+    _one_line_refusal(model, tmp_path / "wide.pt", "shapes differ",
+                      "stages.0.down.conv.weight (16, 8, 3, 3) vs (8, 8, 3, 3)")
     # a Faster R-CNN checkpoint of fa-train
     frcnn = _frcnn()
     torch.save({"model": frcnn.state_dict(), "arch": frcnn.arch_config()}, tmp_path / "frcnn.pt")
