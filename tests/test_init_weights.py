@@ -314,11 +314,12 @@ def test_two_stage_recipe_adversarial_base_then_robust_fine_tuning(tmp_path):
     from fa_train.cli import main
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = TINY + ["--max-images", "4", "--max-test-images", "2"]  # one step per run
     base = tmp_path / "base"
-    r = CliRunner().invoke(main, TINY + ["--epochs", "1", "--method", "at", "--lr", "0.001", "--out", str(base)])
+    r = CliRunner().invoke(main, small + ["--epochs", "1", "--method", "at", "--lr", "0.001", "--out", str(base)])
     assert r.exit_code == 0, r.output
     fine = tmp_path / "fa"
-    r = CliRunner().invoke(main, ["--config", os.path.join(root, "configs", "demo_robust.yaml"), *TINY, "--epochs",
+    r = CliRunner().invoke(main, ["--config", os.path.join(root, "configs", "demo_robust.yaml"), *small, "--epochs",
                                   "1", "--init", str(base / "last.pt"), "--method", "fa", "--lr", "0",
                                   "--out", str(fine)])
     assert r.exit_code == 0, r.output
@@ -327,7 +328,7 @@ def test_two_stage_recipe_adversarial_base_then_robust_fine_tuning(tmp_path):
     m = ck["config"]["method"]
     assert (m["name"], m["pgd_steps"], m["train_eps"], m["objective"], m["random_start"]) == ("fa", 3, 0.03, "mix",
                                                                                              True)
-    assert ck["config"]["train"]["init"] == str(base / "last.pt") and ck["step"] == 2
+    assert ck["config"]["train"]["init"] == str(base / "last.pt") and ck["step"] == 1
     base_ck = torch.load(base / "last.pt", map_location="cpu", weights_only=True)
     params = {n for n, _ in _yolo().named_parameters()}
     for k in params:
