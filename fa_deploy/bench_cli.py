@@ -40,7 +40,11 @@ def _numbers(value: str, kind):
 @click.option("--tog-score", type=float, default=0.5,
               help="score from which a detection counts as confident: the clean detections TOG-mislabel and "
                    "TOG-untargeted aim at, and the TOG effect counts")
-@click.option("--attack-seed", type=int, default=0, help="seed of the random starts (each image draws its own)")
+@click.option("--attack-seed", type=int, default=0,
+              help="seed of the random starts (each image and each attack draws its own)")
+@click.option("--attack-padding", is_flag=True,
+              help="let the attacks change the letterbox padding too (by default it stays clean: an attacker "
+                   "perturbs the image, not the padding the pipeline adds; the paper's code attacks the whole input)")
 @click.option("--sanity", "sanity_dir", type=click.Path(file_okay=False),
               help="gradient-masking checks (Carlini et al. 2019) on each checkpoint: verdict table and AP50 curves "
                    "over eps and steps written to DIR; exit 1 when a check fails")

@@ -94,6 +94,7 @@ class BenchSettings:
     restarts: int = 1
     tog_score: float = 0.5
     attack_seed: int = 0
+    attack_padding: bool = False  # attack the letterbox padding too (the paper's protocol attacks the whole input)
     sanity_dir: Optional[str] = None
     transfer_from: Optional[str] = None
     sanity_eps: Tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import distributed as D
-from .data.transforms import unletterbox_boxes
+from .data.transforms import content_mask, unletterbox_boxes
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -154,7 +154,8 @@ def _with_worst(names, worst):
 
 def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, attack="pgd",
                progress: bool = True, postprocess_kw: Optional[dict] = None, log=None, apgd_iterations: int = 20,
-               restarts: int = 1, tog_score: float = 0.5, seed: int = 0, worst: Optional[bool] = None) -> Dict:
+               restarts: int = 1, tog_score: float = 0.5, seed: int = 0, worst: Optional[bool] = None,
+               attack_padding: bool = False) -> Dict:
     """AP50 under attacks. `attack`: one name, a comma-separated list or a sequence of names, "suite" for the
     paper's PGD rows + apgd + the TOG attacks + cwa (fa_train/adversarial/suite.py).
 
@@ -166,7 +167,8 @@ def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, atta
 
     Every attack maximises each image's own loss, its random starts seeded by the image id: results do not
     depend on the batch size. Each batch's adversarial images are made and evaluated before the next batch, so
-    memory stays flat.
+    memory stays flat. The letterbox padding the data pipeline adds stays clean (an attacker perturbs the image,
+    not the pipeline's padding) unless `attack_padding`.
     """
     from tqdm import tqdm
 
@@ -195,7 +197,9 @@ def robustness(model, loader, device, eps: float = 0.03, steps=PAPER_STEPS, atta
         results["clean"] += detections_to_coco(clean, metas, dataset.label_to_cat_id)
         wc = WorstCase(len(images)) if with_worst else None
         worst_dets = [None] * len(images)
-        for col, adv, loss in candidates(model, images, targets, plan, image_keys=keys, need_losses=with_worst):
+        mask = None if attack_padding else content_mask(metas, images.shape[-1], device)
+        for col, adv, loss in candidates(model, images, targets, plan, image_keys=keys, need_losses=with_worst,
+                                         mask=mask):
             bar.set_postfix(attack=col.column, img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")
             with torch.inference_mode():
                 dets = model.predict(adv, **pk)

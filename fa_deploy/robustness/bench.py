@@ -161,7 +161,7 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
         else:
             res = robustness(model, loader, dev, eps=s.eps, steps=s.steps, attack=s.attacks, progress=not quiet,
                              apgd_iterations=s.apgd_iterations, restarts=s.restarts, tog_score=s.tog_score,
-                             seed=s.attack_seed)
+                             seed=s.attack_seed, attack_padding=s.attack_padding)
             row = {"model": name, "method": method, **res["row"]}
             details.append({"weights": w, "name": name, **res})
         rows.append(row)
@@ -295,7 +295,8 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     res = run_harness(model, loaded, loader, dev, s.eps, s.steps, s.attacks, s.cache_dir, wsha,
                       progress=not s.quiet, source_path=weights, apgd_iterations=s.apgd_iterations,
                       restarts=s.restarts, tog_score=s.tog_score, seed=s.attack_seed, threats=threats, twins=twins,
-                      backend_hashes=hashes, diff_weight=s.diff_weight, detect_score=s.detect_score)
+                      backend_hashes=hashes, diff_weight=s.diff_weight, detect_score=s.detect_score,
+                      attack_padding=s.attack_padding)
     none = s.attacks == ("none",)
     ap_cols = ["clean"] + ([] if none else robustness_columns(s.attacks, s.steps))
     drops = [k for k in res["rows"][0] if k.startswith("drop_")]

@@ -23,7 +23,7 @@ from fa_deploy.robustness.threats import deployment_misses, Differential, worst_
 from fa_deploy.runtime.backends import Backend, measure_latency, TorchBackend
 
 
-CACHE_VERSION = 2  # bump when the attack code changes what a cached image would be
+CACHE_VERSION = 3  # 3: letterbox padding left clean, random starts seeded per attack; bump when the attack code changes what a cached image would be
 
 
 def distinct_names(paths: Sequence[str]) -> List[str]:
@@ -86,14 +86,17 @@ def _column_cache_id(col) -> tuple:
 
 
 def _adversarial_inputs(attacker, plan, clean, targets, keys, cache_dir, cache_id, weights_sha, dataset, eps, bar,
-                        with_losses: bool, wrap=None):
+                        with_losses: bool, wrap=None, mask=None):
     """Per column of the attack plan, the batch's adversarial images made on `attacker` (the source, or a
     deployed file's twin), from `cache_dir` when there, and for the worst case each image's ground-truth loss on
     the attacker. `wrap` turns the column's objective into the threat's (the differential one); `cache_id` names
-    the threat and the deployed file's hash in the cache key."""
+    the threat and the deployed file's hash in the cache key; `mask` the pixels an attack may change (None: all,
+    `--attack-padding`; named in the cache key)."""
     from fa_train.adversarial.suite import ColumnRunner, ground_truth_losses
 
-    runner = ColumnRunner(attacker, clean, targets, keys)  # PGD-1/3/5/10 share their first gradient
+    runner = ColumnRunner(attacker, clean, targets, keys, mask)
+    if mask is None:
+        cache_id += "|padding"  # PGD-1/3/5/10 share their first gradient
     inputs, losses = {}, {}
     for col in plan:
         attack_id, k = _column_cache_id(col)
@@ -156,14 +159,17 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
                 latency_iters: int = 10, source_path: Optional[str] = None, apgd_iterations: int = 20,
                 restarts: int = 1, tog_score: float = 0.5, seed: int = 0, threats: Sequence[str] = ("transfer",),
                 twins: Optional[Sequence] = None, backend_hashes: Optional[Sequence[str]] = None,
-                diff_weight: float = 1.0, detect_score: float = 0.25) -> Dict:
+                diff_weight: float = 1.0, detect_score: float = 0.25, attack_padding: bool = False) -> Dict:
     """`attack`: any of fa-bench's attacks or a list of them (fa_train/adversarial/suite.py); with more than one,
     a "worst" column: per image the candidate with the largest ground-truth loss on the model the attack ran on.
     `threats` (fa_deploy/robustness/threats.py): transfer (images from the source, the same for every backend), whitebox and
     differential (images from each backend's verified twin in `twins`, evaluated on that backend). One row per
     backend and threat, and with several threats a "worst" row per backend: each AP50 column's minimum and each
-    miss fraction's maximum over its threats, its advAP / acAP / drops computed from those columns."""
+    miss fraction's maximum over its threats, its advAP / acAP / drops computed from those columns. The attacks
+    leave the letterbox padding clean unless `attack_padding`."""
     from tqdm import tqdm
+
+    from fa_train.data.transforms import content_mask
 
     from fa_train.adversarial.suite import PAPER_ROW_ATTACKS, AttackSettings, attack_plan, parse_attacks, worst_row
 
@@ -237,12 +243,13 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
         targets_d = [{k: v.to(device) for k, v in t.items()} for t in targets]
         ids = [m["image_id"] for m in metas]
         clean = images.to(device)
+        mask = None if attack_padding else content_mask(metas, images.shape[-1], device)
         # clean images: the same for every threat
         score({"clean": clean}, None, targets, metas, everyone, None, True)
         if not none:
             # the source's own attack: the source's adversarial AP (white-box for it) and the transfer threat
             adv, losses = _adversarial_inputs(model, plan, clean, targets_d, ids, cache_dir, "transfer", weights_sha,
-                                              dataset, eps, bar, with_worst)
+                                              dataset, eps, bar, with_worst, mask=mask)
             score(adv, losses, targets, metas, everyone if "transfer" in threats else [], "transfer", True)
             for i in everyone:
                 for threat in attacked:
@@ -251,7 +258,7 @@ def run_harness(model, backends: Sequence[Backend], loader, device, eps: float =
                     cache_id = f"{threat}|{hashes[i]}" + (f"|w{diff_weight!r}|s{detect_score!r}"
                                                           if threat == "differential" else "")
                     adv, losses = _adversarial_inputs(twins[i], plans[i], clean, targets_d, ids, cache_dir, cache_id,
-                                                      weights_sha, dataset, eps, bar, with_worst, wrap)
+                                                      weights_sha, dataset, eps, bar, with_worst, wrap, mask)
                     score(adv, losses, targets, metas, [i], threat, False)
         n_img += len(images)
         bar.set_postfix(img_s=f"{n_img / max(time.time() - t0, 1e-9):.2f}")

@@ -304,7 +304,10 @@ def _run_predict(s: PredictSettings, log: Callable[[str], None]) -> Dict:
             targets = [{"boxes": d["boxes"].float(), "labels": d["labels"].long(),
                         "ignore": torch.zeros(len(d["labels"]), dtype=torch.bool, device=d["boxes"].device)}
                        for d in pseudo]
-            adv = pgd_attack(src, x.to(attacker.device), targets, eps=s.eps, steps=s.steps, step_size=s.eps / s.steps)
+            from fa_train.data.transforms import content_mask
+
+            adv = pgd_attack(src, x.to(attacker.device), targets, eps=s.eps, steps=s.steps, step_size=s.eps / s.steps,
+                             mask=content_mask(metas, x.shape[-1], attacker.device))
             adv_dets = det_model.detect(adv.detach().cpu(), metas, s.conf)
         for j, (f, d, meta, orig) in enumerate(zip(chunk, dets, metas, originals)):
             image_id = i + j + 1

@@ -83,6 +83,20 @@ class Budget:
                              f"restarts ({self.restarts}) >= 1")
 
 
+#: relative margin by which a loss must exceed another to count as larger in every decision an attack or the worst
+#: case takes (APGD's "did the loss increase", "is this the best point", the best restart, the worst-case
+#: candidate). float32 forwards of a batch and of one image differ by about 1e-7 relative (another summation order),
+#: and a strict '>' turned that last bit into another step-size schedule; differences below this margin are ties,
+#: resolved towards the earlier point, so they no longer depend on --batch-size.
+TIE_MARGIN = 1e-5
+
+
+def clearly_greater(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a > b by more than TIE_MARGIN relative (absolute below magnitude 1); -inf in b is always beaten."""
+    margin = torch.where(torch.isfinite(b), TIE_MARGIN * b.abs().clamp_min(1.0), torch.zeros_like(b))
+    return a > b + margin
+
+
 def _image_seed(seed: int, key, restart: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}|{restart}".encode()).digest()[:7], "little")
 
@@ -172,8 +186,8 @@ class APGDStep:
             st["x_best"], st["f_best"], st["g_best"] = x.clone(), f.clone(), grad.clone()
             st["f_best_last"] = f.clone()
         else:
-            st["n_up"] += (f > st["f_prev"]).long()
-            better = f > st["f_best"]
+            st["n_up"] += clearly_greater(f, st["f_prev"]).long()
+            better = clearly_greater(f, st["f_best"])
             m = self._rows(better, x)
             st["x_best"] = torch.where(m, x, st["x_best"])
             st["g_best"] = torch.where(m, grad, st["g_best"])
@@ -207,7 +221,7 @@ class APGDStep:
         if st["f_best"] is None:  # no iteration ran
             return x, evaluate(x).detach().to(torch.float64).cpu()
         f = evaluate(x).detach().to(torch.float64).cpu()
-        better = f > st["f_best"]
+        better = clearly_greater(f, st["f_best"])
         x_best = torch.where(self._rows(better, x), x, st["x_best"])
         f_best = torch.where(better, f, st["f_best"])
         if st["trace"] is not None:
@@ -262,14 +276,21 @@ def clean_gradient(model, objective, images: torch.Tensor, targets=None):
             return ctx, _value_and_grad(objective, model, x, ctx)[1]
 
 
+def _masked(x: torch.Tensor, x_clean: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if mask is None else torch.where(mask, x, x_clean)
+
+
 def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, targets=None,
                image_keys: Optional[Sequence] = None, first_grad: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None, ctx=None) -> AttackResult:
+               generator: Optional[torch.Generator] = None, ctx=None,
+               mask: Optional[torch.Tensor] = None) -> AttackResult:
     """Maximise `objective` from `images` within `budget` with `rule`. Restarts run as one batch of N x R images;
     per image the restart with the highest objective value is kept. `image_keys` (e.g. dataset image ids) seed each
     image's random starts (default: the position in the batch). `first_grad`: the first iteration's input gradient,
     already computed by the caller (training's gradient reuse); `ctx`: `objective.prepare`'s context for `images`,
-    when the caller has it (`clean_gradient` returns both). `images` is not modified."""
+    when the caller has it (`clean_gradient` returns both). `mask` ([N, 1, H, W] bool, e.g.
+    `data.transforms.content_mask`): the pixels the attacker may change; every other pixel stays clean at every
+    iterate (the letterbox padding the pipeline adds). `images` is not modified."""
     n = images.shape[0]
     x_clean = images.detach()
     keys = list(range(n)) if image_keys is None else list(image_keys)
@@ -284,7 +305,9 @@ def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, tar
             x_clean = x_clean.repeat(r, 1, 1, 1)
             ctx = objective.repeat(ctx, r)
         restart_of = [i // n for i in range(n * r)]
-        x = start_points(x_clean, budget, keys * r, restart_of, generator)
+        if mask is not None:
+            mask = mask.to(x_clean.device).bool().repeat(r, 1, 1, 1)
+        x = _masked(start_points(x_clean, budget, keys * r, restart_of, generator), x_clean, mask)
         st = rule.start(x, x_clean, budget)
         with torch.enable_grad():  # callers may be under no_grad
             for t in range(budget.iterations):
@@ -292,7 +315,7 @@ def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, tar
                     values, grad = None, first_grad
                 else:
                     values, grad = _value_and_grad(objective, model, x, ctx)
-                x = rule.update(st, t, x, values, grad)
+                x = _masked(rule.update(st, t, x, values, grad), x_clean, mask)
 
         def evaluate(xx):
             with torch.no_grad():
@@ -302,10 +325,22 @@ def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, tar
         if r > 1:
             if values is None:
                 values = evaluate(x).detach().to(torch.float64).cpu()
-            best = values.view(r, n).argmax(0)
+            best = best_restart(values.view(r, n))
             rows = best * n + torch.arange(n)
             x, values = x[rows.to(x.device)], values[rows]
     return AttackResult(x, values, st.get("trace"))
+
+
+def best_restart(values: torch.Tensor) -> torch.Tensor:
+    """[R, N] objective values -> [N] index of each image's best restart: the earliest one that no later restart
+    beats by more than the tie margin (`clearly_greater`)."""
+    best = torch.zeros(values.shape[1], dtype=torch.long)
+    top = values[0].clone()
+    for r in range(1, values.shape[0]):
+        better = clearly_greater(values[r], top)
+        best = torch.where(better, torch.full_like(best, r), best)
+        top = torch.where(better, values[r], top)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- named attacks
@@ -314,19 +349,20 @@ def run_attack(model, objective, rule, budget: Budget, images: torch.Tensor, tar
 def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, step_size: Optional[float] = None,
                random_start: bool = False, generator: Optional[torch.Generator] = None,
                loss_keys: Optional[Sequence[str]] = None, first_grad: Optional[torch.Tensor] = None,
-               per_image: bool = False, image_keys: Optional[Sequence] = None) -> torch.Tensor:
+               per_image: bool = False, image_keys: Optional[Sequence] = None,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PGD-k against the detection loss on ground truth (or only the `loss_keys` terms: one TOD domain).
     `step_size` defaults to eps / steps (the paper's evaluation protocol). `per_image=True` maximises the sum of
     each image's own loss (evaluation: independent of the batch); False, the batch's loss (training).
-    `first_grad`: the first iteration's input gradient from the caller (gradient reuse in training).
-    Returns new adversarial images; `images` is not modified."""
+    `first_grad`: the first iteration's input gradient from the caller (gradient reuse in training); `mask`: the
+    pixels it may change (`run_attack`). Returns new adversarial images; `images` is not modified."""
     from .attack_objectives import DetectionLoss
 
     if steps < 0 or eps < 0:
         raise ValueError(f"pgd_attack: steps ({steps}) and eps ({eps}) must be >= 0")
     budget = Budget(eps, steps, random_start=random_start)
     return run_attack(model, DetectionLoss(loss_keys, per_image), SignStep(step_size), budget, images, targets,
-                      image_keys=image_keys, first_grad=first_grad, generator=generator).images
+                      image_keys=image_keys, first_grad=first_grad, generator=generator, mask=mask).images
 
 
 def apgd_attack(model, images, targets, eps: float, iterations: int = 20, restarts: int = 1, seed: int = 0,

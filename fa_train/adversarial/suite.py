@@ -11,6 +11,7 @@ suite, the per-image worst case over attacks, and what TOG's attacks do to the d
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,8 +19,8 @@ import torch
 
 from .attack_objectives import (ClassWise, DetectionLoss, TogFabrication, TogMislabel, TogUntargeted,
                                 TogVanishing)
-from .attacks import (APGDStep, AttackResult, Budget, SignStep, clean_gradient, frozen_batchnorm, per_image_losses,
-                      run_attack)
+from .attacks import (APGDStep, AttackResult, Budget, SignStep, clean_gradient, clearly_greater, frozen_batchnorm,
+                      per_image_losses, run_attack)
 
 PAPER_ROW_ATTACKS = ("pgd", "cls", "loc")
 TOG_ATTACKS = ("tog-vanishing", "tog-fabrication", "tog-mislabel", "tog-untargeted")
@@ -84,6 +85,12 @@ class Column:
         return p
 
 
+def attack_seed(seed: int, attack: str) -> int:
+    """The random-start seed of one attack: every attack of the suite starts each image from its own draw (the
+    worst case over attacks draws on as many starts as there are randomly started attacks)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{attack}".encode()).digest()[:6], "little")
+
+
 def attack_plan(model, names: Sequence[str], s: AttackSettings) -> List[Column]:
     cols = []
     for name in names:
@@ -93,16 +100,19 @@ def attack_plan(model, names: Sequence[str], s: AttackSettings) -> List[Column]:
                 cols.append(Column(f"PGD-{k}", name, DetectionLoss(keys), SignStep(s.eps / k), Budget(s.eps, k)))
         elif name == "apgd":
             cols.append(Column("apgd", name, DetectionLoss(), APGDStep(),
-                               Budget(s.eps, s.apgd_iterations, s.restarts, random_start=True, seed=s.seed),
+                               Budget(s.eps, s.apgd_iterations, s.restarts, random_start=True,
+                                      seed=attack_seed(s.seed, name)),
                                ground_truth_values=True))
         elif name == "cwa":
             cols.append(Column("cwa", name, ClassWise(), APGDStep(),
-                               Budget(s.eps, s.apgd_iterations, 1, random_start=True, seed=s.seed)))
+                               Budget(s.eps, s.apgd_iterations, 1, random_start=True,
+                                      seed=attack_seed(s.seed, name))))
         else:
             obj = {"tog-vanishing": TogVanishing(), "tog-fabrication": TogFabrication(),
                    "tog-mislabel": TogMislabel(s.tog_score), "tog-untargeted": TogUntargeted(s.tog_score)}[name]
             cols.append(Column(name, name, obj, SignStep(TOG_STEP_FRACTION * s.eps),
-                               Budget(s.eps, TOG_ITERATIONS, 1, random_start=True, seed=s.seed)))
+                               Budget(s.eps, TOG_ITERATIONS, 1, random_start=True,
+                                      seed=attack_seed(s.seed, name))))
     return cols
 
 
@@ -128,8 +138,8 @@ class ColumnRunner:
     19, with the very same images (tested). `run(col, objective)` may replace the column's objective (the harness's
     differential threat wraps it); one runner serves one model and one way of wrapping."""
 
-    def __init__(self, model, images: torch.Tensor, targets, image_keys=None):
-        self.model, self.images, self.targets, self.image_keys = model, images, targets, image_keys
+    def __init__(self, model, images: torch.Tensor, targets, image_keys=None, mask=None):
+        self.model, self.images, self.targets, self.image_keys, self.mask = model, images, targets, image_keys, mask
         self._start: Dict[str, tuple] = {}  # shared_start key -> (prepared context, clean gradient)
 
     def run(self, col: Column, objective=None) -> AttackResult:
@@ -140,13 +150,14 @@ class ColumnRunner:
                 self._start[key] = clean_gradient(self.model, objective, self.images, self.targets)
             ctx, first = self._start[key]
         return run_attack(self.model, objective, col.rule, col.budget, self.images, self.targets,
-                          image_keys=self.image_keys, first_grad=first, ctx=ctx)
+                          image_keys=self.image_keys, first_grad=first, ctx=ctx, mask=self.mask)
 
 
-def candidates(model, images, targets, plan: Sequence[Column], image_keys=None,
-               need_losses: bool = False) -> Iterator[Tuple[Column, torch.Tensor, Optional[torch.Tensor]]]:
-    """Per column of the plan: (column, adversarial images, [N] ground-truth loss at them when `need_losses`)."""
-    runner = ColumnRunner(model, images, targets, image_keys)
+def candidates(model, images, targets, plan: Sequence[Column], image_keys=None, need_losses: bool = False,
+               mask=None) -> Iterator[Tuple[Column, torch.Tensor, Optional[torch.Tensor]]]:
+    """Per column of the plan: (column, adversarial images, [N] ground-truth loss at them when `need_losses`);
+    `mask`: the pixels an attack may change (`run_attack`)."""
+    runner = ColumnRunner(model, images, targets, image_keys, mask)
     for col in plan:
         res = runner.run(col)
         loss = None
@@ -166,7 +177,7 @@ class WorstCase:
 
     def update(self, column: str, loss: torch.Tensor) -> torch.Tensor:
         """Returns the [N] mask of images whose worst candidate is now `column`'s."""
-        better = loss > self.loss
+        better = clearly_greater(loss.to(torch.float64), self.loss)  # ties go to the earlier column
         self.loss = torch.where(better, loss, self.loss)
         for i in torch.where(better)[0].tolist():
             self.source[i] = column

@@ -35,6 +35,21 @@ def letterbox(img: np.ndarray, boxes: np.ndarray, size: int):
     return out, b, meta
 
 
+def content_mask(metas, size: int, device=None) -> torch.Tensor:
+    """[N, 1, size, size] bool: True on each letterboxed image's own pixels, False on the padding `letterbox` added
+    (an attacker perturbs the image, not the pipeline's padding). A meta without letterbox geometry (an image given
+    at the input size) is all content."""
+    out = torch.ones(len(metas), 1, size, size, dtype=torch.bool)
+    for i, m in enumerate(metas):
+        if "pad" not in m or "orig_size" not in m or "scale" not in m:
+            continue
+        (px, py), (h, w), (sx, sy) = m["pad"], m["orig_size"], m["scale"]
+        nw, nh = int(round(w * sx)), int(round(h * sy))
+        out[i] = False
+        out[i, :, py:py + nh, px:px + nw] = True
+    return out if device is None else out.to(device)
+
+
 def unletterbox_boxes(boxes, meta):
     """Map boxes (xyxy, letterboxed pixels; numpy or torch) back to the original image, clipped to it."""
     sx, sy = meta["scale"]
