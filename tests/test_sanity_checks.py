@@ -192,6 +192,23 @@ def test_random_search_stays_in_the_ball_raises_the_loss_and_does_not_depend_on_
     assert torch.equal(x, _images())
 
 
+def test_random_search_on_faster_rcnn_stays_in_the_ball_and_raises_the_loss():
+    """The other detector's per-image loss through the same search. Not asserted: batch independence. Faster R-CNN's
+    per-image loss itself differs between a batch of 3 and the image alone (measured on this model: loss_classifier
+    1.96070 against 1.95995 on one candidate image: another set of sampled proposals, not a last-bit difference),
+    and the search inherits it (issue 23, item 3)."""
+    from fa_train.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("fasterrcnn_resnet50_fpn", 4, backbone="resnet18", fpn_channels=32, min_size=64,
+                         max_size=64).eval()
+    x, targets, keys, eps = _images(), make_targets(3), [1, 2, 3], 0.03
+    res = attacks.square_attack(model, x, targets, eps, queries=8, seed=0, image_keys=keys)
+    _in_ball(res.images, x, eps)
+    start = attacks.square_attack(model, x, targets, eps, queries=1, seed=0, image_keys=keys)
+    assert (res.values >= start.values).all() and (res.values > start.values).any()
+
+
 def test_square_fraction_follows_square_attacks_schedule():
     # 10000 queries: p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
     assert attacks.square_fraction(0, 10000) == pytest.approx(0.05)
