@@ -31,7 +31,8 @@ def test_an_ordinary_model_passes_every_check_and_each_new_check_is_a_row():
     checks = _verdicts(transfer=0.35)
     assert {"uniform noise not stronger than the attack", "gradient-free search not stronger than white-box",
             "restarts do not help much", "restarts never raise the worst case", "transfer does not beat white-box",
-            "AP50 non-increasing with steps", "AP50 non-increasing with eps", "AP50 about zero at eps 0.1"} == set(checks)
+            "AP50 non-increasing with steps", "AP50 non-increasing with eps",
+            "AP50 about zero at eps 0.1"} == set(checks)
     assert all(c.passed for c in checks.values()), [c.detail for c in checks.values() if not c.passed]
     row = checks["gradient-free search not stronger than white-box"].as_row()
     assert set(row) == {"check", "result", "detail", "violation is a sign of"} and row["result"] == "PASS"
