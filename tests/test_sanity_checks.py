@@ -91,8 +91,9 @@ def test_tolerance_grows_on_few_images_and_is_the_floor_on_many():
         assert _verdicts(n_images=5, transfer=0.2, noise=0.2)[name].passed
     assert not _verdicts(n_images=1000, restarts=(0.45, 0.30))["restarts do not help much"].passed
     assert _verdicts(n_images=5, restarts=(0.45, 0.30))["restarts do not help much"].passed
-    # an explicit tolerance still wins
-    assert not sanity_verdicts(_curves(n_images=5, search=0.2), tol=0.01)[-1].passed
+    # an explicit tolerance still wins, and the detail does not claim the formula for it
+    explicit = sanity_verdicts(_curves(n_images=5, search=0.2), tol=0.01)[-1]
+    assert not explicit.passed and explicit.detail.endswith("(tol 0.0100)")
 
 
 # ---------------------------------------------------------------------------------------------- noise and search

@@ -142,10 +142,11 @@ def _monotone(curve, what: str, tol: float) -> tuple:
 def sanity_verdicts(curves: Dict, tol: Optional[float] = None, zero_fraction: float = ZERO_FRACTION) -> List[Check]:
     """Every check on `curves` (`sanity_curves`' result). tol: the AP50 tolerance; default `tolerance(n_images)`
     from the curves' image count (TOLERANCE when they do not say). Each detail ends with the tolerance used."""
-    if tol is None:
-        tol = tolerance(curves.get("n_images"))
     n = curves.get("n_images")
-    tol_note = f"tol {tol:.4f}" + (f" = max({TOLERANCE:g}, {TOLERANCE_IMAGES:g}/{n} images)" if n else "")
+    derived = tol is None
+    if derived:
+        tol = tolerance(n)
+    tol_note = f"tol {tol:.4f}" + (f" = max({TOLERANCE:g}, {TOLERANCE_IMAGES:g}/{n} images)" if derived and n else "")
     checks = []
 
     def add(name, ok, detail, sign_of, with_tol=True):
@@ -168,9 +169,9 @@ def sanity_verdicts(curves: Dict, tol: Optional[float] = None, zero_fraction: fl
             "a loss the attack climbs that AP does not follow, or randomness in the model")
         gain = ap1 - apn
         add("restarts do not help much", gain <= RESTART_GAIN * tol,
-            f"{rn} restarts lower AP50 by {gain:.4f} ({r1} restart {ap1:.4f}, {rn} restarts {apn:.4f}); at most "
-            f"{RESTART_GAIN:g} x tol = {RESTART_GAIN * tol:.4f}: one start's outcome may differ from another's by "
-            f"about one image's worth (tol), converging starts do not add up to more than a few",
+            f"{rn} restarts lower AP50 by {gain:.4f} ({r1} restart {ap1:.4f}, {rn} restarts {apn:.4f}); allowed "
+            f"{RESTART_GAIN:g} x tol = {RESTART_GAIN * tol:.4f}, a few images' worth: starts that converge differ by "
+            f"about one",
             "a rugged or masked loss landscape: where a start lands decides the result, one start is not an attack")
     wb = curves["white_box"]
     if curves.get("transfer") is not None:
