@@ -54,6 +54,9 @@ def _numbers(value: str, kind):
               help="with --sanity: the eps curve's points")
 @click.option("--sanity-steps", default="1,2,5,10,20,50", callback=lambda c, p, v: _numbers(v, int),
               help="with --sanity: the steps curve's APGD iteration counts")
+@click.option("--sanity-queries", type=int, default=100,
+              help="with --sanity: loss evaluations per image of the gradient-free random search (forward passes, no "
+                   "backward; 100 cost about what 40 APGD iterations do)")
 @click.option("--data", help="voc:PATH | coco:PATH | yolo:PATH/data.yaml (--test-split: a yaml key, "
               "default val) | synth[:N] (default: the first checkpoint's training data)")
 @click.option("--test-split", help="split to evaluate (default: voc 2007:test, coco val2017, yolo: the yaml's val "

@@ -99,6 +99,7 @@ class BenchSettings:
     transfer_from: Optional[str] = None
     sanity_eps: Tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
     sanity_steps: Tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    sanity_queries: int = 100  # --sanity's gradient-free random search: loss evaluations per image
 
     @property
     def attacks(self) -> Tuple[str, ...]:
@@ -128,6 +129,7 @@ class BenchSettings:
                 raise SettingsError(f"--sanity-eps {self.sanity_eps}: values in (0, 1]")
             if not self.sanity_steps or min(self.sanity_steps) < 1:
                 raise SettingsError(f"--sanity-steps {self.sanity_steps}: integers >= 1")
+            _positive_int(self, "sanity_queries")
         elif self.transfer_from:
             raise SettingsError("--transfer-from is a check of --sanity: give --sanity DIR too")
 

@@ -132,7 +132,9 @@ def drop_plot(rows: List[Dict], path: str, max_drop: float) -> str:
 
 def sanity_plot(details: List[Dict], path: str) -> str:
     """`fa-bench --sanity`: AP50 against eps (left) and against APGD iterations (right), one line per checkpoint,
-    the clean AP50 dotted; a curve that rises, or stays up at the largest eps, points at gradient masking."""
+    the clean AP50 dotted, transfer (x), uniform noise (square) and the random search (triangle) at eps beside the
+    white-box point; a curve that rises, or stays up at the largest eps, or a marker below the curve, points at
+    gradient masking."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.0, 3.8), dpi=100)
     for i, d in enumerate(details):
@@ -144,9 +146,10 @@ def sanity_plot(details: List[Dict], path: str) -> str:
                label=d["name"])
         for ax in (a, b):
             ax.axhline(c["clean"], color=color, linestyle=":", linewidth=0.8)
-        if c.get("transfer") is not None:
-            b.scatter([c["iterations"]], [c["transfer"]], marker="x", color=color, zorder=3,
-                      label=f"{d['name']}: transfer")
+        for key, marker in (("transfer", "x"), ("noise", "s"), ("search", "^")):
+            if c.get(key) is not None:  # points at --eps and the white-box iteration count, beside the curve
+                b.scatter([c["iterations"]], [c[key]], marker=marker, color=color, zorder=3,
+                          label=f"{d['name']}: {dict(noise='uniform noise', search='random search').get(key, key)}")
     a.set_xlabel("eps")
     a.set_xscale("log")
     a.set_title(f"AP50 against eps (APGD, {details[0]['curves']['iterations']} iterations)", fontsize=9)
@@ -154,7 +157,8 @@ def sanity_plot(details: List[Dict], path: str) -> str:
     b.set_xscale("log")
     b.set_title(f"AP50 against iterations (eps {details[0]['curves']['eps']:g})", fontsize=9)
     values = [v for d in details for key in ("eps_curve", "steps_curve") for _, v in d["curves"][key]]
-    values += [d["curves"]["clean"] for d in details] + [d["curves"].get("transfer") or 0.0 for d in details]
+    values += [d["curves"]["clean"] for d in details]
+    values += [d["curves"].get(k) or 0.0 for d in details for k in ("transfer", "noise", "search")]
     nothing = max(values, default=0.0) < 0.01  # all (near) zero: matplotlib would zoom on rounding noise
     for ax in (a, b):
         ax.set_ylabel("AP50")

@@ -217,7 +217,7 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
         log(f"[{name}] gradient-masking checks on {ds.name} ({len(ds)} images)")
         res = run_checks(model, loader, dev, transfer_model=transfer, eps=s.eps, iterations=s.apgd_iterations,
                          restarts=restarts, eps_grid=s.sanity_eps, steps_grid=s.sanity_steps, seed=s.attack_seed,
-                         progress=not s.quiet)
+                         progress=not s.quiet, queries=s.sanity_queries)
         clean = res["curves"]["clean"]
         blind = clean < s.min_clean_ap
         if blind:
@@ -232,7 +232,8 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
                         "checks": [c.as_row() for c in res["checks"]]})
     columns = ["model", "check", "result", "detail", "violation is a sign of"]
     title = (f"gradient-masking checks (Carlini et al. 2019) on {ds.name}: APGD {s.apgd_iterations} iterations at "
-             f"eps {s.eps:g} unless varied" + (f", transfer from {s.transfer_from}" if s.transfer_from else ""))
+             f"eps {s.eps:g} unless varied, uniform noise and a random search of {s.sanity_queries} queries at eps "
+             f"{s.eps:g}" + (f", transfer from {s.transfer_from}" if s.transfer_from else ""))
     ccols = list(dict.fromkeys(k for r in curve_table for k in r))
     tables = [("AP50 along the curves (APGD)", curve_table, ccols)]
     os.makedirs(s.sanity_dir, exist_ok=True)

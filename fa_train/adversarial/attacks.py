@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -414,3 +415,75 @@ def tod_attack(model, images: torch.Tensor, targets, eps: float, steps: int, ste
                 candidates.append(c)
             x_adv = choose_larger_loss(model, targets, candidates)
     return x_adv
+
+
+# ---------------------------------------------------------------------------------------------- gradient-free
+
+
+def uniform_noise(images: torch.Tensor, eps: float, seed: int = 0,
+                  image_keys: Optional[Sequence] = None) -> torch.Tensor:
+    """Uniform random noise in the L-inf ball: clamp(x + eps * u, 0, 1), u ~ U[-1, 1] per pixel, each image from its
+    own generator seeded by (seed, "uniform-noise", its key): the same draw whatever the batch, and not the draw of
+    any attack's random start (those use the bare key). `images` is not modified."""
+    keys = list(range(images.shape[0])) if image_keys is None else list(image_keys)
+    noise = torch.stack([torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(
+        _image_seed(seed, f"uniform-noise|{k}", 0))) for k in keys]).to(images)
+    return (images.detach() + eps * (noise * 2 - 1)).clamp_(0, 1)
+
+
+SQUARE_P_INIT = 0.05  # Square attack's initial fraction of pixels per square (its L-inf setting)
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # of 10000 queries, rescaled to the budget
+ACCEPT_MARGIN = 2e-6  # relative loss increase a candidate needs: 10x the float32 gap measured between batch sizes
+
+
+def square_fraction(query: int, queries: int, p_init: float = SQUARE_P_INIT) -> float:
+    """The fraction of the image a square covers at `query` of `queries`: p_init, halved at each of Square
+    attack's points (10, 50, 200, ... of 10000 queries) rescaled to the budget."""
+    at = int(query / max(queries, 1) * 10000)
+    return p_init / 2 ** sum(at > b for b in SQUARE_HALVINGS)
+
+
+def square_attack(model, images: torch.Tensor, targets, eps: float, queries: int = 100, seed: int = 0,
+                  image_keys: Optional[Sequence] = None, objective=None) -> AttackResult:
+    """Gradient-free random search on each image's own loss (after Square attack, Andriushchenko et al., ECCV 2020,
+    L-inf): the perturbation starts as vertical stripes of +-eps (one sign per column and channel); each further
+    query sets one square window to +-eps (one sign per channel) and keeps it when the image's loss rises. The
+    square's side follows Square attack's schedule (sqrt(p H W), p from 0.05 halving as the queries run out).
+
+    `queries` loss evaluations per image (forward passes, no backward), the stripes included. Every image draws its
+    stripes, windows and signs from its own generator seeded by (seed, "square", its key), and a candidate is kept
+    only when its loss exceeds the best by ACCEPT_MARGIN relative (at least 1e-5 absolute): a float32 difference
+    between batch sizes (~1e-6) cannot turn a decision, so the result does not depend on the batch. The iterate is
+    always clamp(clean + delta, 0, 1) with every |delta| = eps: inside the ball and in [0, 1]. Objective: the
+    per-image detection loss on `targets` (or `objective`). Returns the best point per image and its loss."""
+    from .attack_objectives import DetectionLoss
+
+    if queries < 1 or eps < 0:
+        raise ValueError(f"square_attack: queries ({queries}) must be >= 1 and eps ({eps}) >= 0")
+    objective = DetectionLoss(per_image=True) if objective is None else objective
+    n, c, h, w = images.shape
+    keys = list(range(n)) if image_keys is None else list(image_keys)
+    x_clean = images.detach()
+    gens = [torch.Generator().manual_seed(_image_seed(seed, f"square|{k}", 0)) for k in keys]
+    stripes = torch.stack([(torch.randint(0, 2, (c, 1, w), generator=g) * 2 - 1).expand(c, h, w) for g in gens])
+    x = (x_clean + eps * stripes.to(x_clean)).clamp_(0, 1)
+    with torch.no_grad(), frozen_batchnorm(model):
+        ctx = objective.prepare(model, x_clean, targets)
+        f_best = objective(model, x, ctx).to(torch.float64).cpu()
+        for q in range(1, queries):
+            side = min(max(int(round(math.sqrt(square_fraction(q, queries) * h * w))), 1), h, w)
+            cand = x.clone()
+            for i, g in enumerate(gens):
+                top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+                left = int(torch.randint(0, w - side + 1, (1,), generator=g))
+                sign = (torch.randint(0, 2, (c, 1, 1), generator=g) * 2 - 1).to(x_clean)
+                win = (slice(None), slice(top, top + side), slice(left, left + side))
+                new = (x_clean[i][win] + eps * sign).clamp(0, 1)
+                if torch.equal(new, x[i][win]):  # the window already holds these signs: take the opposite ones
+                    new = (x_clean[i][win] - eps * sign).clamp(0, 1)
+                cand[i][win] = new
+            f = objective(model, cand, ctx).to(torch.float64).cpu()
+            better = f > f_best + ACCEPT_MARGIN * f_best.abs().clamp(min=1.0)
+            x = torch.where(better.to(x.device).view(-1, 1, 1, 1), cand, x)
+            f_best = torch.where(better, f, f_best)
+    return AttackResult(x, f_best, extra={"queries": queries})
