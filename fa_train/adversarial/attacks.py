@@ -367,13 +367,13 @@ def pgd_attack(model, images: torch.Tensor, targets, eps: float, steps: int, ste
 
 
 def apgd_attack(model, images, targets, eps: float, iterations: int = 20, restarts: int = 1, seed: int = 0,
-                loss_keys=None, image_keys=None, record: bool = False) -> AttackResult:
+                loss_keys=None, image_keys=None, record: bool = False, mask=None) -> AttackResult:
     """APGD with `restarts` random starts on each image's own detection loss; best point per image."""
     from .attack_objectives import DetectionLoss
 
     return run_attack(model, DetectionLoss(loss_keys, per_image=True), APGDStep(record=record),
                       Budget(eps, iterations, restarts, random_start=True, seed=seed), images, targets,
-                      image_keys=image_keys)
+                      image_keys=image_keys, mask=mask)
 
 
 def per_image_losses(model, images, targets) -> torch.Tensor:
@@ -433,7 +433,6 @@ def uniform_noise(images: torch.Tensor, eps: float, seed: int = 0,
 
 SQUARE_P_INIT = 0.05  # Square attack's initial fraction of pixels per square (its L-inf setting)
 SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # of 10000 queries, rescaled to the budget
-ACCEPT_MARGIN = 2e-6  # relative loss increase a candidate needs: 10x the float32 gap measured between batch sizes
 
 
 def square_fraction(query: int, queries: int, p_init: float = SQUARE_P_INIT) -> float:
@@ -444,7 +443,8 @@ def square_fraction(query: int, queries: int, p_init: float = SQUARE_P_INIT) -> 
 
 
 def square_attack(model, images: torch.Tensor, targets, eps: float, queries: int = 100, seed: int = 0,
-                  image_keys: Optional[Sequence] = None, objective=None) -> AttackResult:
+                  image_keys: Optional[Sequence] = None, objective=None,
+                  mask: Optional[torch.Tensor] = None) -> AttackResult:
     """Gradient-free random search on each image's own loss (after Square attack, Andriushchenko et al., ECCV 2020,
     L-inf): the perturbation starts as vertical stripes of +-eps (one sign per column and channel); each further
     query sets one square window to +-eps (one sign per channel) and keeps it when the image's loss rises. The
@@ -452,10 +452,11 @@ def square_attack(model, images: torch.Tensor, targets, eps: float, queries: int
 
     `queries` loss evaluations per image (forward passes, no backward), the stripes included. Every image draws its
     stripes, windows and signs from its own generator seeded by (seed, "square", its key), and a candidate is kept
-    only when its loss exceeds the best by ACCEPT_MARGIN relative (at least 1e-5 absolute): a float32 difference
-    between batch sizes (~1e-6) cannot turn a decision, so the result does not depend on the batch. The iterate is
+    only when its loss exceeds the best by more than the tie margin (`clearly_greater`): a float32 difference
+    between batch sizes (~1e-7 relative) cannot turn a decision, so the result does not depend on the batch. The iterate is
     always clamp(clean + delta, 0, 1) with every |delta| = eps: inside the ball and in [0, 1]. Objective: the
-    per-image detection loss on `targets` (or `objective`). Returns the best point per image and its loss."""
+    per-image detection loss on `targets` (or `objective`); `mask`: the pixels it may change (`run_attack`).
+    Returns the best point per image and its loss."""
     from .attack_objectives import DetectionLoss
 
     if queries < 1 or eps < 0:
@@ -466,7 +467,9 @@ def square_attack(model, images: torch.Tensor, targets, eps: float, queries: int
     x_clean = images.detach()
     gens = [torch.Generator().manual_seed(_image_seed(seed, f"square|{k}", 0)) for k in keys]
     stripes = torch.stack([(torch.randint(0, 2, (c, 1, w), generator=g) * 2 - 1).expand(c, h, w) for g in gens])
-    x = (x_clean + eps * stripes.to(x_clean)).clamp_(0, 1)
+    if mask is not None:
+        mask = mask.to(x_clean.device).bool()
+    x = _masked((x_clean + eps * stripes.to(x_clean)).clamp_(0, 1), x_clean, mask)
     with torch.no_grad(), frozen_batchnorm(model):
         ctx = objective.prepare(model, x_clean, targets)
         f_best = objective(model, x, ctx).to(torch.float64).cpu()
@@ -482,8 +485,9 @@ def square_attack(model, images: torch.Tensor, targets, eps: float, queries: int
                 if torch.equal(new, x[i][win]):  # the window already holds these signs: take the opposite ones
                     new = (x_clean[i][win] - eps * sign).clamp(0, 1)
                 cand[i][win] = new
+            cand = _masked(cand, x_clean, mask)
             f = objective(model, cand, ctx).to(torch.float64).cpu()
-            better = f > f_best + ACCEPT_MARGIN * f_best.abs().clamp(min=1.0)
+            better = clearly_greater(f, f_best)
             x = torch.where(better.to(x.device).view(-1, 1, 1, 1), cand, x)
             f_best = torch.where(better, f, f_best)
     return AttackResult(x, f_best, extra={"queries": queries})

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..data.transforms import content_mask
+
 SANITY_EPS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 SANITY_STEPS = (1, 2, 5, 10, 20, 50)
 SANITY_QUERIES = 100  # the random search's loss evaluations per image (forward passes, no backward)
@@ -79,16 +81,20 @@ def _configs(eps: float, iterations: int, restarts: int, eps_grid, steps_grid, t
     return list(dict.fromkeys(cfgs))
 
 
-def _adversarial(c, model, transfer_model, images, targets, keys, seed: int) -> torch.Tensor:
+def _adversarial(c, model, transfer_model, images, targets, keys, seed: int, mask=None) -> torch.Tensor:
+    """One curve point's images; `mask`: the pixels they may change (the letterbox padding stays clean, as in
+    fa-bench's attacks)."""
     from .attacks import apgd_attack, square_attack, uniform_noise
 
     e, k, r, src = c
     if src == "noise":
-        return uniform_noise(images, e, seed=seed, image_keys=keys)
+        noisy = uniform_noise(images, e, seed=seed, image_keys=keys)
+        return noisy if mask is None else torch.where(mask, noisy, images)
     if src == "search":
-        return square_attack(model, images, targets, e, queries=k, seed=seed, image_keys=keys).images
+        return square_attack(model, images, targets, e, queries=k, seed=seed, image_keys=keys, mask=mask).images
     attacker = model if src == "self" else transfer_model
-    return apgd_attack(attacker, images, targets, e, iterations=k, restarts=r, seed=seed, image_keys=keys).images
+    return apgd_attack(attacker, images, targets, e, iterations=k, restarts=r, seed=seed, image_keys=keys,
+                       mask=mask).images
 
 
 def sanity_curves(model, loader, device, eps: float = 0.03, iterations: int = 20, restarts: int = 3,
@@ -117,8 +123,9 @@ def sanity_curves(model, loader, device, eps: float = 0.03, iterations: int = 20
         keys = [m["image_id"] for m in metas]
         with torch.inference_mode():
             clean += detections_to_coco(model.predict(images), metas, dataset.label_to_cat_id)
+        mask = content_mask(metas, images.shape[-1], images.device)
         for c in cfgs:
-            adv = _adversarial(c, model, transfer_model, images, targets, keys, seed)
+            adv = _adversarial(c, model, transfer_model, images, targets, keys, seed, mask)
             with torch.inference_mode():
                 results[c] += detections_to_coco(model.predict(adv), metas, dataset.label_to_cat_id)
     gt = coco_ground_truth(dataset)
