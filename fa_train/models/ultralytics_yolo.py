@@ -504,8 +504,8 @@ def ultralytics_yolo(num_classes: int = 80, cfg=None, trust_checkpoint: bool = F
         raise UltralyticsError(f"{spec}: its state dict does not match its own YAML (missing {left[:3]})")
     model.transferred = (len(matched), len(own))
     if left:
-        warnings.warn(f"{spec}: {len(matched)} of {len(own)} tensors loaded; the class layers ({len(left)} tensors, "
-                      f"{info['yaml'].get('nc')} classes in the file, {num_classes} here) start new")
+        warnings.warn(f"{spec}: {len(matched)} of {len(own)} tensors loaded; the class branch ({len(left)} tensors: "
+                      f"{info['yaml'].get('nc')} classes in the file, {num_classes} here) starts new")
     return model
 
 
