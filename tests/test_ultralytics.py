@@ -298,16 +298,18 @@ def test_fa_bench_suite(trained, tmp_path):
         assert c in out["columns"]
 
 
-def test_fa_export_onnx_fp32_parity(trained, tmp_path):
+def test_fa_export_onnx_parity_at_three_precisions(trained, tmp_path):
     import onnxruntime as ort
 
     from fa_deploy.export_cli import export_main
     from fa_train.checkpoint import load_model
 
-    r = CliRunner().invoke(export_main, [trained[1], "--onnx", "fp32", "--verify-images", "4", "--out",
-                                         str(tmp_path)])
+    r = CliRunner().invoke(export_main, [trained[1], "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--calib-images", "8", "--verify-images", "4", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "parity against" in r.output and "FAIL" not in r.output
+    for prec in ("fp32", "fp16", "int8"):
+        assert json.loads((tmp_path / f"last.{prec}.onnx.json").read_text())["parity"]["passed"]
     onnx_file = tmp_path / "last.fp32.onnx"
     model, _ = load_model(trained[1])
     x = torch.rand(1, 3, 64, 64)

@@ -303,15 +303,27 @@ class UltralyticsYolo(Detector):
 
         return make_anchors(feats, self.net.model[-1].stride, 0.5)  # [A, 2] grid units, [A, 1] strides
 
-    def _decode(self, raw):
-        """raw head outputs -> (boxes [N, A, 4] xyxy input pixels, class logits [N, A, C])."""
-        from ultralytics.utils.tal import dist2bbox
+    def _anchor_grid(self, feats, dtype):
+        """([A, 2] anchor centres in input pixels, [A, 1] strides), from the feature maps' sizes as Python numbers:
+        an exported graph holds them as constants (it has a fixed image size), with no shape arithmetic or casts
+        for the fp16 conversion to trip over."""
+        pts, strides = [], []
+        for f, s in zip(feats, self.strides):
+            h, w = int(f.shape[-2]), int(f.shape[-1])
+            ys, xs = torch.meshgrid(torch.arange(h, device=f.device, dtype=dtype),
+                                    torch.arange(w, device=f.device, dtype=dtype), indexing="ij")
+            pts.append((torch.stack((xs, ys), -1).reshape(-1, 2) + 0.5) * s)
+            strides.append(torch.full((h * w, 1), s, device=f.device, dtype=dtype))
+        return torch.cat(pts), torch.cat(strides)
 
+    def _decode(self, raw):
+        """raw head outputs -> (boxes [N, A, 4] xyxy input pixels, class logits [N, A, C]): DFL's expected
+        distances (left, top, right, bottom in strides) around each anchor centre."""
         head = self.net.model[-1]
-        anchors, strides = self._anchors(raw["feats"])
-        dist = head.dfl(raw["boxes"])  # [N, 4, A] expected distances (grid units)
-        boxes = dist2bbox(dist, anchors.t().unsqueeze(0), xywh=False, dim=1) * strides.t()
-        return boxes.transpose(1, 2), raw["scores"].transpose(1, 2)
+        centres, strides = self._anchor_grid(raw["feats"], raw["boxes"].dtype)
+        dist = head.dfl(raw["boxes"]).transpose(1, 2) * strides  # [N, A, 4] pixels
+        boxes = torch.cat([centres - dist[..., :2], centres + dist[..., 2:]], -1)
+        return boxes, raw["scores"].transpose(1, 2)
 
     # -- the loss
     def criterion(self):
