@@ -1,4 +1,5 @@
-# `make demo` and `make test` are the only set-up commands: each creates .venv when it is missing.
+# `make demo` and `make test` are the only set-up commands: each creates .venv when it is missing. The optional
+# `ultralytics` extra (AGPL-3.0) is installed too, so that the Ultralytics tests run (they skip where it is absent).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ export FA_KERNELS_BUILD ?= $(CURDIR)/build/kernels
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,cpu]'
+	$(BIN)/pip install -q -e '.[dev,cpu,ultralytics]'
 	touch $(STAMP)
 
 venv: $(STAMP)

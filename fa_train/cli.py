@@ -23,7 +23,12 @@ def _d(key: str, shown=None) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML preset (configs/*.yaml)")
-@click.option("--model", type=click.Choice(["yolov3", "fasterrcnn_resnet50_fpn"]), help="the detector " + _d("model.name"))
+@click.option("--model", help="the detector: yolov3 | fasterrcnn_resnet50_fpn | ultralytics:MODEL.yaml (YOLOv8 / "
+              "YOLO11 built from Ultralytics' YAML, e.g. ultralytics:yolov8n.yaml; the optional extra "
+              "[ultralytics], AGPL-3.0) | ultralytics:PATH.pt (a trained model) " + _d("model.name"))
+@click.option("--trust-checkpoint", is_flag=True, default=None,
+              help="read an Ultralytics .pt given as --model ultralytics:PATH.pt (a pickle: loading it runs code "
+                   "from the file; without the flag it is refused)")
 @click.option("--backbone", help="Faster R-CNN: resnet50 (the paper) | resnet18 | resnet34 | resnet101")
 @click.option("--weights-backbone", help="Faster R-CNN: local torchvision ImageNet ResNet checkpoint (.pth)")
 @click.option("--width-mult", type=float, help="YOLOv3 channel multiplier (1.0 = Darknet-53 as in the cfg) [default: 1.0, or the preset's]")
@@ -129,6 +134,9 @@ def resume_run_config(ckpt: dict, path: str, config_path, overrides: dict) -> di
     if not isinstance(saved, dict):
         raise CheckpointError(f"--resume {path}: the checkpoint holds no run configuration (not a training "
                               f"checkpoint of fa-train); to start a new run from its weights, pass it as --init")
+    if isinstance(saved.get("model"), dict) and saved["model"].get("trust_checkpoint"):
+        # trust to read a pickle comes from this command line only, never from a file's contents
+        saved = dict(saved, model={**saved["model"], "trust_checkpoint": None})
     overrides = dict(overrides, out=overrides.get("out", os.path.dirname(path) or "."))
     return check_config(resume_config(saved, config_path, overrides))
 

@@ -18,7 +18,10 @@ DEFAULTS: Dict[str, Any] = {
     # model options left None take the builder's default (YOLOv3: width/depth; Faster R-CNN: the rest)
     "model": {"name": "yolov3", "width_mult": None, "depth_mult": None, "backbone": None, "fpn_channels": None,
               "min_size": None, "max_size": None, "trainable_layers": None, "weights": None,
-              "weights_backbone": None, "box_batch_size_per_image": None},
+              "weights_backbone": None, "box_batch_size_per_image": None,
+              # Ultralytics (--model ultralytics:SPEC): the YAML name/path or .pt file (a run records a .pt's YAML
+              # as a dict); trust_checkpoint: read an Ultralytics pickle (never taken from a checkpoint's config)
+              "cfg": None, "trust_checkpoint": None},
     "data": {"spec": "synth", "train_split": None, "test_split": None, "img_size": 416, "max_images": None,
              "max_test_images": None, "workers": 2, "synth_seed": 0,
              # a corrupt/inconsistent training image: stop (the default) or skip it (counted, logged)
@@ -44,6 +47,7 @@ DEFAULTS: Dict[str, Any] = {
 FLAG_KEYS: Dict[str, str] = {
     "model": "model.name", "width_mult": "model.width_mult", "depth_mult": "model.depth_mult",
     "backbone": "model.backbone", "weights_backbone": "model.weights_backbone",
+    "trust_checkpoint": "model.trust_checkpoint",
     "data": "data.spec", "img_size": "data.img_size", "workers": "data.workers", "max_images": "data.max_images",
     "max_test_images": "data.max_test_images", "train_split": "data.train_split", "test_split": "data.test_split",
     "bad_images": "data.bad_images",
@@ -216,6 +220,7 @@ def check_config(cfg: dict) -> dict:
 
     from .models.faster_rcnn import BACKBONES
 
+    _check_ultralytics(cfg)
     _choice(cfg, "model.name", available_models())
     _choice(cfg, "model.backbone", BACKBONES, optional=True)
     for key in ("model.width_mult", "model.depth_mult"):
@@ -282,6 +287,45 @@ def check_config(cfg: dict) -> dict:
     if not isinstance(cfg["out"], str) or not cfg["out"].strip():
         raise ConfigError(f"{describe('out', repr(cfg['out']))}: must be a folder path")
     return cfg
+
+
+ULTRALYTICS_PREFIX = "ultralytics:"
+
+
+def _check_ultralytics(cfg) -> None:
+    """`model.name: ultralytics:SPEC` (--model) becomes name `ultralytics` and `model.cfg` SPEC; the spec is checked
+    (the extra installed, the YAML known, a .pt there and, if an Ultralytics pickle, trusted)."""
+    m = cfg["model"]
+    name, spec = m.get("name"), m.get("cfg")
+    if isinstance(name, str) and name.startswith(ULTRALYTICS_PREFIX):
+        given = name[len(ULTRALYTICS_PREFIX):]
+        if spec is not None and spec != given:
+            raise ConfigError(f"{describe('model.name', name)}: and model.cfg {spec!r} name two models")
+        m["name"], m["cfg"] = "ultralytics", given
+        spec = given
+    if m.get("trust_checkpoint") is not None and not isinstance(m["trust_checkpoint"], bool):
+        _flag(cfg, "model.trust_checkpoint")
+    if m["name"] != "ultralytics":
+        if spec is not None:
+            raise ConfigError(f"model.cfg {spec!r}: only with --model ultralytics:SPEC")
+        return
+    from .models.ultralytics_yolo import UltralyticsError, check_spec, check_yaml_dict
+
+    try:
+        if isinstance(spec, dict):  # the YAML a run recorded from a .pt
+            check_yaml_dict(spec, "model.cfg")
+        elif not isinstance(spec, str) or not spec:
+            raise ConfigError(f"{describe('model.name', 'ultralytics')}: name the model, e.g. --model "
+                              f"ultralytics:yolov8n.yaml or ultralytics:PATH.pt")
+        else:
+            check_spec(spec, bool(m.get("trust_checkpoint")))
+    except UltralyticsError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("width_mult", "depth_mult", "backbone", "weights_backbone", "fpn_channels", "min_size", "max_size",
+                "trainable_layers", "weights", "box_batch_size_per_image"):
+        if m.get(key) is not None:
+            raise ConfigError(f"{describe('model.' + key, m[key])}: not for an Ultralytics model (its YAML sets the "
+                              f"architecture: pick a scale, e.g. yolov8n.yaml or yolov8s.yaml)")
 
 
 def _check_inner_attack(cfg) -> None:

@@ -162,7 +162,7 @@ def _worker_init(worker_id):
 # settings a resumed run may change (where it runs, how often it reports and saves, how long it trains on)
 RESUME_MAY_CHANGE = {"device", "out", "data.workers", "data.loader_timeout", "data.bad_images", "data.max_test_images",
                      "data.test_split", "train.epochs", "train.eval_every", "train.save_every_steps",
-                     "train.save_safetensors", "train.max_nonfinite", "train.amp"}
+                     "train.save_safetensors", "train.max_nonfinite", "train.amp", "model.trust_checkpoint"}
 
 
 def resume_differences(saved: dict, now: dict, prefix: str = "") -> list:
@@ -236,6 +236,10 @@ class Trainer:
         m = cfg["model"]
         self.model = create_model(m["name"], len(self.train_set.class_names),
                                   **{k: v for k, v in m.items() if k != "name" and v is not None}).to(self.device)
+        if m["name"] == "ultralytics" and isinstance(m.get("cfg"), str) and not m["cfg"].endswith((".yaml", ".yml")):
+            # a run from a .pt file records the architecture read from it (its YAML), not the file: a resume
+            # rebuilds from the checkpoint alone, without reading (or trusting) the .pt again
+            m["cfg"], m["trust_checkpoint"] = self.model.yaml_dict, None
         if t["init"]:
             self._load_init(t["init"])
         if t.get("sync_bn") and self.world > 1:

@@ -14,7 +14,7 @@ def test_model_ultralytics_without_the_extra_says_how_to_install_it(monkeypatch,
     r = CliRunner().invoke(train_main, ["--model", "ultralytics:yolov8n.yaml", "--out", str(tmp_path / "run")])
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and "pip install -e '.[ultralytics]'" in lines[0] and "AGPL-3.0" in lines[0]
+    assert len(lines) == 1 and "pip install -e '.[ultralytics]'" in lines[0] and "AGPL-3.0" in lines[0], lines
     assert not (tmp_path / "run").exists()
     # the registry and the other models do not need it
     from fa_train.models import available_models, create_model

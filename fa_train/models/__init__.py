@@ -27,5 +27,6 @@ def create_model(name: str, num_classes: int, **kw) -> Detector:
 
 
 from . import faster_rcnn, yolov3  # noqa: E402,F401  (register "fasterrcnn_resnet50_fpn", "yolov3")
+from . import ultralytics_yolo  # noqa: E402,F401  (register "ultralytics"; the package itself is imported on use)
 
 __all__ = ["Detector", "create_model", "available_models", "register_model"]
