@@ -52,8 +52,11 @@ def _load_state(path: str, what: str, expected: str) -> dict:
     return state
 
 
-def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str]):
-    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN (layers 1-4 + max-pool)."""
+def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str],
+                   returned_layers: Sequence[int] = (1, 2, 3, 4), extra_blocks: Optional[nn.Module] = None):
+    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN, as torchvision's
+    `_resnet_fpn_extractor` makes it: the FPN over `returned_layers` (named "0", "1", ... in that order) plus
+    `extra_blocks` (default: layers 1-4 + max-pool, Faster R-CNN's; RetinaNet and FCOS take layers 2-4 + P6/P7)."""
     if name not in BACKBONES:
         raise ValueError(f"backbone {name!r}: expected one of {BACKBONES}")
     resnet = torchvision.models.__dict__[name](weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
@@ -72,9 +75,9 @@ def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_
         if all(not pname.startswith(layer) for layer in layers):
             p.requires_grad_(False)
     c = resnet.inplanes // 8  # layer1 channels (256 for ResNet-50, 64 for ResNet-18)
-    in_channels = [c, c * 2, c * 4, c * 8]
-    return BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
-                           fpn_channels, extra_blocks=LastLevelMaxPool())
+    in_channels = [c * 2 ** (k - 1) for k in returned_layers]
+    return BackboneWithFPN(resnet, {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}, in_channels,
+                           fpn_channels, extra_blocks=LastLevelMaxPool() if extra_blocks is None else extra_blocks)
 
 
 @contextlib.contextmanager
