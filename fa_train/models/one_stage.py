@@ -381,6 +381,12 @@ class FCOSFPN(OneStageDetector):
     head_predictors = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
                        "head.regression_head.bbox_ctrness")
 
+    def __init__(self, num_classes: int, fpn_channels: int = 256, **kw):
+        if fpn_channels % 32:
+            raise ValueError(f"fcos_resnet50_fpn: fpn_channels {fpn_channels} must be a multiple of 32 (the head's "
+                             f"GroupNorm has 32 groups)")
+        super().__init__(num_classes, fpn_channels=fpn_channels, **kw)
+
     def _tv_loss(self, p, targets, head, n):
         return self.detector.compute_loss(targets, head, [p.anchors] * n, [int(f.shape[-2] * f.shape[-1])
                                                                            for f in p.feats])
