@@ -282,6 +282,11 @@ class Trainer:
         if path.endswith(".weights") or path.endswith(".conv.74"):
             from .models.darknet import load_darknet_weights
 
+            if not hasattr(self.model, "darknet_convs"):
+                raise TrainingError(f"--init {path}: Darknet weights load into yolov3 only, not into "
+                                    f"{self.model.arch_config()['name']} (its local torchvision weights: "
+                                    f"model.weights / --weights-backbone)")
+
             n = load_darknet_weights(self.model, path)
             self.log(f"init: {n} Darknet convolutions from {path}")
         else:

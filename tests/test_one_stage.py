@@ -320,11 +320,27 @@ def test_fa_export_onnx_with_parity(trained, tmp_path):
 
 
 def test_a_checkpoint_of_another_detector_is_refused(trained, tmp_path):
+    """Wherever a file of one detector meets another (--init, --teacher, model.weights, Darknet weights, load_into):
+    one line naming the file and both detectors, exit 2, never a traceback."""
     from fa_train.checkpoint import CheckpointError, load_checkpoint, load_into
+    from fa_train.models.faster_rcnn import WeightsMismatchError
 
     name, w = trained
     other = "fcos_resnet50_fpn" if name.startswith("retinanet") else "retinanet_resnet50_fpn"
     model = create_model(other, 4, **tiny_arch(other))
-    with pytest.raises(CheckpointError, match=f"checkpoint is for another model.*name: model has '{other}', "
-                                              f"checkpoint has '{name}'"):
+    with pytest.raises(CheckpointError, match=f"a {name} checkpoint cannot be loaded into a {other} model"):
         load_into(model, load_checkpoint(str(w)), str(w))
+    for flags, says in ((["--init", str(w)], f"a {name} checkpoint cannot be loaded into a {other} model"),
+                        (["--method", "kdfa", "--teacher", str(w)], f"--teacher {w}: a {name} checkpoint"),
+                        (["--init", str(tmp_path / "x.weights")], "Darknet weights load into yolov3 only")):
+        (tmp_path / "x.weights").write_bytes(b"\0" * 64)
+        r = train_tiny(tmp_path, other, *flags)
+        assert r.exit_code == 2, r.output
+        assert says in r.output and "Traceback" not in r.output and "internal error" not in r.output, r.output
+    # torchvision weights of another family, a fa-train checkpoint where torchvision's file is expected
+    tv = tmp_path / "retina.pth"
+    torch.save(create_model("retinanet_resnet50_fpn", 4, **tiny_arch("fcos")).detector.state_dict(), tv)
+    with pytest.raises(WeightsMismatchError, match="retina.pth: not a torchvision fcos_resnet50_fpn checkpoint"):
+        create_model("fcos_resnet50_fpn", 4, weights=str(tv), **tiny_arch("fcos"))
+    with pytest.raises(WeightsMismatchError, match=f"a fa-train checkpoint of {name}, not torchvision's"):
+        create_model(name, 4, weights=str(w), **tiny_arch(name))

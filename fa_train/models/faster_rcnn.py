@@ -42,11 +42,18 @@ class WeightsFileError(FileNotFoundError):
     pass
 
 
+class WeightsMismatchError(ValueError):
+    """A local weights file that is not the torchvision state dict the option asks for."""
+
+
 def _load_state(path: str, what: str, expected: str) -> dict:
     if not os.path.isfile(path):
         raise WeightsFileError(f"{path}: {what} not found (nothing is downloaded: place torchvision's "
                                f"{expected} there, or leave the option unset)")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("arch"), dict):
+        raise WeightsMismatchError(f"{path}: a fa-train checkpoint of {state['arch'].get('name')}, not torchvision's "
+                                   f"{expected}: continue from it with --init (same detector) instead")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return state
@@ -65,7 +72,7 @@ def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_
             _load_state(weights_backbone, f"ImageNet {name} weights", f"{name} ImageNet checkpoint (.pth)"),
             strict=False)
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ValueError(f"{weights_backbone}: not a torchvision {name} state dict "
+            raise WeightsMismatchError(f"{weights_backbone}: not a torchvision {name} state dict "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     # which stages train, as torchvision's _resnet_fpn_extractor does
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
@@ -168,12 +175,12 @@ class FasterRCNNFPN(Detector):
         own = self.detector.state_dict()
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if any(not k.startswith("roi_heads.box_predictor.") for k in skipped):
-            raise ValueError(f"{path}: shapes differ outside the box predictor: {skipped[:5]}")
+            raise WeightsMismatchError(f"{path}: shapes differ outside the box predictor: {skipped[:5]}")
         state = {k: v for k, v in state.items() if k not in skipped}
         missing, unexpected = self.detector.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("roi_heads.box_predictor.")]
         if missing or unexpected:
-            raise ValueError(f"{path}: not a matching torchvision Faster R-CNN state dict "
+            raise WeightsMismatchError(f"{path}: not a matching torchvision Faster R-CNN state dict "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def arch_config(self) -> dict:

@@ -40,7 +40,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from . import register_model
 from .base import Detector
-from .faster_rcnn import IMAGENET_MEAN, IMAGENET_STD, _load_state, build_backbone
+from .faster_rcnn import IMAGENET_MEAN, IMAGENET_STD, WeightsMismatchError, _load_state, build_backbone
 
 SIZE_DIVISIBLE = 32  # GeneralizedRCNNTransform's padding
 LEVEL_STRIDES = (8, 16, 32, 64, 128)  # P3-P7 of the ResNet FPN with LastLevelP6P7
@@ -82,12 +82,13 @@ class OneStageDetector(Detector):
         own = self.detector.state_dict()
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if any(not k.startswith(self.class_predictor + ".") for k in skipped):
-            raise ValueError(f"{path}: shapes differ outside the class predictor: {skipped[:5]}")
+            raise WeightsMismatchError(f"{path}: not a torchvision {self.model_name} checkpoint of this "
+                                      f"configuration: shapes differ outside the class predictor: {skipped[:5]}")
         state = {k: v for k, v in state.items() if k not in skipped}
         missing, unexpected = self.detector.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(self.class_predictor + ".")]
         if missing or unexpected:
-            raise ValueError(f"{path}: not a matching torchvision {self.model_name} state dict "
+            raise WeightsMismatchError(f"{path}: not a torchvision {self.model_name} checkpoint "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def arch_config(self) -> dict:
