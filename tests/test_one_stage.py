@@ -310,13 +310,12 @@ def test_fa_export_onnx_with_parity(trained, tmp_path):
     for prec in ("fp32", "fp16"):
         side = json.loads((tmp_path / f"last.{prec}.onnx.json").read_text())
         assert side["parity"]["passed"], (prec, side["parity"])
-    model, _ = load_model(str(w))
-    model = _scored(model).eval()
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     be = load_backend(str(tmp_path / "last.fp32.onnx"))
     with torch.no_grad():
         ref = load_model(str(w))[0].eval().export_module()(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(be.raw(x)[0], ref, rtol=1e-4, atol=1e-4)  # batch 3 of a file traced at batch 2
+    # batch 3 of a file traced at batch 2; fa-export's fp32 tolerance (boxes in pixels)
+    np.testing.assert_allclose(be.raw(x)[0], ref, rtol=1e-3, atol=1e-3)
 
 
 def test_a_checkpoint_of_another_detector_is_refused(trained, tmp_path):

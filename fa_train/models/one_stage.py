@@ -23,6 +23,7 @@ the FPN and head, and the anchors of that input size.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -44,6 +45,17 @@ from .faster_rcnn import IMAGENET_MEAN, IMAGENET_STD, WeightsMismatchError, _loa
 
 SIZE_DIVISIBLE = 32  # GeneralizedRCNNTransform's padding
 LEVEL_STRIDES = (8, 16, 32, 64, 128)  # P3-P7 of the ResNet FPN with LastLevelP6P7
+
+
+@contextlib.contextmanager
+def _not_traced():
+    """Tracing (torch.onnx.export) paused: tensors made inside are constants of the trace."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 class OneStageDetector(Detector):
@@ -133,15 +145,18 @@ class OneStageDetector(Detector):
 
     def _anchors(self, x: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """[A, 4] anchors (transformed pixels) of one image of this padded size: the same for every image."""
-        key = (tuple(x.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feats), x.device, x.dtype)
+        key = (tuple(int(v) for v in x.shape[-2:]), tuple(tuple(int(v) for v in f.shape[-2:]) for f in feats),
+               x.device, x.dtype)
         if key not in self._anchor_cache:
             if len(self._anchor_cache) > 16:
                 self._anchor_cache.clear()
-            with torch.no_grad():
-                dummy = ImageList(torch.zeros(1, 3, *x.shape[-2:], dtype=x.dtype, device=x.device),
-                                  [tuple(x.shape[-2:])])
+            hw = tuple(int(v) for v in x.shape[-2:])
+            # outside any trace: in an exported graph the anchors are one constant, not the generator's ops
+            with torch.no_grad(), _not_traced():
+                dummy = ImageList(torch.zeros(1, 3, *hw, dtype=x.dtype, device=x.device), [hw])
                 self._anchor_cache[key] = self.detector.anchor_generator(
-                    dummy, [torch.zeros(1, 1, *f.shape[-2:], dtype=x.dtype, device=x.device) for f in feats])[0]
+                    dummy, [torch.zeros(1, 1, int(f.shape[-2]), int(f.shape[-1]), dtype=x.dtype, device=x.device)
+                            for f in feats])[0]
         return self._anchor_cache[key]
 
     def _pass(self, images: torch.Tensor, targets=None) -> SimpleNamespace:
@@ -152,10 +167,11 @@ class OneStageDetector(Detector):
         feats = list(fpn.fpn(body).values())
         head = self.detector.head(feats)
         anchors = self._anchors(x, feats)
-        per_loc = len(anchors) // sum(f.shape[-2] * f.shape[-1] for f in feats)
-        levels = [int(f.shape[-2] * f.shape[-1]) * per_loc for f in feats]
+        per_loc = len(anchors) // sum(int(f.shape[-2]) * int(f.shape[-1]) for f in feats)
+        levels = [int(f.shape[-2]) * int(f.shape[-1]) * per_loc for f in feats]
         self._levels_seen[len(anchors)] = levels
-        return SimpleNamespace(x=x, size=size, orig=tuple(images.shape[-2:]), targets=tv_targets, mid=mid,
+        return SimpleNamespace(x=x, size=size, orig=tuple(int(v) for v in images.shape[-2:]), targets=tv_targets,
+                               mid=mid,
                                feats=feats, head=head, anchors=anchors, levels=levels)
 
     def _boxes(self, p: SimpleNamespace) -> torch.Tensor:
