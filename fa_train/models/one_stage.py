@@ -143,36 +143,39 @@ class OneStageDetector(Detector):
                                    "labels": tt["labels"][keep].to(images.device).long()})
         return x, (rh, rw), tv_targets
 
-    def _anchors(self, x: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[A, 4] anchors (transformed pixels) of one image of this padded size: the same for every image."""
-        key = (tuple(int(v) for v in x.shape[-2:]), tuple(tuple(int(v) for v in f.shape[-2:]) for f in feats),
-               x.device, x.dtype)
+    def _anchors(self, x: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """[A, 4] anchors (transformed pixels) of one image of this padded size and these FPN level shapes: the same
+        for every image."""
+        hw = tuple(int(v) for v in x.shape[-2:])
+        key = (hw, tuple(shapes), x.device, x.dtype)
         if key not in self._anchor_cache:
             if len(self._anchor_cache) > 16:
                 self._anchor_cache.clear()
-            hw = tuple(int(v) for v in x.shape[-2:])
             # outside any trace: in an exported graph the anchors are one constant, not the generator's ops
             with torch.no_grad(), _not_traced():
                 dummy = ImageList(torch.zeros(1, 3, *hw, dtype=x.dtype, device=x.device), [hw])
                 self._anchor_cache[key] = self.detector.anchor_generator(
-                    dummy, [torch.zeros(1, 1, int(f.shape[-2]), int(f.shape[-1]), dtype=x.dtype, device=x.device)
-                            for f in feats])[0]
+                    dummy, [torch.zeros(1, 1, h, w, dtype=x.dtype, device=x.device) for h, w in shapes])[0]
         return self._anchor_cache[key]
 
-    def _pass(self, images: torch.Tensor, targets=None) -> SimpleNamespace:
-        x, size, tv_targets = self._prep(images, targets)
+    def _network(self, images: torch.Tensor, x: torch.Tensor):
+        """(the M-th layer, the head's outputs {name: [N, A, K]}, the FPN level shapes) of the transformed images
+        `x` (a deployment twin runs its file on `images` here)."""
         fpn = self.detector.backbone
         body = fpn.body(x)
         mid = body[str(len(body) - 1)]  # layer4
         feats = list(fpn.fpn(body).values())
-        head = self.detector.head(feats)
-        anchors = self._anchors(x, feats)
-        per_loc = len(anchors) // sum(int(f.shape[-2]) * int(f.shape[-1]) for f in feats)
-        levels = [int(f.shape[-2]) * int(f.shape[-1]) * per_loc for f in feats]
+        return mid, self.detector.head(feats), [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+
+    def _pass(self, images: torch.Tensor, targets=None) -> SimpleNamespace:
+        x, size, tv_targets = self._prep(images, targets)
+        mid, head, shapes = self._network(images, x)
+        anchors = self._anchors(x, shapes)
+        per_loc = len(anchors) // sum(h * w for h, w in shapes)
+        levels = [h * w * per_loc for h, w in shapes]
         self._levels_seen[len(anchors)] = levels
         return SimpleNamespace(x=x, size=size, orig=tuple(int(v) for v in images.shape[-2:]), targets=tv_targets,
-                               mid=mid,
-                               feats=feats, head=head, anchors=anchors, levels=levels)
+                               mid=mid, shapes=shapes, head=head, anchors=anchors, levels=levels)
 
     def _boxes(self, p: SimpleNamespace) -> torch.Tensor:
         """[N, A, 4] every anchor's decoded box in input pixels, clipped to the image as torchvision clips it
@@ -405,8 +408,7 @@ class FCOSFPN(OneStageDetector):
         super().__init__(num_classes, fpn_channels=fpn_channels, **kw)
 
     def _tv_loss(self, p, targets, head, n):
-        return self.detector.compute_loss(targets, head, [p.anchors] * n, [int(f.shape[-2] * f.shape[-1])
-                                                                           for f in p.feats])
+        return self.detector.compute_loss(targets, head, [p.anchors] * n, [h * w for h, w in p.shapes])
 
     def _decode(self, reg, anchors):
         return self.detector.head.box_coder.decode(reg, anchors)
@@ -435,6 +437,9 @@ class FCOSFPN(OneStageDetector):
     def _slot_logits(self, head):
         # TOG-mislabel's slot score sigmoid(obj) x max sigmoid(cls) is then FCOS's detection score squared
         return head["bbox_ctrness"][..., 0], head["cls_logits"]
+
+
+ONE_STAGE = {cls.model_name: cls for cls in (RetinaNetFPN, FCOSFPN)}  # the twins' model classes by name
 
 
 @register_model("retinanet_resnet50_fpn")
