@@ -406,6 +406,17 @@ def _variadic(fn):
     return run
 
 
+def _instance_norm(a, at, g):
+    """InstanceNormalization as ONNX defines it: per (image, channel) over the remaining axes, (x - mean) /
+    sqrt(var + epsilon), var the mean squared deviation (two passes), then scale and bias."""
+    x, scale, bias = a
+    dims = tuple(range(2, x.dim()))
+    d = x - x.mean(dims, keepdim=True)
+    y = d / torch.sqrt((d * d).mean(dims, keepdim=True) + at.get("epsilon", 1e-5))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (y * scale.view(shape) + bias.view(shape),)
+
+
 def _split(a, at, g):
     x = a[0]
     axis = at.get("axis", 0) % x.dim()
@@ -438,8 +449,7 @@ OPS: Dict[str, Callable] = {
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
     "Sqrt": _unary(torch.sqrt),
     # GroupNorm's export (FCOS's head): [N, groups, -1] normalised per (image, group), the affine after it
-    "InstanceNormalization": lambda a, at, g: (F.instance_norm(a[0], weight=a[1], bias=a[2],
-                                                               eps=at.get("epsilon", 1e-5)),),
+    "InstanceNormalization": _instance_norm,
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Split": _split,
     "Tile": lambda a, at, g: (a[0].repeat(_ints(a[1])),), "ConstantOfShape": _constant_of_shape,
 }
