@@ -179,6 +179,10 @@ def arch_differences(expected: dict, found: dict) -> list:
 
 
 def load_into(model, ckpt: dict, path: str = "checkpoint") -> None:
+    expected, found = model.arch_config().get("name"), ckpt["arch"].get("name")
+    if expected != found:
+        raise CheckpointError(f"{path}: a {found} checkpoint cannot be loaded into a {expected} model (a checkpoint "
+                              f"loads only into the detector it was trained as; --model {found} uses it)")
     diffs = arch_differences(model.arch_config(), ckpt["arch"])
     if diffs:
         raise CheckpointError(f"{path}: checkpoint is for another model:\n  " + "\n  ".join(diffs))

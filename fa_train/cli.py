@@ -23,14 +23,17 @@ def _d(key: str, shown=None) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML preset (configs/*.yaml)")
-@click.option("--model", help="the detector: yolov3 | fasterrcnn_resnet50_fpn | ultralytics:MODEL.yaml (YOLOv8 / "
-              "YOLO11 built from Ultralytics' YAML, e.g. ultralytics:yolov8n.yaml; the optional extra "
-              "[ultralytics], AGPL-3.0) | ultralytics:PATH.pt (a trained model) " + _d("model.name"))
+@click.option("--model", help="the detector: yolov3 | fasterrcnn_resnet50_fpn | retinanet_resnet50_fpn | "
+              "fcos_resnet50_fpn | ultralytics:MODEL.yaml (YOLOv8 / YOLO11 built from Ultralytics' YAML, e.g. "
+              "ultralytics:yolov8n.yaml; the optional extra [ultralytics], AGPL-3.0) | ultralytics:PATH.pt (a "
+              "trained model) " + _d("model.name"))
 @click.option("--trust-checkpoint", is_flag=True, default=None,
               help="read an Ultralytics .pt given as --model ultralytics:PATH.pt (a pickle: loading it runs code "
                    "from the file; without the flag it is refused)")
-@click.option("--backbone", help="Faster R-CNN: resnet50 (the paper) | resnet18 | resnet34 | resnet101")
-@click.option("--weights-backbone", help="Faster R-CNN: local torchvision ImageNet ResNet checkpoint (.pth)")
+@click.option("--backbone", help="Faster R-CNN, RetinaNet, FCOS: resnet50 (the paper) | resnet18 | resnet34 | "
+              "resnet101")
+@click.option("--weights-backbone", help="Faster R-CNN, RetinaNet, FCOS: local torchvision ImageNet (or robust) "
+              "ResNet state dict")
 @click.option("--width-mult", type=float, help="YOLOv3 channel multiplier (1.0 = Darknet-53 as in the cfg) [default: 1.0, or the preset's]")
 @click.option("--depth-mult", type=float, help="YOLOv3 residual-block multiplier [default: 1.0, or the preset's]")
 @click.option("--data", help="voc:PATH_TO_VOCdevkit | coco:PATH_TO_COCO | yolo:PATH/data.yaml (Ultralytics "

@@ -228,7 +228,7 @@ def check_config(cfg: dict) -> dict:
     for key in ("model.fpn_channels", "model.min_size", "model.max_size", "model.box_batch_size_per_image"):
         _number(cfg, key, integer=True, lo=1, optional=True)
     _number(cfg, "model.trainable_layers", integer=True, lo=0, hi=5, optional=True)
-    _file(cfg, "model.weights", "Faster R-CNN weights file")
+    _file(cfg, "model.weights", "detector weights file")
     _file(cfg, "model.weights_backbone", "backbone weights file")
 
     if not isinstance(cfg["data"]["spec"], str):

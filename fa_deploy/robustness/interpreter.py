@@ -396,6 +396,46 @@ def _binary(fn):
     return lambda a, at, g: (fn(a[0], a[1]),)
 
 
+def _variadic(fn):
+    """Max / Min: elementwise over any number of inputs, broadcast."""
+    def run(a, at, g):
+        out = a[0]
+        for t in a[1:]:
+            out = fn(out, t)
+        return (out,)
+    return run
+
+
+def _instance_norm(a, at, g):
+    """InstanceNormalization as ONNX defines it: per (image, channel) over the remaining axes, (x - mean) /
+    sqrt(var + epsilon), var the mean squared deviation (two passes), then scale and bias."""
+    x, scale, bias = a
+    dims = tuple(range(2, x.dim()))
+    d = x - x.mean(dims, keepdim=True)
+    y = d / torch.sqrt((d * d).mean(dims, keepdim=True) + at.get("epsilon", 1e-5))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (y * scale.view(shape) + bias.view(shape),)
+
+
+def _split(a, at, g):
+    x = a[0]
+    axis = at.get("axis", 0) % x.dim()
+    sizes = _ints(a[1]) if len(a) > 1 and a[1] is not None and a[1].numel() else at.get("split")
+    if sizes is None:
+        n = at.get("num_outputs", len(g.outputs_of_current))
+        sizes = [-(-x.shape[axis] // n)] * (n - 1)
+        sizes.append(x.shape[axis] - sum(sizes))
+    return tuple(torch.split(x, list(sizes), axis))
+
+
+def _constant_of_shape(a, at, g):
+    from onnx import numpy_helper
+
+    value = at.get("value")
+    v = torch.from_numpy(numpy_helper.to_array(value).copy()) if value is not None else torch.zeros(1)
+    return (v.reshape(()).expand(_ints(a[0])).clone(),)
+
+
 OPS: Dict[str, Callable] = {
     "Identity": lambda a, at, g: (a[0],),
     "Conv": _conv, "Gemm": _gemm, "MatMul": _binary(torch.matmul), "MaxPool": _maxpool,
@@ -407,13 +447,19 @@ OPS: Dict[str, Callable] = {
     "Transpose": lambda a, at, g: (a[0].permute(at.get("perm", list(reversed(range(a[0].dim()))))),),
     "Expand": _expand, "Slice": _slice, "Range": _range, "Flatten": _flatten, "Resize": _resize, "Cast": _cast,
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
+    "Sqrt": _unary(torch.sqrt),
+    # GroupNorm's export (FCOS's head): [N, groups, -1] normalised per (image, group), the affine after it
+    "InstanceNormalization": _instance_norm,
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Split": _split,
+    "Tile": lambda a, at, g: (a[0].repeat(_ints(a[1])),), "ConstantOfShape": _constant_of_shape,
 }
 # ops whose outputs are some of their data inputs' values: a quantization grid survives them
 _SELECTING = {"Identity", "MaxPool", "Relu", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
-              "Expand", "Slice", "Flatten", "Resize"}
+              "Expand", "Slice", "Flatten", "Resize", "Split", "Tile"}
 # outputs that only select or move input values: in emulated float16 they need no rounding
 _EXACT = {"Identity", "MaxPool", "Relu", "Clip", "Concat", "Shape", "Gather", "Unsqueeze", "Squeeze", "Reshape",
-          "Transpose", "Expand", "Slice", "Flatten", "Resize", "Cast", "Range", "QuantizeLinear"}
+          "Transpose", "Expand", "Slice", "Flatten", "Resize", "Cast", "Range", "QuantizeLinear", "Max", "Min",
+          "Split", "Tile", "ConstantOfShape"}
 _TORCH_TYPE = {FLOAT: torch.float32, FLOAT16: torch.float16, DOUBLE: torch.float64, INT8: torch.int8,
                UINT8: torch.uint8, INT32: torch.int32, INT64: torch.int64, BOOL: torch.bool}
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from fa_train.models.faster_rcnn import FPN_LEVELS, FasterRCNNFPN, _Call  # _Call: a function as a module
 from fa_train.models.yolov3 import YoloConfig, YoloV3
+from fa_train.models.one_stage import ONE_STAGE
 
 from fa_deploy.robustness.interpreter import _broadcast, FLOAT16, OnnxGraph
 from fa_deploy.runtime.backends import ENGINE_SUFFIXES, OrtBackend, unshare_constants
@@ -467,6 +468,78 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         return reports
 
 
+class OneStageTwin(DeployedTwin):
+    """RetinaNet / FCOS whose network is the deployed file (one network): the loss reads the head's prediction
+    convolutions of every FPN level as the file computes them (the maps its decode reads), `features` ResNet
+    `layer4` as the file computes it; anchors, matching, losses and the box decode are torchvision's, predictions
+    the file's own output. Mixed into the model class by `one_stage_twin`."""
+
+    def _init_one_stage(self, graph: OnnxGraph, path: str):
+        self.detector.backbone = None  # the file holds the network (the head stays for torchvision's loss code)
+        self._init_twin({"model": graph}, {"model": path}, path)
+        self.input_name = graph.input_names[0]
+        self.mid_name = scope_output(graph, "body/layer4")  # the export calls the ResNet body as `body`
+        self.head_keys = ("cls_logits", "bbox_regression", "bbox_ctrness")[:len(self.head_predictors)]
+        self.head_names = [level_conv_outputs(graph, p) for p in self.export_keep_float32]
+        if len({len(v) for v in self.head_names}) != 1:
+            raise TwinError(f"{path}: the head's prediction convolutions differ in level count "
+                            f"{[len(v) for v in self.head_names]}")
+
+    def _network(self, images, x):
+        names = [n for level in self.head_names for n in level]
+        outs = self._run("model", {self.input_name: images}, [self.mid_name] + names)
+        mid, outs = outs[0], outs[1:]
+        levels = len(self.head_names[0])
+        head = {}
+        for j, key in enumerate(self.head_keys):
+            maps = outs[j * levels:(j + 1) * levels]
+            k = self.num_classes if key == "cls_logits" else 4 if key == "bbox_regression" else 1
+            head[key] = torch.cat([m.view(m.shape[0], -1, k, *m.shape[-2:]).permute(0, 3, 4, 1, 2)
+                                   .reshape(m.shape[0], -1, k) for m in maps], 1)
+        return mid, head, [(int(m.shape[-2]), int(m.shape[-1])) for m in outs[:levels]]
+
+    def features(self, images):
+        return self._run("model", {self.input_name: images}, [self.mid_name])[0]
+
+    def export_module(self) -> nn.Module:
+        return _Call(lambda images: self._run("model", {self.input_name: images}, self.graphs["model"].output_names)[0])
+
+    def verify(self, images) -> Dict[str, dict]:
+        self.verification = None
+        x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
+        self.verification = {"model": verify_twin(self.graphs["model"], self.files["model"], x,
+                                                  taps=[self.mid_name] + [n for lv in self.head_names for n in lv])}
+        return self.verification
+
+
+def level_conv_outputs(graph: OnnxGraph, weight_prefix: str) -> List[str]:
+    """The values read downstream of every convolution with weights `weight_prefix` (a head convolution shared by
+    the FPN levels: one node per level), in the order the export traced them (P3 first)."""
+    import re
+
+    found = []
+    for k, st in enumerate(graph._steps):
+        if st.op == "Conv" and len(st.inputs) > 1 and any(
+                st.inputs[1].startswith(p) for p in (f"model.{weight_prefix}.", f"{weight_prefix}.")):
+            m = re.search(r"_(\d+)/[^/]*$", st.name or "")  # '/head/.../cls_logits_3/Conv': the 4th call
+            found.append((int(m.group(1)) if m else 0, k, follow_representation(graph, st.outputs[0])))
+    if not found:
+        raise TwinError(f"{graph.name}: no convolution with weights {weight_prefix}.* in the graph")
+    return [name for _, _, name in sorted(found)]
+
+
+def one_stage_twin(arch: dict, graph: OnnxGraph, path: str):
+    """The twin of a one-stage detector's ONNX file: the model class of `arch["name"]` with its network replaced."""
+    arch = dict(arch)
+    name = arch.pop("name")
+    cls = ONE_STAGE[name]
+    twin_cls = type(f"{cls.__name__}Twin", (OneStageTwin, cls), {})
+    twin = twin_cls.__new__(twin_cls)
+    cls.__init__(twin, arch.pop("num_classes"), **arch)
+    twin._init_one_stage(graph, path)
+    return twin
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -510,6 +583,11 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
                             f"model; the twin needs it")
         arch = dict(model_info)
         name = arch.pop("name")
+        if name in ONE_STAGE:
+            twin = one_stage_twin(dict(model_info), OnnxGraph(path, fp16=fp16), path)
+            if verify_images is not None:
+                twin.verify(verify_images)
+            return twin
         if name != YoloV3.model_name:
             raise TwinError(f"{path}: no whole-model twin for {name!r} (a Faster R-CNN is deployed as a pipeline: "
                             f"load its .pipeline.json)")
@@ -521,4 +599,4 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
 
 
 __all__ = ["TOLERANCES", "REFERENCE_CONFIG", "TwinError", "TwinMismatch", "verify_twin", "load_twin", "YoloTwin",
-           "FasterRCNNTwin", "graph_precision", "follow_representation", "scope_output", "conv_output"]
+           "FasterRCNNTwin", "OneStageTwin", "one_stage_twin", "graph_precision", "follow_representation", "scope_output", "conv_output"]

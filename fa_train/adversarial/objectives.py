@@ -343,6 +343,14 @@ def build_objective(cfg: dict, model, device, log=print, steps_per_epoch: int = 
             from ..checkpoint import load_model
 
             teacher, _ = load_model(m["teacher"])
+            mine, theirs = model.arch_config(), teacher.arch_config()
+            if mine["name"] != theirs["name"] or teacher.mid_channels != model.mid_channels:
+                from ..checkpoint import CheckpointError
+
+                raise CheckpointError(f"--teacher {m['teacher']}: a {theirs['name']} checkpoint (M-th layer "
+                                      f"{teacher.mid_channels} channels) cannot teach a {mine['name']} model "
+                                      f"({model.mid_channels} channels): KDFA aligns the same layer of the same "
+                                      f"detector")
             teacher = teacher.to(device)
             log(f"KDFA teacher: {m['teacher']}")
         else:  # the paper: the clean-trained base model is both the initial weights and the teacher

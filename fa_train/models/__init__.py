@@ -26,7 +26,8 @@ def create_model(name: str, num_classes: int, **kw) -> Detector:
     return _REGISTRY[name](num_classes=num_classes, **kw)
 
 
-from . import faster_rcnn, yolov3  # noqa: E402,F401  (register "fasterrcnn_resnet50_fpn", "yolov3")
+# register "fasterrcnn_resnet50_fpn", "yolov3", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"
+from . import faster_rcnn, one_stage, yolov3  # noqa: E402,F401
 from . import ultralytics_yolo  # noqa: E402,F401  (register "ultralytics"; the package itself is imported on use)
 
 __all__ = ["Detector", "create_model", "available_models", "register_model"]

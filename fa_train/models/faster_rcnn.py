@@ -43,10 +43,27 @@ class WeightsFileError(FileNotFoundError):
     pass
 
 
+class WeightsMismatchError(ValueError):
+    """A local weights file that is not the torchvision state dict the option asks for."""
+
+
 def _load_state(path: str, what: str, expected: str) -> None:
     if not os.path.isfile(path):
         raise WeightsFileError(f"{path}: {what} not found (nothing is downloaded: place torchvision's "
                                f"{expected} there, or leave the option unset)")
+
+
+def read_torchvision_state(path: str, what: str, expected: str, flag: str = "model.weights") -> dict:
+    """A local torchvision state dict, read safely (`initial_weights.read_weights`, published prefixes stripped);
+    a fa-train checkpoint is refused naming --init, the way to continue from one."""
+    from ..initial_weights import read_weights, state_dict_of
+
+    _load_state(path, what, expected)
+    obj = read_weights(path, flag)
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), dict):
+        raise WeightsMismatchError(f"{path}: a fa-train checkpoint of {obj['arch'].get('name')}, not torchvision's "
+                                   f"{expected}: continue from it with --init (same detector) instead")
+    return state_dict_of(obj, path, flag)[0]
 
 
 def _body_part(body, name: str):
@@ -57,8 +74,11 @@ def _body_part(body, name: str):
                     file_extra=("fc.",))
 
 
-def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str]):
-    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN (layers 1-4 + max-pool).
+def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str],
+                   returned_layers: Sequence[int] = (1, 2, 3, 4), extra_blocks: Optional[nn.Module] = None):
+    """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN, as torchvision's
+    `_resnet_fpn_extractor` makes it: the FPN over `returned_layers` (named "0", "1", ... in that order) plus
+    `extra_blocks` (default: layers 1-4 + max-pool, Faster R-CNN's; RetinaNet and FCOS take layers 2-4 + P6/P7).
     `weights_backbone`: a local torchvision ResNet state dict (read as --init reads one: prefixes stripped)."""
     if name not in BACKBONES:
         raise ValueError(f"backbone {name!r}: expected one of {BACKBONES}")
@@ -71,9 +91,9 @@ def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_
         if all(not pname.startswith(layer) for layer in layers):
             p.requires_grad_(False)
     c = resnet.inplanes // 8  # layer1 channels (256 for ResNet-50, 64 for ResNet-18)
-    in_channels = [c, c * 2, c * 4, c * 8]
-    fpn = BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
-                          fpn_channels, extra_blocks=LastLevelMaxPool())
+    in_channels = [c * 2 ** (k - 1) for k in returned_layers]
+    fpn = BackboneWithFPN(resnet, {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}, in_channels,
+                          fpn_channels, extra_blocks=LastLevelMaxPool() if extra_blocks is None else extra_blocks)
     if weights_backbone:
         from ..initial_weights import load_weights_file
 
