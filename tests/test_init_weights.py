@@ -348,3 +348,22 @@ def test_checkpoint_init_notes_other_class_names(tmp_path, source_yolo):
     logs.clear()
     load_init(_yolo(), str(tmp_path / "ck.pt"), logs.append, class_names=["a", "b", "c", "d"])
     assert len(logs) == 1 and "the whole model" in logs[0]
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_one_stage_detectors_take_a_robust_resnet_backbone(tmp_path, resnet18_state, name):
+    """RetinaNet and FCOS take the same backbone files as Faster R-CNN (robustness layout here): the ResNet body
+    gets torchvision's tensors (layer1 included, though their FPN starts at layer2), the FPN and head stay."""
+    path = tmp_path / "robust.pt"
+    torch.save(LAYOUTS["robustness"](resnet18_state), path)
+    torch.manual_seed(0)
+    model = create_model(name, 4, backbone="resnet18", fpn_channels=64, min_size=64, max_size=64)
+    before = _snapshot(model)
+    report = load_init(model, str(path), lambda m: None)
+    body = "detector.backbone.body."
+    after = model.state_dict()
+    for k, v in resnet18_state.items():
+        if not k.startswith("fc.") and "num_batches" not in k:
+            assert torch.equal(after[body + k], v), k
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith(body))
+    assert report.kind == "backbone"

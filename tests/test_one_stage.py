@@ -329,9 +329,9 @@ def test_a_checkpoint_of_another_detector_is_refused(trained, tmp_path):
     model = create_model(other, 4, **tiny_arch(other))
     with pytest.raises(CheckpointError, match=f"a {name} checkpoint cannot be loaded into a {other} model"):
         load_into(model, load_checkpoint(str(w)), str(w))
-    for flags, says in ((["--init", str(w)], f"a {name} checkpoint cannot be loaded into a {other} model"),
+    for flags, says in ((["--init", str(w)], f"a fa-train {name} checkpoint cannot initialise {other}"),
                         (["--method", "kdfa", "--teacher", str(w)], f"--teacher {w}: a {name} checkpoint"),
-                        (["--init", str(tmp_path / "x.weights")], "Darknet weights load into yolov3 only")):
+                        (["--init", str(tmp_path / "x.weights")], "Darknet weights initialise YOLOv3 only")):
         (tmp_path / "x.weights").write_bytes(b"\0" * 64)
         r = train_tiny(tmp_path, other, *flags)
         assert r.exit_code == 2, r.output
