@@ -612,6 +612,19 @@ def test_float32_batch_size_moves_apgd_and_cwa_within_the_stated_bound(overfit):
         assert abs(rows[0][col] - rows[1][col]) <= 1 / 4 + 1e-9, (col, rows)
 
 
+def test_float32_batch_size_moves_faster_rcnn_columns_within_the_stated_bound(frcnn_exported):
+    """The same statement on Faster R-CNN (the session's tiny trained one): PGD rows and each AP50 column within
+    one image's worth across batch sizes."""
+    from fa_deploy import api
+
+    weights = str(frcnn_exported[0])
+    common = dict(attack="pgd,apgd,cwa", steps=(1,), eps=0.03, apgd_iterations=3, max_images=4, workers=0,
+                  write=False)
+    rows = [api.bench(weights, batch_size=b, **common).rows[0] for b in (4, 1)]
+    for col in ("clean", "PGD-1", "apgd", "cwa", "worst"):
+        assert abs(rows[0][col] - rows[1][col]) <= 1 / 4 + 1e-9, (col, rows)
+
+
 def test_float32_batch_size_on_faster_rcnn_keeps_each_images_loss_close():
     """The float32 statement on Faster R-CNN: APGD's and cwa's images at batch 3 and one at a time stay in the
     ball and reach per-image objective values within 5 % of each other (float64 makes them equal: above)."""
