@@ -13,11 +13,33 @@ from click.testing import CliRunner
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # never an online check from the tests
 os.environ.setdefault("YOLO_VERBOSE", "False")
-pytest.importorskip("ultralytics", reason="the optional extra is not installed: pip install -e '.[ultralytics]'")
+from fa_train.models import ultralytics_yolo as U  # noqa: E402
+
+if not U.available():  # through the project's import, which puts back what Ultralytics patches in other libraries
+    pytest.skip("the optional extra is not installed: pip install -e '.[ultralytics]'", allow_module_level=True)
 
 from conftest import built_once, make_targets  # noqa: E402
 from fa_train.models import create_model  # noqa: E402
 from fa_train.models.ultralytics_yolo import UltralyticsError, convert_checkpoint  # noqa: E402
+
+
+def test_importing_ultralytics_leaves_the_other_libraries_alone(tmp_path):
+    """Ultralytics replaces PIL.Image.open on import (an unreadable image then makes it try to install a HEIF
+    plugin, and our 'corrupt image' error became an internal error), torch.save and cv2's image I/O: after the
+    project's import they are the libraries' own, and a corrupt image is still named."""
+    import subprocess
+    import sys
+
+    code = ("import PIL.Image, torch, cv2; before = (PIL.Image.open, torch.save, cv2.imread); "
+            "from fa_train.models.ultralytics_yolo import _import_ultralytics; _import_ultralytics(); "
+            "import ultralytics.utils.patches; "
+            "assert (PIL.Image.open, torch.save, cv2.imread) == before, 'patched'; "
+            "from fa_train.data.common import load_image; "
+            f"open({str(tmp_path / 'bad.jpg')!r}, 'wb').write(b'not an image'); "
+            f"load_image({str(tmp_path / 'bad.jpg')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "patched" not in r.stderr and "pi_heif" not in r.stderr, r.stderr
+    assert "bad.jpg" in r.stderr.splitlines()[-1], r.stderr
 
 YAMLS = ("yolov8n.yaml", "yolo11n.yaml")
 

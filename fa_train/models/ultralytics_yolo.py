@@ -46,17 +46,38 @@ class UltralyticsError(ValueError):
     """A model spec, file or YAML that cannot be used; the message is one line naming it."""
 
 
+def _process_globals():
+    """The functions Ultralytics replaces in other libraries when it is imported (PIL.Image.open, which then
+    tries to install a HEIF plugin on any unreadable image; torch.save; cv2's imread / imwrite / imshow)."""
+    import PIL.Image
+
+    out = [(PIL.Image, "open", PIL.Image.open), (torch, "save", torch.save)]
+    try:
+        import cv2
+
+        out += [(cv2, n, getattr(cv2, n)) for n in ("imread", "imwrite", "imshow") if hasattr(cv2, n)]
+    except ImportError:
+        pass
+    return out
+
+
 def _import_ultralytics():
     """Import Ultralytics with its network features off: no online check, no telemetry (an offline process never
-    syncs), quiet. Raises UltralyticsError when the extra is not installed."""
+    syncs), quiet; and with the process's other libraries as they were (Ultralytics patches PIL.Image.open, which
+    turned this project's "corrupt image" errors into an attempt to pip-install a plugin, torch.save and cv2's
+    image I/O on import: they are put back). Raises UltralyticsError when the extra is not installed."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    saved = _process_globals()
     try:
         import ultralytics  # noqa: F401
         from ultralytics.nn import tasks
     except ImportError as e:
         raise UltralyticsError(f"--model ultralytics:...: the Ultralytics package is not installed ({e}); "
                                f"{EXTRA_HINT}") from None
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
     return tasks
 
 
