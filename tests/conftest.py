@@ -233,3 +233,49 @@ def broken_copy(src, dst):
                                                        .astype(np.float32), init.name))
     onnx.save(m, str(dst))
     shutil.copy(str(src) + ".json", str(dst) + ".json")
+
+
+def predict_and_sanity(weights, shapes_devkit, tmp_path):
+    """A new detector through fa-predict and fa-bench --sanity (issue 25's capability table): fa-predict with the
+    checkpoint and with its fp32 ONNX export (and --attack pgd from the checkpoint) gives the same detections;
+    --sanity writes every check's row with a verdict."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from fa_deploy.cli import main as bench_main
+    from fa_deploy.export_cli import export_main
+    from fa_deploy.predict_cli import predict_main
+
+    d = os.path.join(shapes_devkit, "VOCshapes", "JPEGImages")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(os.listdir(d))[:2]:
+        (folder / f).write_bytes(open(os.path.join(d, f), "rb").read())
+    r = CliRunner().invoke(export_main, [str(weights), "--onnx", "fp32", "--verify-images", "2", "--out",
+                                         str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    onnx_file = tmp_path / "exp" / "last.fp32.onnx"
+    outs = {}
+    for tag, args in (("src", ["--weights", str(weights)]),
+                      ("onnx", ["--backend", str(onnx_file), "--weights", str(weights), "--attack", "pgd",
+                                "--steps", "1"])):
+        r = CliRunner().invoke(predict_main, [str(folder), *args, "--out", str(tmp_path / tag), "--conf", "0.05",
+                                              "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs[tag] = json.loads((tmp_path / tag / "predictions.json").read_text())
+    assert len(outs["src"]) == len(outs["onnx"])
+    for p, q in zip(sorted(outs["src"], key=lambda p: (p["image_id"], -p["score"])),
+                    sorted(outs["onnx"], key=lambda p: (p["image_id"], -p["score"]))):
+        assert p["category_id"] == q["category_id"] and abs(p["score"] - q["score"]) < 1e-3, (p, q)
+    r = CliRunner().invoke(bench_main, ["--weights", str(weights), "--sanity", str(tmp_path / "sanity"),
+                                        "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet",
+                                        "--apgd-iterations", "2", "--restarts", "2", "--sanity-eps", "0.01,0.1",
+                                        "--sanity-steps", "1,2", "--sanity-queries", "4"])
+    assert r.exit_code in (0, 1), r.output  # 1: a check failed or INCONCLUSIVE on a one-epoch model, not an error
+    out = json.loads((tmp_path / "sanity" / "sanity.json").read_text())
+    checks = {row["check"] for row in out["rows"]}
+    assert {"AP50 non-increasing with eps", "uniform noise not stronger than the attack",
+            "gradient-free search not stronger than white-box"} <= checks, checks
+    assert out["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")

@@ -388,3 +388,9 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
     rows = json.loads(js.read_text())["rows"]
     assert [(row["backend"], row["threat"]) for row in rows] == [("source", "own")] + [
         ("last.fp16.onnx", th) for th in ("transfer", "whitebox", "differential", "worst")]
+
+
+def test_fa_predict_and_sanity(trained, shapes_devkit, tmp_path):
+    from conftest import predict_and_sanity
+
+    predict_and_sanity(trained[1], shapes_devkit, tmp_path)

@@ -340,3 +340,9 @@ def test_fa_export_onnx_parity_at_three_precisions(trained, tmp_path):
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_fa_predict_and_sanity(trained, shapes_devkit, tmp_path):
+    from conftest import predict_and_sanity
+
+    predict_and_sanity(trained[1], shapes_devkit, tmp_path)
