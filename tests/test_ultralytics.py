@@ -346,3 +346,27 @@ def test_fa_predict_and_sanity(trained, shapes_devkit, tmp_path):
     from conftest import predict_and_sanity
 
     predict_and_sanity(trained[1], shapes_devkit, tmp_path)
+
+
+def test_yolo11_trains_attacks_and_exports(tmp_path):
+    """YOLO11 through the same commands as YOLOv8 (one module for both): one epoch of --method fa from its YAML,
+    fa-bench's paper rows and apgd, and an fp32 ONNX export whose parity check passes."""
+    from fa_deploy.cli import main as bench_main
+    from fa_deploy.export_cli import export_main
+    from fa_train.cli import main as train_main
+
+    r = CliRunner().invoke(train_main, ["--model", "ultralytics:yolo11n.yaml", "--method", "fa", *TRAIN,
+                                        "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    w = tmp_path / "run" / "last.pt"
+    js = tmp_path / "b.json"
+    r = CliRunner().invoke(bench_main, ["--weights", str(w), "--attack", "pgd,apgd", "--steps", "1",
+                                        "--apgd-iterations", "2", "--max-images", "2", "--workers", "0", "--quiet",
+                                        "--json", str(js), "--min-clean-ap", "0"])
+    assert r.exit_code == 0, r.output
+    assert {"clean", "PGD-1", "apgd", "worst"} <= set(json.loads(js.read_text())["columns"])
+    r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--verify-images", "2", "--out",
+                                         str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "exp" / "last.fp32.onnx.json").read_text())
+    assert side["parity"]["passed"], side["parity"]
