@@ -343,7 +343,30 @@ class DeployedTwin:
         raise NotImplementedError
 
 
-class YoloTwin(DeployedTwin, YoloV3):
+class OneNetworkTwin(DeployedTwin):
+    """A twin whose deployment is one network ("model"): `features` is its tap `mid_name`, predictions its own
+    output, verification against ONNX Runtime on the graph's outputs and the taps `_taps()` the loss reads."""
+
+    input_name: str
+    mid_name: str
+
+    def _taps(self) -> List[str]:
+        raise NotImplementedError
+
+    def features(self, images):
+        return self._run("model", {self.input_name: images}, [self.mid_name])[0]
+
+    def export_module(self) -> nn.Module:
+        return _Call(lambda images: self._run("model", {self.input_name: images}, self.graphs["model"].output_names)[0])
+
+    def verify(self, images) -> Dict[str, dict]:
+        self.verification = None
+        x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
+        self.verification = {"model": verify_twin(self.graphs["model"], self.files["model"], x, taps=self._taps())}
+        return self.verification
+
+
+class YoloTwin(OneNetworkTwin, YoloV3):
     """YOLOv3 whose network is the deployed file: the loss reads the three head maps the file's decode reads,
     `features` the last Darknet-53 stage as the file computes it; predictions are the file's own decode."""
 
@@ -360,18 +383,8 @@ class YoloTwin(DeployedTwin, YoloV3):
         *heads, mid = self._run("model", {self.input_name: images}, self.head_names + [self.mid_name])
         return heads, mid
 
-    def features(self, images):
-        return self._run("model", {self.input_name: images}, [self.mid_name])[0]
-
-    def export_module(self) -> nn.Module:
-        return _Call(lambda images: self._run("model", {self.input_name: images}, self.graphs["model"].output_names)[0])
-
-    def verify(self, images) -> Dict[str, dict]:
-        self.verification = None
-        x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
-        self.verification = {"model": verify_twin(self.graphs["model"], self.files["model"], x,
-                                                  taps=self.head_names + [self.mid_name])}
-        return self.verification
+    def _taps(self) -> List[str]:
+        return self.head_names + [self.mid_name]
 
 
 class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
@@ -468,7 +481,7 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
         return reports
 
 
-class OneStageTwin(DeployedTwin):
+class OneStageTwin(OneNetworkTwin):
     """RetinaNet / FCOS whose network is the deployed file (one network): the loss reads the head's prediction
     convolutions of every FPN level as the file computes them (the maps its decode reads), `features` ResNet
     `layer4` as the file computes it; anchors, matching, losses and the box decode are torchvision's, predictions
@@ -498,18 +511,8 @@ class OneStageTwin(DeployedTwin):
                                    .reshape(m.shape[0], -1, k) for m in maps], 1)
         return mid, head, [(int(m.shape[-2]), int(m.shape[-1])) for m in outs[:levels]]
 
-    def features(self, images):
-        return self._run("model", {self.input_name: images}, [self.mid_name])[0]
-
-    def export_module(self) -> nn.Module:
-        return _Call(lambda images: self._run("model", {self.input_name: images}, self.graphs["model"].output_names)[0])
-
-    def verify(self, images) -> Dict[str, dict]:
-        self.verification = None
-        x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
-        self.verification = {"model": verify_twin(self.graphs["model"], self.files["model"], x,
-                                                  taps=[self.mid_name] + [n for lv in self.head_names for n in lv])}
-        return self.verification
+    def _taps(self) -> List[str]:
+        return [self.mid_name] + [n for level in self.head_names for n in level]
 
 
 def level_conv_outputs(graph: OnnxGraph, weight_prefix: str) -> List[str]:
