@@ -189,12 +189,12 @@ def _number(cfg, key, integer=False, lo=None, hi=None, lo_open=False, optional=F
         raise ConfigError(f"{describe(key, v)}: must be at most {hi}{hint}")
 
 
-def _choice(cfg, key, choices, optional=False):
+def _choice(cfg, key, choices, optional=False, shown=None):
     v = _get(cfg, key)
     if v is None and optional:
         return
     if v not in choices:
-        raise ConfigError(f"{describe(key, repr(v))}: expected one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{describe(key, repr(v))}: expected one of {', '.join(map(str, shown or choices))}")
 
 
 def _flag(cfg, key):
@@ -221,7 +221,8 @@ def check_config(cfg: dict) -> dict:
     from .models.faster_rcnn import BACKBONES
 
     _check_ultralytics(cfg)
-    _choice(cfg, "model.name", available_models())
+    _choice(cfg, "model.name", available_models(),
+            shown=[m if m != "ultralytics" else "ultralytics:MODEL.yaml|PATH.pt" for m in available_models()])
     _choice(cfg, "model.backbone", BACKBONES, optional=True)
     for key in ("model.width_mult", "model.depth_mult"):
         _number(cfg, key, lo=0, lo_open=True, optional=True)
