@@ -14,6 +14,25 @@ Detections = Dict[str, torch.Tensor]  # boxes [K,4] xyxy input pixels, scores [K
 Targets = List[Dict[str, torch.Tensor]]  # boxes [M,4] xyxy input pixels, labels [M], ignore [M] bool
 
 
+def classwise_nms(boxes: torch.Tensor, scores: torch.Tensor, conf_thres: float, iou_thres: float, max_det: int,
+                 pre_nms_topk: int, class_rows: Optional[torch.Tensor] = None) -> Detections:
+    """One image's detections from per-anchor boxes [A, 4] (xyxy) and class scores [A, C]: every (anchor, class)
+    above `conf_thres` a candidate, the `pre_nms_topk` highest kept, torchvision's class-wise NMS, the first
+    `max_det`. `class_rows` [A, C'] adds each detection's row of it as "class_scores" (TOG-mislabel)."""
+    import torchvision
+
+    idx, cls = (scores > conf_thres).nonzero(as_tuple=True)
+    sc = scores[idx, cls]
+    if sc.numel() > pre_nms_topk:
+        sc, order = sc.topk(pre_nms_topk)
+        idx, cls = idx[order], cls[order]
+    keep = torchvision.ops.batched_nms(boxes[idx], sc, cls, iou_thres)[:max_det]
+    det = {"boxes": boxes[idx[keep]], "scores": sc[keep], "labels": cls[keep]}
+    if class_rows is not None:
+        det["class_scores"] = class_rows[idx[keep]]
+    return det
+
+
 class Detector(nn.Module):
     """Base class: the model name, class count and M-th layer description, plus the contract methods."""
 

@@ -35,7 +35,7 @@ import torchvision
 from torch import nn
 
 from . import register_model
-from .base import Detector, Targets
+from .base import Detector, Targets, classwise_nms
 
 PREFIX = "ultralytics:"
 EXTRA_HINT = "pip install -e '.[ultralytics]' (Ultralytics is AGPL-3.0)"
@@ -477,20 +477,8 @@ class UltralyticsYolo(Detector):
         detections after class-wise NMS, every (anchor, class) above `conf_thres` a candidate."""
         pred = raw[0] if isinstance(raw, (list, tuple)) else raw
         pred = torch.as_tensor(pred).float()
-        results = []
-        for p in pred:
-            scores = p[:, 4:]
-            idx, cls = (scores > conf_thres).nonzero(as_tuple=True)
-            sc = scores[idx, cls]
-            if sc.numel() > pre_nms_topk:
-                sc, order = sc.topk(pre_nms_topk)
-                idx, cls = idx[order], cls[order]
-            boxes = p[idx, :4]
-            keep = torchvision.ops.batched_nms(boxes, sc, cls, iou_thres)[:max_det]
-            results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": cls[keep]})
-            if with_class_scores:
-                results[-1]["class_scores"] = p[idx[keep], 4:]
-        return results
+        return [classwise_nms(p[:, :4], p[:, 4:], conf_thres, iou_thres, max_det, pre_nms_topk,
+                              p[:, 4:] if with_class_scores else None) for p in pred]
 
 
 class _UltralyticsExport(nn.Module):

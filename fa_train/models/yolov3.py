@@ -17,7 +17,7 @@ from torch import nn
 
 from ..distributed import normalizer
 from . import register_model
-from .base import Detector, Targets
+from .base import Detector, Targets, classwise_nms
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -300,20 +300,9 @@ class YoloV3(Detector):
         (`with_class_scores`: also each detection's class probabilities, "class_scores" [K, C])."""
         pred = raw[0] if isinstance(raw, (list, tuple)) else raw
         pred = torch.as_tensor(pred).float()
-        results = []
-        for p in pred:
-            scores = p[:, 4:5] * p[:, 5:]
-            idx, cls = (scores > conf_thres).nonzero(as_tuple=True)
-            sc = scores[idx, cls]
-            if sc.numel() > pre_nms_topk:
-                sc, order = sc.topk(pre_nms_topk)
-                idx, cls = idx[order], cls[order]
-            boxes = torchvision.ops.box_convert(p[idx, :4], "cxcywh", "xyxy")
-            keep = torchvision.ops.batched_nms(boxes, sc, cls, iou_thres)[:max_det]
-            results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": cls[keep]})
-            if with_class_scores:
-                results[-1]["class_scores"] = p[idx[keep], 5:]
-        return results
+        return [classwise_nms(torchvision.ops.box_convert(p[:, :4], "cxcywh", "xyxy"), p[:, 4:5] * p[:, 5:],
+                              conf_thres, iou_thres, max_det, pre_nms_topk, p[:, 5:] if with_class_scores else None)
+                for p in pred]
 
 
 class _YoloExport(nn.Module):
