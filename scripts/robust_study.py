@@ -3,6 +3,7 @@ suite, and does FA's alignment add anything on top of a strong recipe.
 
     python scripts/robust_study.py --base runs/demo/standard/last.pt [--out runs/robust_study]
                                    [--quick] [--dry-run] [--recipes pgd1,pgdk,mix,free] [--methods at,fa]
+                                   [--eps 0.01,0.02,0.03] [--epochs 8] [--bench-images N]
 
 For each recipe (today's PGD-1 at 0.01; PGD-3 at 0.03 from a random start; PGD-3 at 0.03 with mixed objectives;
 Free AT m=4 at 0.03), each with (`fa`) and without (`at`) FA's alignment: fine-tune from the base checkpoint with the
@@ -14,7 +15,8 @@ frontier.png (clean AP50 against worst-case AP50 at the largest eps, one point p
 Resumable: a stage whose output exists (eval.json of a training, bench_eps*.json, sanity/sanity.json) is not run
 again, so an interrupted study continues where it stopped. --quick: a smoke scale (64 px, a width-0.125 model
 trained on 8 images, 1 epoch, 8 test images, the suite at one eps with short attacks, no sanity): it only checks
-that every stage runs, its numbers mean nothing. --dry-run prints the commands and runs nothing.
+that every stage runs, its numbers mean nothing. --dry-run prints the commands and runs nothing. --eps, --epochs and
+--bench-images make a smaller study than the full one (its title says so).
 """
 from __future__ import annotations
 
@@ -57,9 +59,30 @@ class StudyError(RuntimeError):
     pass
 
 
+def _scale(args) -> dict:
+    """QUICK or FULL, with --eps, --epochs and --bench-images applied (a smaller study, said so in its title)."""
+    scale = dict(QUICK if args.quick else FULL)
+    if getattr(args, "eps", None):
+        scale["eps"] = tuple(args.eps)
+    if getattr(args, "epochs", None):
+        scale["train"] = _set_flag(scale["train"], "--epochs", str(args.epochs))
+    if getattr(args, "bench_images", None):
+        scale["bench"] = _set_flag(scale["bench"], "--max-images", str(args.bench_images))
+    return scale
+
+
+def _set_flag(flags: list, name: str, value: str) -> list:
+    flags = list(flags)
+    if name in flags:
+        flags[flags.index(name) + 1] = value
+    else:
+        flags += [name, value]
+    return flags
+
+
 def plan(args) -> list:
     """[(kind, name, command, output that marks it done)] in order."""
-    scale = QUICK if args.quick else FULL
+    scale = _scale(args)
     py = sys.executable
     steps = []
     for r in args.recipes:
@@ -103,7 +126,7 @@ def run_step(kind, name, cmd, done, log):
 
 
 def collect(args) -> list:
-    scale = QUICK if args.quick else FULL
+    scale = _scale(args)
     rows = []
     for r in args.recipes:
         for m in args.methods:
@@ -134,7 +157,7 @@ def collect(args) -> list:
 
 
 def write_report(args, rows) -> list:
-    scale = QUICK if args.quick else FULL
+    scale = _scale(args)
     cols = ["model", "recipe", "clean"] + [f"{k}@{e:g}" for e in scale["eps"] for k in ("advAP", "worst")] + \
            ["sanity", "train_seconds"]
 
@@ -148,8 +171,10 @@ def write_report(args, rows) -> list:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(cell(r.get(c), c) for c in cols) + " |")
-    title = f"Robustness study ({'quick smoke scale: numbers mean nothing' if args.quick else 'demo scale'}), " \
-            f"base {args.base}, AP50 on the test split"
+    split = f"the first {args.bench_images} test images" if args.bench_images else "the test split"
+    epochs = f", {args.epochs} fine-tuning epochs" if args.epochs else ""
+    title = f"Robustness study ({'quick smoke scale: numbers mean nothing' if args.quick else 'demo scale'}{epochs}), " \
+            f"base {args.base}, AP50 on {split}"
     md = os.path.join(args.out, "study.md")
     with open(md, "w") as f:
         f.write(f"{title}\n\n" + "\n".join(lines) + "\n")
@@ -186,6 +211,16 @@ def write_report(args, rows) -> list:
     return written
 
 
+def _eps_list(text: str) -> tuple:
+    try:
+        eps = tuple(float(e) for e in text.split(",") if e.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+    if not eps or any(not 0 < e <= 1 for e in eps):
+        raise argparse.ArgumentTypeError(f"every budget must be in (0, 1]: {text!r}")
+    return eps
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -196,6 +231,10 @@ def parse(argv=None):
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
     ap.add_argument("--methods", default=",".join(METHODS), help="at (no alignment) and/or fa (with)")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--eps", type=_eps_list, help="comma-separated evaluation budgets (default: 0.01,0.02,0.03; "
+                    "--quick: 0.03)")
+    ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 8; --quick: 1)")
+    ap.add_argument("--bench-images", type=int, help="evaluate the first N test images only (default: the split)")
     ap.add_argument("--quick", action="store_true", help="smoke scale (minutes; numbers mean nothing)")
     ap.add_argument("--no-sanity", action="store_true", help="skip fa-bench --sanity")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")

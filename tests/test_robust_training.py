@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from conftest import make_targets
-from fa_train.adversarial.objectives import (TRAIN_OBJECTIVES, AdversarialObjective, StepInfo, build_objective,
-                                             step_generator)
+from fa_train.adversarial.objectives import (TRAIN_OBJECTIVES, AdversarialObjective, StandardObjective, StepInfo,
+                                             build_objective, step_generator)
 from fa_train.checkpoint import load_checkpoint
 from fa_train.cli import main
 
@@ -233,6 +233,59 @@ def test_alignment_terms_with_each_inner_attack_match_a_pure_pytorch_reference(t
 
 
 # ------------------------------------------------------------------------------------------------- Free AT
+
+
+def _strong_recipe_batch(shapes_devkit):
+    from fa_train.data import build_dataset, collate
+
+    ds = build_dataset("synth:60", "train", 64, max_images=8, log=None)
+    return collate([ds[i] for i in range(len(ds))])[:2]
+
+
+def _pgd10_ceiling(model, x, targets, eps=0.03):
+    """The detection loss at the end of PGD-10 at `eps` from a seeded random start (step eps / 4), and the clean
+    loss: the attack is stronger than either training attack (more steps, the evaluation budget)."""
+    from fa_train.adversarial.attacks import pgd_attack
+
+    x_adv = pgd_attack(model, x, targets, eps=eps, steps=10, step_size=eps / 4, random_start=True,
+                       generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adv, _ = model.forward_train(x_adv, targets)
+        clean, _ = model.forward_train(x, targets)
+    return float(sum(adv.values())), float(sum(clean.values()))
+
+
+def test_a_strong_recipe_reaches_a_lower_loss_ceiling_than_pgd1_at_001(shapes_devkit):
+    """Issue 22: on a fixed seeded tiny model (8 shapes images, 64 px, 60 standard steps), 30 steps of AT with PGD-3
+    at eps 0.03 from a random start leave a lower PGD-10 loss at eps 0.03 than 30 steps of the paper's PGD-1 at 0.01
+    from the same weights on the same batches. Measured (avx2 and default kernels): 0.59 and 0.65 against 0.88 and
+    2.02; the assertion asks for a 10 % margin."""
+    x, targets = _strong_recipe_batch(shapes_devkit)
+    torch.manual_seed(0)
+    from fa_train.models import create_model
+
+    base = create_model("yolov3", 4, width_mult=0.125, depth_mult=0.2).train()
+    opt = torch.optim.AdamW(base.parameters(), lr=5e-3)
+    std = StandardObjective(CPU)
+    for _ in range(60):
+        opt.zero_grad()
+        std.step(base, x, targets, _NoScaler(), False)
+        opt.step()
+    ceilings = {}
+    for name, kw in (("pgd1@0.01", dict(pgd_steps=1, train_eps=0.01, step_size=0.01)),
+                     ("pgd3@0.03-rs", dict(pgd_steps=3, train_eps=0.03, step_size=None, random_start=True))):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        obj = AdversarialObjective("at", CPU, alpha=0.5, seed=0, **kw)
+        for s in range(30):
+            opt.zero_grad()
+            logs = obj.step(model, x, targets, _NoScaler(), False, StepInfo(step=s, epoch=1, batch=s))
+            opt.step()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), (name, logs)
+        ceilings[name] = _pgd10_ceiling(model, x, targets)
+    (weak, weak_clean), (strong, strong_clean) = ceilings["pgd1@0.01"], ceilings["pgd3@0.03-rs"]
+    assert strong < 0.9 * weak, ceilings
+    assert strong_clean < 2 * weak_clean + 0.5, ceilings  # robustness not bought by forgetting the task
 
 
 def test_free_at_carries_its_perturbation_across_replays_and_batches(tiny_yolo):
