@@ -323,6 +323,28 @@ class AdversarialObjective:
         self.delta = None if d is None else d.to(self.device)
 
 
+def _ultralytics_backbone(cfg: dict) -> dict:
+    """What makes an Ultralytics YAML's layers up to the M-th: its backbone section and its scale's multipliers."""
+    scale = (cfg.get("scales") or {}).get(cfg.get("scale"))
+    mult = list(scale) if scale else [cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0),
+                                      cfg.get("max_channels")]
+    return {"backbone": cfg.get("backbone"), "depth, width, max_channels": mult, "activation": cfg.get("activation")}
+
+
+def teacher_differences(student: dict, teacher: dict) -> list:
+    """'what: student != teacher' for each architecture setting below the aligned M-th layer that differs between a
+    student's and a KDFA teacher's `arch_config` (the class count and the layers above it may differ)."""
+    out = []
+    for k in ("backbone", "width_mult", "depth_mult"):
+        if student.get(k) != teacher.get(k):
+            out.append(f"{k}: {student.get(k)!r} here, {teacher.get(k)!r} in the teacher")
+    a, b = student.get("cfg"), teacher.get("cfg")
+    if isinstance(a, dict) and isinstance(b, dict):
+        sa, sb = _ultralytics_backbone(a), _ultralytics_backbone(b)
+        out += [f"YAML {k}: {sa[k]!r} here, {sb[k]!r} in the teacher" for k in sa if sa[k] != sb[k]]
+    return out
+
+
 def build_objective(cfg: dict, model, device, log=print, steps_per_epoch: int = 0):
     """The method's objective. `steps_per_epoch`: batches per data pass (the warm-up's epochs in optimizer steps);
     0 leaves the warm-up off."""
@@ -344,13 +366,17 @@ def build_objective(cfg: dict, model, device, log=print, steps_per_epoch: int = 
 
             teacher, _ = load_model(m["teacher"])
             mine, theirs = model.arch_config(), teacher.arch_config()
-            if mine["name"] != theirs["name"] or teacher.mid_channels != model.mid_channels:
-                from ..checkpoint import CheckpointError
+            from ..checkpoint import CheckpointError
 
+            if mine["name"] != theirs["name"] or teacher.mid_channels != model.mid_channels:
                 raise CheckpointError(f"--teacher {m['teacher']}: a {theirs['name']} checkpoint (M-th layer "
                                       f"{teacher.mid_channels} channels) cannot teach a {mine['name']} model "
                                       f"({model.mid_channels} channels): KDFA aligns the same layer of the same "
                                       f"detector")
+            differ = teacher_differences(mine, theirs)
+            if differ:  # the same channel count, another network below the M-th layer (resnet18 / resnet34, ...)
+                raise CheckpointError(f"--teacher {m['teacher']}: another {mine['name']} network than this run's "
+                                      f"({'; '.join(differ)}): KDFA aligns the same layer of the same detector")
             teacher = teacher.to(device)
             log(f"KDFA teacher: {m['teacher']}")
         else:  # the paper: the clean-trained base model is both the initial weights and the teacher

@@ -288,6 +288,28 @@ class UltralyticsYolo(Detector):
     def arch_config(self) -> dict:
         return {"name": self.model_name, "num_classes": self.num_classes, "cfg": self.yaml_dict}
 
+    def input_normalization(self):
+        """Ultralytics networks take the [0, 1] image as it is (no mean / std inside)."""
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+
+    def init_parts(self) -> list:
+        """--init state dicts in Ultralytics' own key layout (`DetectionModel.state_dict()`: "model.N...", the
+        "model." prefix stripped as for any file): the backbone alone, layers 0..M of the YAML's backbone section
+        (e.g. adversarially pre-trained; neck and head keep their initialisation), or the whole network (another
+        class count re-initialises the class branch); then this wrapper's own state dict."""
+        from ..initial_weights import InitPart
+
+        layers, head = self.net.model, self.net.model[-1]
+        last = self.mid_index
+        # slices of the Sequential share its modules and keep their indices as keys ("0.conv.weight", ...)
+        return [InitPart("backbone", layers[:last + 1],
+                         f"an Ultralytics backbone state dict (layers 0-{last} of the YAML, keys model.0. ... "
+                         f"model.{last}.)", f"the backbone (layers 0-{last}); the neck and the Detect head keep "
+                         f"their initialisation"),
+                InitPart("detector", layers, f"an Ultralytics DetectionModel state dict (keys model.0. ... "
+                         f"model.{head.i}.)", "the whole network", reinit=(f"{head.i}.cv3.",)),
+                *super().init_parts()]
+
     # -- forward pieces
     @staticmethod
     def _check(images):
