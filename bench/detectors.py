@@ -1,4 +1,4 @@
-"""Issue 25's targets for the detectors added to YOLOv3 and Faster R-CNN (RetinaNet, FCOS, Ultralytics YOLOv8),
+"""Issue 25's targets for the detectors added to YOLOv3 and Faster R-CNN (RetinaNet, FCOS, SSDlite, Ultralytics YOLOv8),
 at a small size on the CPU:
 
 - one PGD step per image (the evaluation attack's step: each image's own loss `loss_terms_per_image`, its input
@@ -6,7 +6,8 @@ at a small size on the CPU:
   (`forward_train` on the batch and the input gradient);
 - the fp32 twin's forward + backward within 1.5x of the source's (where a twin exists).
 
-    python bench/detectors.py [--img-size 128] [--batch 8] [--iters 5] [--models retinanet,fcos,yolov8,yolov3]
+    python bench/detectors.py [--img-size 128] [--batch 8] [--iters 5]
+                              [--models retinanet,fcos,ssdlite,yolov8,yolov3]
 
 Random weights (speed does not depend on them), medians of --iters rounds after a warm-up, wall and process CPU
 time (the steadier figure on a shared machine). Not a test.
@@ -34,10 +35,11 @@ from fa_train.models import create_model  # noqa: E402
 SMALL = {
     "retinanet": ("retinanet_resnet50_fpn", dict(backbone="resnet18", fpn_channels=64)),
     "fcos": ("fcos_resnet50_fpn", dict(backbone="resnet18", fpn_channels=64)),
+    "ssdlite": ("ssdlite320_mobilenet_v3_large", dict()),  # width 1.0: already a small network (3.4 M)
     "yolov8": ("ultralytics", dict(cfg="yolov8n.yaml")),
     "yolov3": ("yolov3", dict(width_mult=0.25, depth_mult=0.33)),
 }
-TWINS = ("retinanet", "fcos", "yolov3")  # a whole-model twin exists (Ultralytics: not yet)
+TWINS = ("retinanet", "fcos", "ssdlite", "yolov3")  # a whole-model twin exists (Ultralytics: not yet)
 
 
 def _time(fn, iters):
@@ -53,7 +55,9 @@ def _time(fn, iters):
 
 def bench(key, size, batch, iters):
     name, kw = SMALL[key]
-    if name != "yolov3" and name != "ultralytics":
+    if name.startswith("ssdlite"):
+        kw = dict(kw, size=size)  # its fixed input side
+    elif name != "yolov3" and name != "ultralytics":
         kw = dict(kw, min_size=size, max_size=size)
     torch.manual_seed(0)
     model = create_model(name, 4, **kw).eval()
@@ -89,7 +93,7 @@ def main():
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--models", default="retinanet,fcos,yolov8,yolov3")
+    ap.add_argument("--models", default="retinanet,fcos,ssdlite,yolov8,yolov3")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
     print(f"batch {a.batch}, {a.img_size} px, {torch.get_num_threads()} threads, median of {a.iters} rounds")

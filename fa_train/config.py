@@ -19,6 +19,8 @@ DEFAULTS: Dict[str, Any] = {
     "model": {"name": "yolov3", "width_mult": None, "depth_mult": None, "backbone": None, "fpn_channels": None,
               "min_size": None, "max_size": None, "trainable_layers": None, "weights": None,
               "weights_backbone": None, "box_batch_size_per_image": None,
+              # SSDlite320: the fixed square input side torchvision resizes to (320)
+              "size": None,
               # Ultralytics (--model ultralytics:SPEC): the YAML name/path or .pt file (a run records a .pt's YAML
               # as a dict); trust_checkpoint: read an Ultralytics pickle (never taken from a checkpoint's config)
               "cfg": None, "trust_checkpoint": None},
@@ -226,9 +228,12 @@ def check_config(cfg: dict) -> dict:
     _choice(cfg, "model.backbone", BACKBONES, optional=True)
     for key in ("model.width_mult", "model.depth_mult"):
         _number(cfg, key, lo=0, lo_open=True, optional=True)
-    for key in ("model.fpn_channels", "model.min_size", "model.max_size", "model.box_batch_size_per_image"):
+    for key in ("model.fpn_channels", "model.min_size", "model.max_size", "model.box_batch_size_per_image",
+                "model.size"):
         _number(cfg, key, integer=True, lo=1, optional=True)
-    _number(cfg, "model.trainable_layers", integer=True, lo=0, hi=5, optional=True)
+    # MobileNetV3 (SSDlite) has 6 stages to train, the ResNets 5
+    _number(cfg, "model.trainable_layers", integer=True, lo=0,
+            hi=6 if cfg["model"].get("name") == "ssdlite320_mobilenet_v3_large" else 5, optional=True)
     _file(cfg, "model.weights", "detector weights file")
     _file(cfg, "model.weights_backbone", "backbone weights file")
 
@@ -323,7 +328,7 @@ def _check_ultralytics(cfg) -> None:
     except UltralyticsError as e:
         raise ConfigError(str(e)) from None
     for key in ("width_mult", "depth_mult", "backbone", "weights_backbone", "fpn_channels", "min_size", "max_size",
-                "trainable_layers", "weights", "box_batch_size_per_image"):
+                "trainable_layers", "weights", "box_batch_size_per_image", "size"):
         if m.get(key) is not None:
             raise ConfigError(f"{describe('model.' + key, m[key])}: not for an Ultralytics model (its YAML sets the "
                               f"architecture: pick a scale, e.g. yolov8n.yaml or yolov8s.yaml)")

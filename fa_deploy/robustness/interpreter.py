@@ -388,6 +388,31 @@ def _requantized(a, at, g):
     return (a[0],) * len(g.outputs_of_current)
 
 
+def _hard_sigmoid(x, alpha, beta):
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+def _hardsigmoid(a, at, g):
+    """HardSigmoid as ONNX defines it: max(0, min(1, alpha x + beta)), alpha 0.2 and beta 0.5 by default (torch's
+    export of MobileNetV3's squeeze-excitation gate writes alpha 1/6)."""
+    return (_hard_sigmoid(a[0], at.get("alpha", 0.2), at.get("beta", 0.5)),)
+
+
+def _hardswish(a, at, g):
+    """HardSwish as ONNX defines it: x max(0, min(1, x / 6 + 1 / 2)) (MobileNetV3's activation)."""
+    return (a[0] * _hard_sigmoid(a[0], 1.0 / 6.0, 0.5),)
+
+
+def _global_average_pool(a, at, g):
+    """GlobalAveragePool: the mean over every spatial axis, kept as size-1 axes (the squeeze-excitation pooling)."""
+    return (a[0].mean(tuple(range(2, a[0].dim())), keepdim=True),)
+
+
+def _softmax(a, at, g):
+    """Softmax along `axis` (opset 13+: one axis, default -1; older files refused at load, where it flattened)."""
+    return (torch.softmax(a[0], at.get("axis", -1)),)
+
+
 def _unary(fn):
     return lambda a, at, g: (fn(a[0]),)
 
@@ -452,6 +477,9 @@ OPS: Dict[str, Callable] = {
     "InstanceNormalization": _instance_norm,
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Split": _split,
     "Tile": lambda a, at, g: (a[0].repeat(_ints(a[1])),), "ConstantOfShape": _constant_of_shape,
+    # MobileNetV3 (SSDlite): its activation, its squeeze-excitation block; SSD's class softmax in the decode
+    "HardSwish": _hardswish, "HardSigmoid": _hardsigmoid, "GlobalAveragePool": _global_average_pool,
+    "Softmax": _softmax,
 }
 # ops whose outputs are some of their data inputs' values: a quantization grid survives them
 _SELECTING = {"Identity", "MaxPool", "Relu", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
@@ -534,6 +562,10 @@ class OnnxGraph(nn.Module):
         if unknown or any(n.domain not in ("", "ai.onnx") for n in g.node):
             raise GraphError(f"{self.name}: operators outside what the twin interprets: "
                              f"{unknown or sorted({n.domain for n in g.node})} (supported: {sorted(OPS)})")
+        opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        if opset < 13 and any(n.op_type == "Softmax" for n in g.node):
+            raise GraphError(f"{self.name}: Softmax at opset {opset} (before 13 it flattens its input to 2-D): not "
+                             f"interpreted; export at opset >= 13")
         types = _elem_types(proto)
         inits = {i.name for i in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in inits]

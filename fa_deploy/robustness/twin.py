@@ -482,18 +482,21 @@ class FasterRCNNTwin(DeployedTwin, FasterRCNNFPN):
 
 
 class OneStageTwin(OneNetworkTwin):
-    """RetinaNet / FCOS whose network is the deployed file (one network): the loss reads the head's prediction
-    convolutions of every FPN level as the file computes them (the maps its decode reads), `features` ResNet
-    `layer4` as the file computes it; anchors, matching, losses and the box decode are torchvision's, predictions
-    the file's own output. Mixed into the model class by `one_stage_twin`."""
+    """RetinaNet / FCOS / SSDlite whose network is the deployed file (one network): the loss reads the head's
+    prediction convolutions of every level as the file computes them (the maps its decode reads), `features` the
+    M-th layer (ResNet `layer4`, the end of SSDlite's MobileNetV3 body) as the file computes it; anchors, matching,
+    losses and the box decode are torchvision's, predictions the file's own output. Mixed into the model class by
+    `one_stage_twin`."""
 
     def _init_one_stage(self, graph: OnnxGraph, path: str):
         self.detector.backbone = None  # the file holds the network (the head stays for torchvision's loss code)
         self._init_twin({"model": graph}, {"model": path}, path)
         self.input_name = graph.input_names[0]
-        self.mid_name = scope_output(graph, "body/layer4")  # the export calls the ResNet body as `body`
-        self.head_keys = ("cls_logits", "bbox_regression", "bbox_ctrness")[:len(self.head_predictors)]
-        self.head_names = [level_conv_outputs(graph, p) for p in self.export_keep_float32]
+        self.mid_name = scope_output(graph, self.twin_mid_scope)
+        convs = self.head_convs()  # {head output: one conv shared by the levels, or one conv per level}
+        self.head_keys = tuple(convs)
+        self.head_names = [level_conv_outputs(graph, f"detector.{c}") if isinstance(c, str) else
+                           [conv_output(graph, f"detector.{one}") for one in c] for c in convs.values()]
         if len({len(v) for v in self.head_names}) != 1:
             raise TwinError(f"{path}: the head's prediction convolutions differ in level count "
                             f"{[len(v) for v in self.head_names]}")
@@ -506,7 +509,7 @@ class OneStageTwin(OneNetworkTwin):
         head = {}
         for j, key in enumerate(self.head_keys):
             maps = outs[j * levels:(j + 1) * levels]
-            k = self.num_classes if key == "cls_logits" else 4 if key == "bbox_regression" else 1
+            k = self.head_width(key)
             head[key] = torch.cat([m.view(m.shape[0], -1, k, *m.shape[-2:]).permute(0, 3, 4, 1, 2)
                                    .reshape(m.shape[0], -1, k) for m in maps], 1)
         return mid, head, [(int(m.shape[-2]), int(m.shape[-1])) for m in outs[:levels]]

@@ -26,8 +26,9 @@ def create_model(name: str, num_classes: int, **kw) -> Detector:
     return _REGISTRY[name](num_classes=num_classes, **kw)
 
 
-# register "fasterrcnn_resnet50_fpn", "yolov3", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"
-from . import faster_rcnn, one_stage, yolov3  # noqa: E402,F401
+# register "fasterrcnn_resnet50_fpn", "yolov3", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+# "ssdlite320_mobilenet_v3_large"
+from . import faster_rcnn, one_stage, ssdlite, yolov3  # noqa: E402,F401
 from . import ultralytics_yolo  # noqa: E402,F401  (register "ultralytics"; the package itself is imported on use)
 
 __all__ = ["Detector", "create_model", "available_models", "register_model"]

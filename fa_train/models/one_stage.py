@@ -70,6 +70,12 @@ class OneStageDetector(Detector):
     #: stay float32 in fp16/int8 exports; the class predictor is re-initialised for another class count
     head_predictors: Tuple[str, ...] = ()
     class_predictor = "head.classification_head.cls_logits"
+    #: torchvision's padding of the resized input (GeneralizedRCNNTransform's size_divisible; SSD: 1, fixed size)
+    size_divisible = SIZE_DIVISIBLE
+    #: added to our 0-based labels for torchvision (1 where class 0 is torchvision's background: SSD)
+    label_offset = 0
+    #: the module scope of the M-th layer in an exported graph (the twin's `features` tap)
+    twin_mid_scope = "body/layer4"  # the export calls the ResNet body as `body`
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256, min_size: int = 800,
                  max_size: int = 1333, trainable_layers: int = 3, weights: Optional[str] = None,
@@ -95,15 +101,32 @@ class OneStageDetector(Detector):
                                        f"{self.model_name} COCO checkpoint (.pth)")
         own = self.detector.state_dict()
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if any(not k.startswith(self.class_predictor + ".") for k in skipped):
+        reinit = self.class_predictor_prefixes()
+        if any(not k.startswith(reinit) for k in skipped):
             raise WeightsMismatchError(f"{path}: not a torchvision {self.model_name} checkpoint of this "
                                       f"configuration: shapes differ outside the class predictor: {skipped[:5]}")
         state = {k: v for k, v in state.items() if k not in skipped}
         missing, unexpected = self.detector.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(self.class_predictor + ".")]
+        missing = [k for k in missing if not k.startswith(reinit)]
         if missing or unexpected:
             raise WeightsMismatchError(f"{path}: not a torchvision {self.model_name} checkpoint "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def class_predictor_prefixes(self) -> Tuple[str, ...]:
+        """State-dict key prefixes (under `detector`) of the parameters whose shape depends on the class count: those a
+        torchvision checkpoint of another class count leaves at their initialisation."""
+        return (self.class_predictor + ".",)
+
+    def head_convs(self) -> Dict[str, object]:
+        """The head's prediction convolutions by the head output they make (`cls_logits`, `bbox_regression`, ...):
+        one module path under `detector` (a convolution shared by every level: one node per level in an export) or
+        a tuple of paths, one per level. The twin reads their outputs in an exported graph."""
+        return dict(zip(("cls_logits", "bbox_regression", "bbox_ctrness"), self.head_predictors))
+
+    def head_width(self, key: str) -> int:
+        """Values per anchor of the head output `key` (the class logits: the class count, with torchvision's
+        background where it has one)."""
+        return self.num_classes + self.label_offset if key == "cls_logits" else 4 if key == "bbox_regression" else 1
 
     def arch_config(self) -> dict:
         return {"name": self.model_name, "num_classes": self.num_classes, **self._arch}
@@ -117,7 +140,7 @@ class OneStageDetector(Detector):
         name = self._arch["backbone"]
         return [_body_part(self.detector.backbone.body, name),
                 InitPart("detector", self.detector, f"a torchvision {self.model_name} state dict ({name} FPN)",
-                         "the whole detector", reinit=(self.class_predictor + ".",)),
+                         "the whole detector", reinit=self.class_predictor_prefixes()),
                 *super().init_parts()]
 
     def input_normalization(self):
@@ -145,7 +168,8 @@ class OneStageDetector(Detector):
         x = (images - mean) / std
         if (rh, rw) != (h, w):
             x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
-        ph, pw = (int(math.ceil(v / SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for v in (rh, rw))
+        div = self.size_divisible
+        ph, pw = (int(math.ceil(v / div) * div) for v in (rh, rw))
         if (ph, pw) != (rh, rw):
             x = F.pad(x, (0, pw - rw, 0, ph - rh))
         tv_targets = None
@@ -157,7 +181,7 @@ class OneStageDetector(Detector):
                 # ignore regions have no torchvision equivalent: left out of the targets, as for Faster R-CNN
                 boxes = tt["boxes"][keep].to(images.device, images.dtype)
                 tv_targets.append({"boxes": resize_boxes(boxes, (h, w), (rh, rw)) if len(boxes) else boxes,
-                                   "labels": tt["labels"][keep].to(images.device).long()})
+                                   "labels": tt["labels"][keep].to(images.device).long() + self.label_offset})
         return x, (rh, rw), tv_targets
 
     def _anchors(self, x: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
