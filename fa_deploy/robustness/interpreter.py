@@ -428,6 +428,12 @@ def _split(a, at, g):
     return tuple(torch.split(x, list(sizes), axis))
 
 
+def _softmax(a, at, g):
+    """Softmax as ONNX defines it from opset 13 on: over the one axis `axis` (default -1; OnnxGraph refuses a file
+    of an older opset, where it flattened the axes from `axis` on). Ultralytics' DFL decode and YOLO11's attention."""
+    return (torch.softmax(a[0], at.get("axis", -1)),)
+
+
 def _constant_of_shape(a, at, g):
     from onnx import numpy_helper
 
@@ -452,7 +458,10 @@ OPS: Dict[str, Callable] = {
     "InstanceNormalization": _instance_norm,
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Split": _split,
     "Tile": lambda a, at, g: (a[0].repeat(_ints(a[1])),), "ConstantOfShape": _constant_of_shape,
+    "Softmax": _softmax,
 }
+# operators whose meaning changed at an opset: {op: the first opset whose definition OPS implements}
+_SINCE_OPSET = {"Softmax": 13}
 # ops whose outputs are some of their data inputs' values: a quantization grid survives them
 _SELECTING = {"Identity", "MaxPool", "Relu", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
               "Expand", "Slice", "Flatten", "Resize", "Split", "Tile"}
@@ -534,6 +543,11 @@ class OnnxGraph(nn.Module):
         if unknown or any(n.domain not in ("", "ai.onnx") for n in g.node):
             raise GraphError(f"{self.name}: operators outside what the twin interprets: "
                              f"{unknown or sorted({n.domain for n in g.node})} (supported: {sorted(OPS)})")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        old = sorted({n.op_type for n in g.node if opset is not None and opset < _SINCE_OPSET.get(n.op_type, 0)})
+        if old:
+            raise GraphError(f"{self.name}: opset {opset}: {old} are interpreted as ONNX defines them from opset "
+                             f"{max(_SINCE_OPSET[o] for o in old)} on; export at a newer opset")
         types = _elem_types(proto)
         inits = {i.name for i in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in inits]
