@@ -4,7 +4,8 @@ at a small size on the CPU:
 - one PGD step per image (the evaluation attack's step: each image's own loss `loss_terms_per_image`, its input
   gradient and the sign step, `run_attack` with one iteration) within 1.2x of the model's own forward + backward
   (`forward_train` on the batch and the input gradient);
-- the fp32 twin's forward + backward within 1.5x of the source's (where a twin exists).
+- the fp32 twin's forward + backward within 1.5x of the source's (where a twin exists: RetinaNet, FCOS,
+  SSDlite, YOLOv8 (fa_deploy/robustness/twin_ultralytics.py), YOLOv3).
 
     python bench/detectors.py [--img-size 128] [--batch 8] [--iters 5]
                               [--models retinanet,fcos,ssdlite,yolov8,yolov3]
@@ -39,7 +40,7 @@ SMALL = {
     "yolov8": ("ultralytics", dict(cfg="yolov8n.yaml")),
     "yolov3": ("yolov3", dict(width_mult=0.25, depth_mult=0.33)),
 }
-TWINS = ("retinanet", "fcos", "ssdlite", "yolov3")  # a whole-model twin exists (Ultralytics: not yet)
+TWINS = ("retinanet", "fcos", "ssdlite", "yolov8", "yolov3")  # a whole-model twin exists
 
 
 def _time(fn, iters):

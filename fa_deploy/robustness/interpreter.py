@@ -408,11 +408,6 @@ def _global_average_pool(a, at, g):
     return (a[0].mean(tuple(range(2, a[0].dim())), keepdim=True),)
 
 
-def _softmax(a, at, g):
-    """Softmax along `axis` (opset 13+: one axis, default -1; older files refused at load, where it flattened)."""
-    return (torch.softmax(a[0], at.get("axis", -1)),)
-
-
 def _unary(fn):
     return lambda a, at, g: (fn(a[0]),)
 
@@ -453,6 +448,12 @@ def _split(a, at, g):
     return tuple(torch.split(x, list(sizes), axis))
 
 
+def _softmax(a, at, g):
+    """Softmax as ONNX defines it from opset 13 on: over the one axis `axis` (default -1; OnnxGraph refuses a file
+    of an older opset, where it flattened the axes from `axis` on). Ultralytics' DFL decode and YOLO11's attention."""
+    return (torch.softmax(a[0], at.get("axis", -1)),)
+
+
 def _constant_of_shape(a, at, g):
     from onnx import numpy_helper
 
@@ -481,6 +482,8 @@ OPS: Dict[str, Callable] = {
     "HardSwish": _hardswish, "HardSigmoid": _hardsigmoid, "GlobalAveragePool": _global_average_pool,
     "Softmax": _softmax,
 }
+# operators whose meaning changed at an opset: {op: the first opset whose definition OPS implements}
+_SINCE_OPSET = {"Softmax": 13}
 # ops whose outputs are some of their data inputs' values: a quantization grid survives them
 _SELECTING = {"Identity", "MaxPool", "Relu", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
               "Expand", "Slice", "Flatten", "Resize", "Split", "Tile"}
@@ -562,10 +565,11 @@ class OnnxGraph(nn.Module):
         if unknown or any(n.domain not in ("", "ai.onnx") for n in g.node):
             raise GraphError(f"{self.name}: operators outside what the twin interprets: "
                              f"{unknown or sorted({n.domain for n in g.node})} (supported: {sorted(OPS)})")
-        opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-        if opset < 13 and any(n.op_type == "Softmax" for n in g.node):
-            raise GraphError(f"{self.name}: Softmax at opset {opset} (before 13 it flattens its input to 2-D): not "
-                             f"interpreted; export at opset >= 13")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        old = sorted({n.op_type for n in g.node if opset is not None and opset < _SINCE_OPSET.get(n.op_type, 0)})
+        if old:
+            raise GraphError(f"{self.name}: opset {opset}: {old} are interpreted as ONNX defines them from opset "
+                             f"{max(_SINCE_OPSET[o] for o in old)} on; export at a newer opset")
         types = _elem_types(proto)
         inits = {i.name for i in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in inits]

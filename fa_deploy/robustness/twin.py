@@ -594,6 +594,13 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
             if verify_images is not None:
                 twin.verify(verify_images)
             return twin
+        if name == "ultralytics":  # YOLOv8 / YOLO11: fa_deploy/robustness/twin_ultralytics.py
+            from fa_deploy.robustness.twin_ultralytics import ultralytics_twin
+
+            twin = ultralytics_twin(dict(model_info), OnnxGraph(path, fp16=fp16), path)
+            if verify_images is not None:
+                twin.verify(verify_images)
+            return twin
         if name != YoloV3.model_name:
             raise TwinError(f"{path}: no whole-model twin for {name!r} (a Faster R-CNN is deployed as a pipeline: "
                             f"load its .pipeline.json)")

@@ -280,8 +280,8 @@ class UltralyticsYolo(Detector):
                                          for k in range(head.nl))
         self._criterion = None
         self.net.eval()
-        with torch.no_grad():
-            mid = self.features(torch.zeros(1, 3, 64, 64))
+        with torch.no_grad():  # this class's own network (a twin of a deployed file overrides `_network`)
+            mid = UltralyticsYolo._network(self, torch.zeros(1, 3, 64, 64), stop_at_mid=True)[1]
         self.net.train()
         self.mid_channels, self.mid_stride = int(mid.shape[1]), 64 // int(mid.shape[-1])
 
@@ -319,10 +319,11 @@ class UltralyticsYolo(Detector):
             raise ValueError(f"image size must be a multiple of 32, got {tuple(images.shape[-2:])}")
         return images
 
-    def _run(self, images, stop_at_mid: bool = False):
+    def _network(self, images, stop_at_mid: bool = False):
         """The network layer by layer as Ultralytics' `_predict_once` runs it, returning the Detect head's raw
         outputs {"boxes" [N, 4*reg_max, A], "scores" [N, C, A] logits, "feats"} (train or eval mode alike) and the
-        M-th layer's output."""
+        M-th layer's output. Everything else (loss, decode, attack outputs) reads the network through this method:
+        the twin of a deployed file (fa_deploy/robustness/twin_ultralytics.py) replaces it with the file's graph."""
         x, y, mid = self._check(images), [], None
         layers = self.net.model
         for m in layers:
@@ -339,7 +340,7 @@ class UltralyticsYolo(Detector):
         raise RuntimeError("the Ultralytics network has no Detect layer")
 
     def features(self, images):
-        return self._run(images, stop_at_mid=True)[1]
+        return self._network(images, stop_at_mid=True)[1]
 
     def _anchors(self, feats):
         from ultralytics.utils.tal import make_anchors
@@ -407,7 +408,7 @@ class UltralyticsYolo(Detector):
         return {"box": loss[0], "cls": loss[1], "dfl": loss[2]}
 
     def forward_train(self, images, targets: Targets):
-        raw, mid = self._run(images)
+        raw, mid = self._network(images)
         return self._loss(raw, targets, images.shape[-2:]), mid
 
     @staticmethod
@@ -418,7 +419,7 @@ class UltralyticsYolo(Detector):
     def loss_terms_per_image(self, images, targets) -> Dict[str, torch.Tensor]:
         """Image i's terms of Ultralytics' loss as if it were a batch of one (its own normaliser, the sum of its
         assigned target scores), from one batched forward."""
-        raw, _ = self._run(images)
+        raw, _ = self._network(images)
         rows = [self._loss(self._one(raw, i), [targets[i]], images.shape[-2:]) for i in range(len(images))]
         return {k: torch.stack([r[k] for r in rows]) for k in ("box", "cls", "dfl")}
 
@@ -429,7 +430,7 @@ class UltralyticsYolo(Detector):
         from ultralytics.utils.metrics import bbox_iou
         from ultralytics.utils.tal import bbox2dist
 
-        raw, _ = self._run(images)
+        raw, _ = self._network(images)
         crit = self.criterion()
         hyp = crit.hyp
         out = []
@@ -477,13 +478,13 @@ class UltralyticsYolo(Detector):
         """{"score": ([N, A] largest class logit of every anchor, None)}: Ultralytics' heads have no objectness; an
         anchor's detection score is the sigmoid of its largest class logit, which TOG's vanishing / fabrication
         drive down / up."""
-        raw, _ = self._run(images)
+        raw, _ = self._network(images)
         return {"score": (raw["scores"].max(1).values, None)}
 
     def output_slots(self, images):
         """Every anchor: decoded box (input pixels, differentiable), "obj" a constant logit 20 (no objectness:
         every slot is an object, its score its class probability), class logits (independent sigmoids)."""
-        raw, _ = self._run(images)
+        raw, _ = self._network(images)
         boxes, cls = self._decode(raw)
         obj = torch.full(cls.shape[:2], NO_OBJECTNESS_LOGIT, dtype=cls.dtype, device=cls.device)
         return {"boxes": boxes, "obj": obj, "cls": cls,
@@ -511,7 +512,7 @@ class _UltralyticsExport(nn.Module):
         self.model = model
 
     def forward(self, images):
-        raw, _ = self.model._run(images)
+        raw, _ = self.model._network(images)
         boxes, cls = self.model._decode(raw)
         return torch.cat([boxes, cls.sigmoid()], -1)
 
