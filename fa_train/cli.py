@@ -58,7 +58,9 @@ def _d(key: str, shown=None) -> str:
 @click.option("--init", help="initial weights: a fa-train checkpoint of the same model; YOLOv3: Darknet .weights / "
               "darknet53.conv.74 or a Darknet-53 state dict; Faster R-CNN: a (robust) ImageNet ResNet state dict in "
               "torchvision's layout (module./model. prefixes and robustness-library checkpoints accepted) or a "
-              "torchvision Faster R-CNN state dict")
+              "torchvision Faster R-CNN state dict; RetinaNet / FCOS: the same ResNet layouts or a torchvision "
+              "detector of the family; SSDlite: a torchvision mobilenet_v3_large or ssdlite320 state dict; "
+              "Ultralytics: a backbone (layers 0..M) or a whole DetectionModel state dict in Ultralytics' layout")
 @click.option("--resume", type=click.Path(dir_okay=False),
               help="continue a run from its last.pt, with the configuration stored in it; only the flags given "
                    "(and a --config preset) change it, and only where the run stays the same (--epochs, --device, ...)")

@@ -1,7 +1,7 @@
 """Every training method and training attack on the new detectors (issue 25): standard, at, tod, kdfa, ssfa and fa,
 with issue 22's inner attacks (PGD-k from a random start, the objectives det / cls / loc / tog-vanishing / mix / max,
-Free AT, the budget warm-up), through fa-train's engine in-process on tiny RetinaNet, FCOS and YOLOv8 (64 px,
-ResNet-18 / yolov8n, 4 images, one epoch, no workers). The YOLOv8 cases skip with a reason where the optional extra
+Free AT, the budget warm-up), through fa-train's engine in-process on tiny RetinaNet, FCOS, SSDlite320 and YOLOv8 (64 px,
+ResNet-18 / MobileNetV3 x 0.25 / yolov8n, 4 images, one epoch, no workers). The YOLOv8 cases skip with a reason where the optional extra
 is absent.
 
 Which run covers which code path (objectives.py; the pairs are chosen so that each path runs on every detector once,
@@ -53,6 +53,10 @@ DETECTORS = {
     "fcos": ("{name: fcos_resnet50_fpn, backbone: resnet18, fpn_channels: 64, min_size: 64, max_size: 64}",
              ("fcos_resnet50_fpn", dict(backbone="resnet18", fpn_channels=64, min_size=64, max_size=64)),
              {"cls": {"classification"}, "loc": {"bbox_regression", "bbox_ctrness"}}),
+    # SSDlite320: a fixed 64 px resize, a quarter-width MobileNetV3
+    "ssdlite": ("{name: ssdlite320_mobilenet_v3_large, size: 64, width_mult: 0.25}",
+                ("ssdlite320_mobilenet_v3_large", dict(size=64, width_mult=0.25)),
+                {"cls": {"classification"}, "loc": {"bbox_regression"}}),
     "yolov8": ("{name: ultralytics, cfg: yolov8n.yaml}", ("ultralytics", dict(cfg="yolov8n.yaml")),
                {"cls": {"cls"}, "loc": {"box", "dfl"}}),
 }
@@ -224,9 +228,11 @@ def test_free_at_divides_the_epochs(runs):
 def _reference_value(model, det, name, x, targets):
     """What each training objective maximises, written from the model's loss dict (by the loss names of DETECTORS,
     not the model's `loss_domains`) and, for TOG-vanishing, from the exported detection scores: each anchor's best
-    class score s, mean over anchors of log(1 - s) (= minus the BCE of its logit against background)."""
+    class score s (SSDlite: the sum of its softmax class probabilities, 1 - P(background)), mean over anchors of
+    log(1 - s) (= minus the BCE of its logit against background)."""
     if name == "tog-vanishing":
-        s = model.export_module()(x)[..., 4:].max(-1).values
+        p = model.export_module()(x)[..., 4:]
+        s = p.sum(-1) if det == "ssdlite" else p.max(-1).values
         return torch.log1p(-s).mean(1).sum()
     losses, _ = model.forward_train(x, targets)
     keys = set(losses) if name == "det" else DETECTORS[det][2][name]

@@ -310,6 +310,9 @@ def test_fa_export_onnx_with_parity(trained, tmp_path):
     for prec in ("fp32", "fp16"):
         side = json.loads((tmp_path / f"last.{prec}.onnx.json").read_text())
         assert side["parity"]["passed"], (prec, side["parity"])
+    for prec in ("fp32", "fp16", "int8"):  # TensorRT's ONNX parser takes every file (static check; engines need a GPU)
+        compat = json.loads((tmp_path / f"last.{prec}.onnx.json").read_text())["tensorrt_compat"]
+        assert compat["ok"], (name, prec, compat["problems"])
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     be = load_backend(str(tmp_path / "last.fp32.onnx"))
     with torch.no_grad():

@@ -373,6 +373,7 @@ def test_fa_export_onnx_parity_at_three_precisions(deployed):
     for prec in ("fp32", "fp16", "int8"):
         side = json.loads(open(os.path.join(out, f"last.{prec}.onnx.json")).read())
         assert side["parity"]["passed"], (prec, side["parity"])
+        assert side["tensorrt_compat"]["ok"], (prec, side["tensorrt_compat"]["problems"])  # static check
     onnx_file = os.path.join(out, "last.fp32.onnx")
     model, _ = load_model(weights)
     x = torch.rand(1, 3, 64, 64)
