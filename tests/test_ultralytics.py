@@ -150,11 +150,31 @@ def test_loss_is_ultralytics_loss(yaml):
 
 def test_per_image_losses_do_not_depend_on_the_batch():
     """loss_terms_per_image and object_losses of a batch of 3 == each image alone (eval mode), and a batch of one
-    gives forward_train's terms; ignored objects NaN."""
+    gives forward_train's terms (Ultralytics' own get_assigned_targets_and_loss on that image alone), input
+    gradients included; ignored objects NaN; an image without objects (box and dfl 0) beside the others."""
     model = _model("yolov8n.yaml", nc=3).eval()
-    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    targets = make_targets(3)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    targets = make_targets(3) + [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     targets[2]["ignore"] = torch.tensor([True, False])
+    crit = model.criterion()
+    assigner = crit.assigner
+
+    def louder(*a, **k):  # target scores x 1e4 for both routes: normalisers above clamp(min=1)
+        out = list(assigner(*a, **k))
+        out[2] = out[2] * 1e4
+        return tuple(out)
+
+    object.__setattr__(crit, "assigner", louder)
+    xg = x.clone().requires_grad_(True)
+    rows = model.loss_terms_per_image(xg, targets)
+    (grad,) = torch.autograd.grad(sum(v.sum() for v in rows.values()), xg)
+    for i in range(4):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        whole, _ = model.forward_train(xi, [targets[i]])
+        (gi,) = torch.autograd.grad(sum(whole.values()), xi)
+        torch.testing.assert_close(grad[i:i + 1], gi, atol=1e-6 * float(gi.abs().max()) + 1e-9, rtol=1e-4)
+    assert float(rows["box"][3].detach()) == 0 == float(rows["dfl"][3].detach()) < float(rows["cls"][3].detach())
+    object.__setattr__(crit, "assigner", assigner)
     with torch.no_grad():
         batched = model.loss_terms_per_image(x, targets)
         objects = model.object_losses(x, targets)
@@ -168,7 +188,7 @@ def test_per_image_losses_do_not_depend_on_the_batch():
                                        atol=1e-5, rtol=1e-5)
     assert torch.isnan(objects[2][0])  # ignored (an object the assigner gives no anchor is NaN too)
     assert (~torch.isnan(torch.cat(objects))).sum() >= 3
-    assert [len(o) for o in objects] == [2, 2, 2]
+    assert [len(o) for o in objects] == [2, 2, 2, 0]
 
 
 def test_attack_outputs_have_the_contract_shapes():

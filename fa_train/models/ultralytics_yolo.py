@@ -420,8 +420,42 @@ class UltralyticsYolo(Detector):
         """Image i's terms of Ultralytics' loss as if it were a batch of one (its own normaliser, the sum of its
         assigned target scores), from one batched forward."""
         raw, _ = self._network(images)
-        rows = [self._loss(self._one(raw, i), [targets[i]], images.shape[-2:]) for i in range(len(images))]
-        return {k: torch.stack([r[k] for r in rows]) for k in ("box", "cls", "dfl")}
+        return self._loss_rows(raw, targets, images.shape[-2:])
+
+    def _loss_rows(self, raw, targets, size) -> Dict[str, torch.Tensor]:
+        """Each image's (box, cls, dfl) of `v8DetectionLoss.get_assigned_targets_and_loss` as that image alone gets
+        them, from one batched call of Ultralytics' own pieces (targets, decode, task-aligned assigner, BCE, box
+        loss): the assigner treats each image on its own (padded objects masked out), and the sums are taken per
+        image over its own normaliser. One assigner call instead of one per image (the per-image PGD step's cost;
+        tested equal to Ultralytics' loss on each image alone)."""
+        from ultralytics.utils.tal import make_anchors
+
+        crit = self.criterion()
+        preds = self._cast(raw)
+        pred_distri = preds["boxes"].permute(0, 2, 1).contiguous()
+        pred_scores = preds["scores"].permute(0, 2, 1).contiguous()
+        anchor_points, stride_tensor = make_anchors(preds["feats"], crit.stride, 0.5)
+        dtype, n = pred_scores.dtype, pred_scores.shape[0]
+        imgsz = torch.tensor(preds["feats"][0].shape[2:], device=crit.device, dtype=dtype) * crit.stride[0]
+        batch = self.batch_targets(targets, size, crit.device)
+        t = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        t = crit.preprocess(t.to(crit.device), n, scale_tensor=imgsz[[1, 0, 1, 0]])
+        gt_labels, gt_bboxes = t.split((1, 4), 2)
+        mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
+        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
+        _, t_boxes, t_scores, fg, _ = crit.assigner(
+            pred_scores.detach().sigmoid(), (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
+            anchor_points * stride_tensor, gt_labels, gt_bboxes, mask_gt)
+        norm = t_scores.sum((1, 2)).clamp(min=1)  # each image's own target_scores_sum
+        bce = crit.bce(pred_scores, t_scores.to(dtype))
+        if crit.class_weights is not None:
+            bce = bce * crit.class_weights
+        box, dfl = zip(*(crit.bbox_loss(pred_distri[i:i + 1], pred_bboxes[i:i + 1], anchor_points,
+                                        t_boxes[i:i + 1] / stride_tensor, t_scores[i:i + 1], norm[i], fg[i:i + 1],
+                                        imgsz, stride_tensor) for i in range(n)))
+        hyp = crit.hyp
+        return {"box": torch.stack(box) * hyp.box, "cls": bce.sum((1, 2)) / norm * hyp.cls,
+                "dfl": torch.stack(dfl) * hyp.dfl}
 
     def object_losses(self, images, targets) -> List[torch.Tensor]:
         """Per image [M_i]: each object's loss, the mean over the anchors the task-aligned assigner gives it of
