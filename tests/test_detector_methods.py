@@ -1,8 +1,8 @@
 """Every training method and training attack on the new detectors (issue 25): standard, at, tod, kdfa, ssfa and fa,
 with issue 22's inner attacks (PGD-k from a random start, the objectives det / cls / loc / tog-vanishing / mix / max,
-Free AT, the budget warm-up), through fa-train's engine in-process on tiny RetinaNet, FCOS, SSDlite320 and YOLOv8 (64 px,
-ResNet-18 / MobileNetV3 x 0.25 / yolov8n, 4 images, one epoch, no workers). The YOLOv8 cases skip with a reason where the optional extra
-is absent.
+Free AT, the budget warm-up), through fa-train's engine in-process on tiny RetinaNet, FCOS, SSDlite320 and YOLOv8
+(64 px, ResNet-18 / MobileNetV3 x 0.25 / yolov8n, 4 images, one epoch, no workers). The YOLOv8 cases skip with a
+reason where the optional extra is absent.
 
 Which run covers which code path (objectives.py; the pairs are chosen so that each path runs on every detector once,
 not the full cross product of methods x attacks):

@@ -359,9 +359,6 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
     from fa_train.checkpoint import load_model
 
     name, w = trained
-    if name.startswith("fcos"):
-        pytest.skip("FCOS twin of the 64 px test variant: GroupNorm over 2 values on its 1 x 1 P6/P7 maps puts the "
-                    "twin 2.7e-6 from ONNX Runtime, past the fp32 gate (1e-4 x rms 0.027); see the report")
     r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--calib-images", "4",
                                          "--verify-images", "2", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -369,28 +366,39 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
     model.eval()
     x = torch.from_numpy(np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32))
     t = make_targets(2)
-    for prec in ("fp32", "fp16"):
+    # FCOS under 256 px: the fp16 twin does not verify on the 1 x 1 levels' GroupNorm (see Models); fp32 does
+    precisions = ("fp32",) if name.startswith("fcos") else ("fp32", "fp16")
+    for prec in precisions:
         twin = load_twin(str(tmp_path / f"last.{prec}.onnx"), verify_images=x)
         raw = load_backend(str(tmp_path / f"last.{prec}.onnx")).raw(x.numpy())[0]
         with torch.no_grad():
             np.testing.assert_allclose(twin.export_module()(x).numpy(), raw, rtol=1e-3, atol=1e-3)
         if prec == "fp32":
             ours, src = twin.loss_terms_per_image(x, t), model.loss_terms_per_image(x, t)
+            # FCOS at 64 px: its GroupNorm over 2 values on the 1 x 1 P6 / P7 maps is ill-conditioned, and the file
+            # (and so its twin, verified against ONNX Runtime above) evaluates it in ONNX Runtime's order, which
+            # moves the loss about 0.2 % from the eager source; RetinaNet has no GroupNorm: the same to 1e-4
+            tol = dict(rtol=1e-2, atol=1e-4) if name.startswith("fcos") else dict(rtol=1e-4, atol=1e-5)
             for k in src:
-                torch.testing.assert_close(ours[k], src[k], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(ours[k], src[k], **tol)
             torch.testing.assert_close(twin.features(x), model.features(x), rtol=1e-4, atol=1e-4)
         xg = x.clone().requires_grad_(True)
         sum(twin.loss_terms_per_image(xg, t).values()).sum().backward()
         assert xg.grad is not None and xg.grad.abs().sum() > 0
     js = tmp_path / "b.json"
-    r = CliRunner().invoke(bench_main, ["--weights", str(w), "--backend", str(tmp_path / "last.fp16.onnx"),
+    if name.startswith("fcos"):
+        pytest.skip("FCOS under 256 px: on the test images the fp32 twin's 1 x 1 level centerness conv is about 8e-7 "
+                    "from ONNX Runtime, past the fp32 gate (1e-4 x its rms 0.006), so fa-bench refuses "
+                    "--threat whitebox/differential on it (transfer works); at 256 px see test_fcos_twin_at_256_px")
+    attacked = f"last.{precisions[-1]}.onnx"
+    r = CliRunner().invoke(bench_main, ["--weights", str(w), "--backend", str(tmp_path / attacked),
                                         "--max-images", "2", "--steps", "1", "--workers", "0", "--json", str(js),
                                         "--quiet", "--max-drop", "1", "--max-deploy-misses", "1", "--min-clean-ap",
                                         "0"])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
     assert [(row["backend"], row["threat"]) for row in rows] == [("source", "own")] + [
-        ("last.fp16.onnx", th) for th in ("transfer", "whitebox", "differential", "worst")]
+        (attacked, th) for th in ("transfer", "whitebox", "differential", "worst")]
 
 
 def test_fa_predict_and_sanity(trained, shapes_devkit, tmp_path):

@@ -428,13 +428,18 @@ def _variadic(fn):
 
 def _instance_norm(a, at, g):
     """InstanceNormalization as ONNX defines it: per (image, channel) over the remaining axes, (x - mean) /
-    sqrt(var + epsilon), var the mean squared deviation (two passes), then scale and bias."""
+    sqrt(var + epsilon) x scale + bias, var the mean squared deviation (two passes). Evaluated in ONNX Runtime's
+    order, x x (scale / std) + (bias - mean x scale / std): the same function, but where the values are close to
+    their mean (a GroupNorm over 2 values, FCOS's 1 x 1 levels) the two orders round differently by more than the
+    fp32 gate, and the twin must compute what the file computes."""
     x, scale, bias = a
     dims = tuple(range(2, x.dim()))
-    d = x - x.mean(dims, keepdim=True)
-    y = d / torch.sqrt((d * d).mean(dims, keepdim=True) + at.get("epsilon", 1e-5))
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (y * scale.view(shape) + bias.view(shape),)
+    mean = x.mean(dims, keepdim=True)
+    d = x - mean
+    inv_std = 1.0 / torch.sqrt((d * d).mean(dims, keepdim=True) + at.get("epsilon", 1e-5))
+    channel_scale = inv_std * scale.view(shape)
+    return (x * channel_scale + (bias.view(shape) - mean * channel_scale),)
 
 
 def _split(a, at, g):

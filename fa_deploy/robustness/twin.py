@@ -612,4 +612,5 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
 
 
 __all__ = ["TOLERANCES", "REFERENCE_CONFIG", "TwinError", "TwinMismatch", "verify_twin", "load_twin", "YoloTwin",
-           "FasterRCNNTwin", "OneStageTwin", "one_stage_twin", "graph_precision", "follow_representation", "scope_output", "conv_output"]
+           "FasterRCNNTwin", "OneStageTwin", "one_stage_twin", "graph_precision", "follow_representation",
+           "scope_output", "conv_output"]
