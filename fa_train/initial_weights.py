@@ -187,9 +187,8 @@ def _load_darknet(model, path: str) -> InitReport:
     if n == model.num_backbone_convs and n != total:
         part = (f"the Darknet-53 backbone ({n} convolutions); the neck and the {len(model.strides)} YOLO heads "
                 f"({total - n} convolutions) keep their initialisation")
-        kind = "backbone"
     else:
-        part, kind = f"the whole network ({n} convolutions)", "model"
+        part = f"the whole network ({n} convolutions)"
     tensors = sum(5 if bn is not None else 2 for _, bn in model.darknet_convs()[:n])
     return InitReport("darknet", tensors, f"Darknet weights from {path}: {part}, {tensors} tensors")
 

@@ -136,8 +136,9 @@ def check_yaml_dict(d, where: str) -> dict:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise UltralyticsError(f"{where}: layer {i} module {name!r} is not a network layer")
     if layers[-1][2] != "Detect" or d.get("end2end"):
-        raise UltralyticsError(f"{where}: the last layer is {layers[-1][2]!r}{' (end-to-end)' if d.get('end2end') else ''}"
-                               f"; only detection models with Ultralytics' Detect head (YOLOv8, YOLO11, ...) are "
+        e2e = " (end-to-end)" if d.get("end2end") else ""
+        raise UltralyticsError(f"{where}: the last layer is {layers[-1][2]!r}{e2e}; only detection models with "
+                               f"Ultralytics' Detect head (YOLOv8, YOLO11, ...) are "
                                f"supported")
     return d
 
