@@ -8,9 +8,9 @@ suite, and does FA's alignment add anything on top of a strong recipe.
 For each recipe (today's PGD-1 at 0.01; PGD-3 at 0.03 from a random start; PGD-3 at 0.03 with mixed objectives;
 Free AT m=4 at 0.03), each with (`fa`) and without (`at`) FA's alignment: fine-tune from the base checkpoint with the
 demo's preset (configs/demo.yaml), then `fa-bench --attack suite` at eps 0.01, 0.02 and 0.03 and `fa-bench --sanity`
-(with --transfer-from the base model). Collected per model: clean AP50, the paper's advAP and the suite's worst-case
+(with --transfer-from the base model); the base model itself is attacked the same way, the reference row. Collected per model: clean AP50, the paper's advAP and the suite's worst-case
 AP50 at each eps, the sanity verdict, the training time. Written to OUT: study.json, study.md (the table) and
-frontier.png (clean AP50 against worst-case AP50 at the largest eps, one point per model).
+frontier.png (clean AP50 against worst-case AP50, one panel per eps, one point per model).
 
 Resumable: a stage whose output exists (eval.json of a training, bench_eps*.json, sanity/sanity.json) is not run
 again, so an interrupted study continues where it stopped. --quick: a smoke scale (64 px, a width-0.125 model
@@ -44,6 +44,7 @@ RECIPES = {
                                      "--eps-warmup-epochs", "1", "--train-objective", "det"]),
 }
 METHODS = ("at", "fa")
+BASE_RECIPE = "the base model (standard training), before fine-tuning"
 EPS = (0.01, 0.02, 0.03)
 
 FULL = {"train": ["--epochs", "8", "--lr", "0.0005", "--warmup-iters", "0", "--eval-every", "0"],
@@ -85,6 +86,10 @@ def plan(args) -> list:
     scale = _scale(args)
     py = sys.executable
     steps = []
+    for eps in scale["eps"]:  # the reference: the base model itself, before any adversarial fine-tuning
+        out = os.path.join(args.out, "base", f"bench_eps{eps:g}.json")
+        steps.append(("bench", "base", [py, "-m", "fa_deploy.bench_cli", "--weights", args.base, "--attack", "suite",
+                                        "--eps", f"{eps:g}", *scale["bench"], "--json", out], out))
     for r in args.recipes:
         for m in args.methods:
             name = f"{r}_{m}"
@@ -128,31 +133,31 @@ def run_step(kind, name, cmd, done, log):
 def collect(args) -> list:
     scale = _scale(args)
     rows = []
-    for r in args.recipes:
-        for m in args.methods:
-            name = f"{r}_{m}"
-            run = os.path.join(args.out, name)
-            row = {"model": name, "recipe": RECIPES[r][0], "method": m}
-            try:
-                with open(os.path.join(run, "time.json")) as f:
-                    row["train_seconds"] = json.load(f)["train_seconds"]
-            except (OSError, ValueError, KeyError):
-                row["train_seconds"] = None
-            for eps in scale["eps"]:
-                path = os.path.join(run, f"bench_eps{eps:g}.json")
-                if not os.path.isfile(path):
-                    continue
-                with open(path) as f:
-                    b = json.load(f)["rows"][0]
-                row["clean"] = b.get("clean")
-                row[f"advAP@{eps:g}"] = b.get("advAP")
-                row[f"worst@{eps:g}"] = b.get("worst")
-            spath = os.path.join(run, "sanity", "sanity.json")
-            if os.path.isfile(spath):
-                with open(spath) as f:
-                    s = json.load(f)
-                row["sanity"] = "FAIL" if s.get("failures") else "PASS"
-            rows.append(row)
+    runs = [("base", BASE_RECIPE, "standard")] + [(f"{r}_{m}", RECIPES[r][0], m) for r in args.recipes
+                                                   for m in args.methods]
+    for name, recipe, m in runs:
+        run = os.path.join(args.out, name)
+        row = {"model": name, "recipe": recipe, "method": m}
+        try:
+            with open(os.path.join(run, "time.json")) as f:
+                row["train_seconds"] = json.load(f)["train_seconds"]
+        except (OSError, ValueError, KeyError):
+            row["train_seconds"] = None
+        for eps in scale["eps"]:
+            path = os.path.join(run, f"bench_eps{eps:g}.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                b = json.load(f)["rows"][0]
+            row["clean"] = b.get("clean")
+            row[f"advAP@{eps:g}"] = b.get("advAP")
+            row[f"worst@{eps:g}"] = b.get("worst")
+        spath = os.path.join(run, "sanity", "sanity.json")
+        if os.path.isfile(spath):
+            with open(spath) as f:
+                s = json.load(f)
+            row["sanity"] = "FAIL" if s.get("failures") else "PASS"
+        rows.append(row)
     return rows
 
 
@@ -183,29 +188,31 @@ def write_report(args, rows) -> list:
         json.dump({"title": title, "columns": cols, "rows": rows, "recipes": {k: RECIPES[k] for k in args.recipes},
                    "quick": args.quick}, f, indent=2)
     written = [js, md]
-    eps = scale["eps"][-1]
-    pts = [r for r in rows if r.get("clean") is not None and r.get(f"worst@{eps:g}") is not None]
-    if pts:
+    panels = [e for e in scale["eps"] if any(r.get("clean") is not None and r.get(f"worst@{e:g}") is not None
+                                              for r in rows)]
+    if panels:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        for r in pts:
-            marker = "o" if r["method"] == "at" else "^"
-            ax.scatter(r["clean"], r[f"worst@{eps:g}"], marker=marker)
-            ax.annotate(r["model"], (r["clean"], r[f"worst@{eps:g}"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-        ax.set_xlabel("clean AP50")
-        ax.set_ylabel(f"worst-case AP50 over the suite at eps {eps:g}")
-        ax.set_title("robustness frontier (o: at, ^: fa)")
-        top = max([r["clean"] for r in pts] + [r[f"worst@{eps:g}"] for r in pts] + [0.05])
-        ax.set_xlim(0, top * 1.1)
-        ax.set_ylim(0, top * 1.1)
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
+        for ax, eps in zip(axes[0], panels):
+            pts = [r for r in rows if r.get("clean") is not None and r.get(f"worst@{eps:g}") is not None]
+            for r in pts:
+                marker = {"at": "o", "fa": "^"}.get(r["method"], "s")
+                ax.scatter(r["clean"], r[f"worst@{eps:g}"], marker=marker)
+                ax.annotate(r["model"], (r["clean"], r[f"worst@{eps:g}"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+            ax.set_xlabel("clean AP50")
+            ax.set_ylabel(f"worst-case AP50 over the suite at eps {eps:g}")
+            ax.set_title(f"eps {eps:g} (o: at, ^: fa, s: base)")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, max([r[f"worst@{eps:g}"] for r in pts] + [0.05]) * 1.15)
+            ax.grid(alpha=0.3)
+        fig.suptitle("robustness frontier: clean AP50 against the suite's per-image worst case")
         png = os.path.join(args.out, "frontier.png")
-        fig.savefig(png, dpi=120, bbox_inches="tight")
+        fig.savefig(png, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(png)
     return written

@@ -416,7 +416,9 @@ def test_study_dry_run_prints_the_whole_plan(tmp_path):
     train = [l for l in lines if " train " in l]
     bench = [l for l in lines if " bench " in l]
     sanity = [l for l in lines if " sanity " in l]
-    assert len(train) == 8 and len(bench) == 24 and len(sanity) == 8  # 4 recipes x {at, fa}; 3 eps each
+    # 4 recipes x {at, fa}, 3 eps each, and the base model itself at each eps (the reference row)
+    assert len(train) == 8 and len(bench) == 27 and len(sanity) == 8
+    assert sum(f"--weights {tmp_path / 'base.pt'}" in l for l in bench) == 3
     assert all(l.startswith("todo") for l in lines)
     assert any("--method fa" in l and "--free-replays 4" in l and "free_fa" in l for l in train)
     assert any("--pgd-steps 1 --train-eps 0.01 --train-step-size 0.01 --no-random-start" in l for l in train)
@@ -442,11 +444,12 @@ def test_study_quick_end_to_end_and_resumable(tmp_path):
     r = _study(*args, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     study = json.loads((tmp_path / "s" / "study.json").read_text())
-    assert [row["model"] for row in study["rows"]] == ["free_fa"]
+    assert [row["model"] for row in study["rows"]] == ["base", "free_fa"]
     for row in study["rows"]:
-        assert 0 <= row["worst@0.03"] <= 1 and 0 <= row["clean"] <= 1 and row["train_seconds"] > 0
+        assert 0 <= row["worst@0.03"] <= 1 and 0 <= row["clean"] <= 1
         assert row["advAP@0.03"] is not None
+    assert study["rows"][0]["train_seconds"] is None and study["rows"][1]["train_seconds"] > 0
     assert (tmp_path / "s" / "frontier.png").stat().st_size > 0
     assert "| free_fa |" in (tmp_path / "s" / "study.md").read_text()
     r = _study(*args, timeout=300)
-    assert r.returncode == 0 and r.stdout.count("done before") == 2, r.stdout
+    assert r.returncode == 0 and r.stdout.count("done before") == 3, r.stdout  # base bench, train, bench
