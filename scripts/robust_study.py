@@ -8,8 +8,9 @@ suite, and does FA's alignment add anything on top of a strong recipe.
 For each recipe (today's PGD-1 at 0.01; PGD-3 at 0.03 from a random start; PGD-3 at 0.03 with mixed objectives;
 Free AT m=4 at 0.03), each with (`fa`) and without (`at`) FA's alignment: fine-tune from the base checkpoint with the
 demo's preset (configs/demo.yaml), then `fa-bench --attack suite` at eps 0.01, 0.02 and 0.03 and `fa-bench --sanity`
-(with --transfer-from the base model); the base model itself is attacked the same way, the reference row. Collected per model: clean AP50, the paper's advAP and the suite's worst-case
-AP50 at each eps, the sanity verdict, the training time. Written to OUT: study.json, study.md (the table) and
+(with --transfer-from the base model); the base model itself is attacked the same way, the reference row.
+Collected per model: clean AP50, the paper's advAP and the suite's worst-case AP50 at each eps, the sanity verdict,
+the training time. Written to OUT: study.json, study.md (the table) and
 frontier.png (clean AP50 against worst-case AP50, one panel per eps, one point per model).
 
 Resumable: a stage whose output exists (eval.json of a training, bench_eps*.json, sanity/sanity.json) is not run
