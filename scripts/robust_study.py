@@ -134,10 +134,11 @@ def run_step(kind, name, cmd, done, log):
 def collect(args) -> list:
     scale = _scale(args)
     rows = []
-    runs = [("base", BASE_RECIPE, "standard")] + [(f"{r}_{m}", RECIPES[r][0], m) for r in args.recipes
-                                                   for m in args.methods]
-    for name, recipe, m in runs:
-        run = os.path.join(args.out, name)
+    runs = [("base", BASE_RECIPE, "standard", os.path.join(args.out, "base"))]
+    runs += [(f"{r}_{m}", RECIPES[r][0], m, os.path.join(args.out, f"{r}_{m}")) for r in args.recipes
+             for m in args.methods]
+    runs += [(os.path.basename(os.path.normpath(d)), *_describe(d), d) for d in args.also]
+    for name, recipe, m, run in runs:
         row = {"model": name, "recipe": recipe, "method": m}
         try:
             with open(os.path.join(run, "time.json")) as f:
@@ -160,6 +161,32 @@ def collect(args) -> list:
             row["sanity"] = "FAIL" if s.get("failures") else "PASS"
         rows.append(row)
     return rows
+
+
+def _describe(run: str) -> tuple:
+    """(recipe, method) of a fa-train run folder given with --also, from its config.yaml."""
+    import yaml
+
+    path = os.path.join(run, "config.yaml")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        method, train = cfg["method"], cfg["train"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise StudyError(f"--also {run}: not a fa-train run folder ({path}: {e})")
+    if method.get("name") == "standard":
+        attack = "standard training"
+    elif (method.get("free_replays") or 1) > 1:
+        attack = f"Free AT m={method['free_replays']} at {method.get('train_eps')}"
+    else:
+        attack = f"PGD-{method.get('pgd_steps')} at {method.get('train_eps')}"
+        if method.get("random_start"):
+            attack += ", random start"
+    objective = method.get("objective") or "det"
+    if objective != "det" and method.get("name") != "standard":
+        attack += f", {'mixed objectives' if objective == 'mix' else objective}"
+    start = f", from {train['init']}" if train.get("init") else ", from scratch"
+    return f"{attack}, {train.get('epochs')} epochs{start}", method.get("name")
 
 
 def write_report(args, rows) -> list:
@@ -243,12 +270,15 @@ def parse(argv=None):
                     "--quick: 0.03)")
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 8; --quick: 1)")
     ap.add_argument("--bench-images", type=int, help="evaluate the first N test images only (default: the split)")
+    ap.add_argument("--also", default="", help="comma-separated fa-train run folders trained and attacked elsewhere "
+                    "(their bench_eps*.json and sanity/ as the study writes them): extra rows and points")
     ap.add_argument("--quick", action="store_true", help="smoke scale (minutes; numbers mean nothing)")
     ap.add_argument("--no-sanity", action="store_true", help="skip fa-bench --sanity")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     args = ap.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.also = [d.strip() for d in args.also.split(",") if d.strip()]
     bad = [r for r in args.recipes if r not in RECIPES] + [m for m in args.methods if m not in METHODS]
     if bad:
         ap.error(f"unknown recipe or method: {', '.join(bad)} (recipes: {', '.join(RECIPES)}; methods: at, fa)")
@@ -274,7 +304,11 @@ def main(argv=None) -> int:
     except StudyError as e:
         print(f"robust_study.py: error: {e}", file=sys.stderr)
         return 2
-    rows = collect(args)
+    try:
+        rows = collect(args)
+    except StudyError as e:
+        print(f"robust_study.py: error: {e}", file=sys.stderr)
+        return 2
     for path in write_report(args, rows):
         log(f"written {path}")
     return 0

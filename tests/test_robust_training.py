@@ -453,3 +453,13 @@ def test_study_quick_end_to_end_and_resumable(tmp_path):
     assert "| free_fa |" in (tmp_path / "s" / "study.md").read_text()
     r = _study(*args, timeout=300)
     assert r.returncode == 0 and r.stdout.count("done before") == 3, r.stdout  # base bench, train, bench
+    # --also: a run folder trained and attacked elsewhere becomes a row, described from its config.yaml
+    run = tmp_path / "s" / "free_fa"
+    r = _study(*args, "--also", str(run), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "s" / "study.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["base", "free_fa", "free_fa"]
+    assert rows[2]["recipe"].startswith("Free AT m=4 at 0.03") and rows[2]["method"] == "fa"
+    assert rows[2]["worst@0.03"] == rows[1]["worst@0.03"] and "from " in rows[2]["recipe"]
+    r = _study(*args, "--also", str(tmp_path / "nowhere"), timeout=300)
+    assert r.returncode == 2 and "--also" in r.stderr and "nowhere" in r.stderr, r.stderr
