@@ -64,11 +64,11 @@ class StudyError(RuntimeError):
 def _scale(args) -> dict:
     """QUICK or FULL, with --eps, --epochs and --bench-images applied (a smaller study, said so in its title)."""
     scale = dict(QUICK if args.quick else FULL)
-    if getattr(args, "eps", None):
+    if args.eps:
         scale["eps"] = tuple(args.eps)
-    if getattr(args, "epochs", None):
+    if args.epochs:
         scale["train"] = _set_flag(scale["train"], "--epochs", str(args.epochs))
-    if getattr(args, "bench_images", None):
+    if args.bench_images:
         scale["bench"] = _set_flag(scale["bench"], "--max-images", str(args.bench_images))
     return scale
 
@@ -131,13 +131,14 @@ def run_step(kind, name, cmd, done, log):
     log(f"[{name}] {kind}: {seconds:.0f} s")
 
 
-def collect(args) -> list:
+def collect(args, also: list) -> list:
+    """One row per run: the base, each recipe x method, then `also` ([(name, recipe, method, folder)])."""
     scale = _scale(args)
     rows = []
     runs = [("base", BASE_RECIPE, "standard", os.path.join(args.out, "base"))]
     runs += [(f"{r}_{m}", RECIPES[r][0], m, os.path.join(args.out, f"{r}_{m}")) for r in args.recipes
              for m in args.methods]
-    runs += [(os.path.basename(os.path.normpath(d)), *_describe(d), d) for d in args.also]
+    runs += also
     for name, recipe, m, run in runs:
         row = {"model": name, "recipe": recipe, "method": m}
         try:
@@ -163,8 +164,8 @@ def collect(args) -> list:
     return rows
 
 
-def _describe(run: str) -> tuple:
-    """(recipe, method) of a fa-train run folder given with --also, from its config.yaml."""
+def _also_run(run: str) -> tuple:
+    """(name, recipe, method, folder) of a fa-train run folder given with --also, from its config.yaml."""
     import yaml
 
     path = os.path.join(run, "config.yaml")
@@ -186,7 +187,8 @@ def _describe(run: str) -> tuple:
     if objective != "det" and method.get("name") != "standard":
         attack += f", {'mixed objectives' if objective == 'mix' else objective}"
     start = f", from {train['init']}" if train.get("init") else ", from scratch"
-    return f"{attack}, {train.get('epochs')} epochs{start}", method.get("name")
+    return os.path.basename(os.path.normpath(run)), f"{attack}, {train.get('epochs')} epochs{start}", \
+        method.get("name"), run
 
 
 def write_report(args, rows) -> list:
@@ -299,16 +301,13 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     try:
+        also = [_also_run(d) for d in args.also]  # before hours of training: a wrong folder is named at once
         for s in steps:
             run_step(*s, log)
     except StudyError as e:
         print(f"robust_study.py: error: {e}", file=sys.stderr)
         return 2
-    try:
-        rows = collect(args)
-    except StudyError as e:
-        print(f"robust_study.py: error: {e}", file=sys.stderr)
-        return 2
+    rows = collect(args, also)
     for path in write_report(args, rows):
         log(f"written {path}")
     return 0

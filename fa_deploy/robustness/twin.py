@@ -590,22 +590,17 @@ def load_twin(path: str, verify_images=None, fp16: str = "emulate"):
         arch = dict(model_info)
         name = arch.pop("name")
         if name in ONE_STAGE:
-            twin = one_stage_twin(dict(model_info), OnnxGraph(path, fp16=fp16), path)
-            if verify_images is not None:
-                twin.verify(verify_images)
-            return twin
-        if name == "ultralytics":  # YOLOv8 / YOLO11: fa_deploy/robustness/twin_ultralytics.py
+            twin = one_stage_twin(model_info, OnnxGraph(path, fp16=fp16), path)
+        elif name == "ultralytics":  # YOLOv8 / YOLO11: fa_deploy/robustness/twin_ultralytics.py
             from fa_deploy.robustness.twin_ultralytics import ultralytics_twin
 
-            twin = ultralytics_twin(dict(model_info), OnnxGraph(path, fp16=fp16), path)
-            if verify_images is not None:
-                twin.verify(verify_images)
-            return twin
-        if name != YoloV3.model_name:
+            twin = ultralytics_twin(model_info, OnnxGraph(path, fp16=fp16), path)
+        elif name == YoloV3.model_name:
+            ref = create_model(name, **arch)  # the configuration (anchors, strides, loss gains) of the source model
+            twin = YoloTwin(ref.cfg, OnnxGraph(path, fp16=fp16), path)
+        else:
             raise TwinError(f"{path}: no whole-model twin for {name!r} (a Faster R-CNN is deployed as a pipeline: "
                             f"load its .pipeline.json)")
-        ref = create_model(name, **arch)  # the configuration (anchors, strides, loss gains) of the source model
-        twin = YoloTwin(ref.cfg, OnnxGraph(path, fp16=fp16), path)
     if verify_images is not None:
         twin.verify(verify_images)
     return twin

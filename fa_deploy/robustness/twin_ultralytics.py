@@ -88,7 +88,7 @@ class UltralyticsTwin(OneNetworkTwin, UltralyticsYolo):
 
 
 def ultralytics_twin(arch: dict, graph: OnnxGraph, path: str) -> UltralyticsTwin:
-    return UltralyticsTwin(dict(arch), graph, path)
+    return UltralyticsTwin(arch, graph, path)
 
 
 __all__ = ["UltralyticsTwin", "ultralytics_twin"]
