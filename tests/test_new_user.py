@@ -247,6 +247,32 @@ def test_relative_data_path_is_stored_resolved(tmp_path, monkeypatch):
     assert len(dataset_for(ckpt, "test", log=None)) == 4
 
 
+def test_checkpoint_splits_are_the_ones_benchmarked_and_calibrated_on(shapes_devkit):
+    """A model trained with --test-split / --train-split is benchmarked (fa-bench, fa-export's verification) on its
+    own test split and calibrated on its own training split when the data comes from the checkpoint; --data /
+    --calib-data (other data) go back to the dataset's defaults. Counts from the devkit's ImageSets files."""
+    import os
+
+    from fa_deploy.exporting.run import calibration_dataset
+    from fa_deploy.runtime.datasets import dataset_for
+    from fa_deploy.settings import ExportSettings
+
+    def ids(split):
+        with open(os.path.join(shapes_devkit, "VOCshapes", "ImageSets", "Main", f"{split}.txt")) as f:
+            return [ln.strip() for ln in f if ln.strip()]
+
+    assert len(ids("train")) != len(ids("test"))
+    ckpt = {"config": {"data": {"spec": "synth:60", "img_size": 64, "test_split": "shapes:trainval",
+                               "train_split": "shapes:test"}}}
+    assert len(dataset_for(ckpt, "test", log=None)) == len(ids("trainval"))
+    assert len(dataset_for(ckpt, "test", "synth:60", log=None)) == len(ids("test"))  # other data: its default
+    assert len(dataset_for(ckpt, "test", split="shapes:train", log=None)) == len(ids("train"))  # the flag wins
+    s = ExportSettings(weights="x.pt", calib_images=1000)
+    assert len(calibration_dataset(ckpt, s, 64, log=None)) == len(ids("test"))
+    s = ExportSettings(weights="x.pt", calib_images=1000, calib_data="synth:60")
+    assert len(calibration_dataset(ckpt, s, 64, log=None)) == len(ids("train"))
+
+
 def _old_ckpt(path, spec):
     from fa_train.models import create_model
 

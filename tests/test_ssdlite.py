@@ -368,25 +368,30 @@ def test_a_checkpoint_of_another_detector_is_refused(trained, tmp_path):
 def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(trained, tmp_path):
     """The twin (the ONNX file interpreted in torch, MobileNetV3's HardSwish / HardSigmoid / GlobalAveragePool and
     SSD's Softmax included) against ONNX Runtime: the file's output, losses through the head maps it reads equal
-    to the source's losses at fp32, gradients reaching the input; fa-bench --threat all over the file."""
+    to the source's losses at fp32, the int8 twin layer by layer, gradients reaching the input at every precision;
+    fa-bench --threat all over the int8 file."""
     from fa_deploy.cli import main as bench_main
     from fa_deploy.export_cli import export_main
     from fa_deploy.robustness.twin import load_twin
     from fa_deploy.runtime.loading import load_backend
     from fa_train.checkpoint import load_model
 
-    r = CliRunner().invoke(export_main, [str(trained), "--onnx", "fp32", "--onnx", "fp16", "--calib-images", "4",
-                                         "--verify-images", "2", "--out", str(tmp_path)])
+    r = CliRunner().invoke(export_main, [str(trained), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
+                                         "--calib-images", "4", "--verify-images", "2", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     model, _ = load_model(str(trained))
     model.eval()
     x = torch.from_numpy(np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32))
     t = make_targets(2)
-    for prec in ("fp32", "fp16"):
+    for prec in ("fp32", "fp16", "int8"):
         twin = load_twin(str(tmp_path / f"last.{prec}.onnx"), verify_images=x)
-        raw = load_backend(str(tmp_path / f"last.{prec}.onnx")).raw(x.numpy())[0]
-        with torch.no_grad():
-            np.testing.assert_allclose(twin.export_module()(x).numpy(), raw, rtol=1e-3, atol=1e-3)
+        if prec == "int8":  # every quantized activation within a step of ONNX Runtime's, on its own inputs
+            acts = twin.verification["model"]["activations"]
+            assert len(acts) > 20 and max(a["max_steps"] for a in acts.values()) <= 1.0 + 1e-3
+        else:
+            raw = load_backend(str(tmp_path / f"last.{prec}.onnx")).raw(x.numpy())[0]
+            with torch.no_grad():
+                np.testing.assert_allclose(twin.export_module()(x).numpy(), raw, rtol=1e-3, atol=1e-3)
         if prec == "fp32":
             ours, src = twin.loss_terms_per_image(x, t), model.loss_terms_per_image(x, t)
             for k in src:
@@ -396,14 +401,14 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
         sum(twin.loss_terms_per_image(xg, t).values()).sum().backward()
         assert xg.grad is not None and xg.grad.abs().sum() > 0
     js = tmp_path / "b.json"
-    r = CliRunner().invoke(bench_main, ["--weights", str(trained), "--backend", str(tmp_path / "last.fp16.onnx"),
+    r = CliRunner().invoke(bench_main, ["--weights", str(trained), "--backend", str(tmp_path / "last.int8.onnx"),
                                         "--max-images", "2", "--steps", "1", "--workers", "0", "--json", str(js),
                                         "--quiet", "--max-drop", "1", "--max-deploy-misses", "1", "--min-clean-ap",
                                         "0"])
     assert r.exit_code == 0, r.output
     rows = json.loads(js.read_text())["rows"]
     assert [(row["backend"], row["threat"]) for row in rows] == [("source", "own")] + [
-        ("last.fp16.onnx", th) for th in ("transfer", "whitebox", "differential", "worst")]
+        ("last.int8.onnx", th) for th in ("transfer", "whitebox", "differential", "worst")]
 
 
 def test_fa_predict_and_sanity(trained, shapes_devkit, tmp_path):

@@ -66,7 +66,8 @@ def calibration_dataset(ckpt, s: ExportSettings, img_size: int, log):
 
 
     spec = checkpoint_data(ckpt, s.calib_data, img_size)[0]
-    split = DEFAULT_SPLITS[parse_data_spec(spec)[0]]["train"]
+    own = None if s.calib_data else ckpt.get("config", {}).get("data", {}).get("train_split")
+    split = own or DEFAULT_SPLITS[parse_data_spec(spec)[0]]["train"]
     return dataset_for(ckpt, "test", s.calib_data, img_size, split=split, max_images=s.calib_images, log=log,
                        flag="--calib-data")
 

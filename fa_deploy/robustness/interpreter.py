@@ -794,7 +794,8 @@ class OnnxGraph(nn.Module):
                     if o in force:
                         if record is not None:
                             record[o] = env[o]
-                        env[o] = force[o]
+                        f = force[o]
+                        env[o] = f if f.dtype == env[o].dtype else f.to(env[o].dtype)
             if not grad:  # with autograd the graph holds them anyway
                 for t in fr:
                     if t not in keep:

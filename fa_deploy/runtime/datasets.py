@@ -12,10 +12,14 @@ def checkpoint_data(ckpt: dict, data=None, img_size=None):
 def dataset_for(ckpt: dict, role: str, data=None, img_size=None, split=None, max_images=None, log=print,
                 flag: str = "--data"):
     """The dataset of `role`; when the data spec came from the checkpoint and cannot be read, the error says so and
-    names `flag`, the command's flag that overrides it."""
+    names `flag`, the command's flag that overrides it. The split: `split` when given, else the checkpoint's own
+    split of that role (fa-train's --test-split / --train-split) when the data is the checkpoint's, else the
+    dataset's default."""
     from fa_train.data import DataError, build_dataset
 
     spec, size, seed = checkpoint_data(ckpt, data, img_size)
+    if split is None and not data:
+        split = ckpt.get("config", {}).get("data", {}).get(f"{role}_split")
     try:
         return build_dataset(spec, role, size, split, max_images, seed, log=log)
     except DataError as e:
