@@ -275,6 +275,37 @@ def test_standard_training_writes_a_checkpoint_of_the_model(trained):
     assert json.loads((w.parent / "eval.json").read_text())["clean"]["AP50"] >= 0
 
 
+def test_torchvision_options_are_kept_in_the_checkpoint(tmp_path):
+    """Options passed on to torchvision's detector (score threshold, NMS, detections per image) are part of the
+    model a checkpoint rebuilds: set, saved, loaded, read back from torchvision's own modules; a value no checkpoint
+    can store is refused naming the option."""
+    from fa_train.checkpoint import load_model, save_safetensors
+
+    cases = {"retinanet_resnet50_fpn": dict(tiny_arch("retinanet"), score_thresh=0.2, nms_thresh=0.3,
+                                            detections_per_img=17, topk_candidates=50),
+             "fcos_resnet50_fpn": dict(tiny_arch("fcos"), score_thresh=0.2, nms_thresh=0.3, detections_per_img=17,
+                                       center_sampling_radius=2.0),
+             "fasterrcnn_resnet50_fpn": dict(TINY, box_score_thresh=0.2, box_nms_thresh=0.3,
+                                             box_detections_per_img=17, rpn_post_nms_top_n_test=99),
+             "ssdlite320_mobilenet_v3_large": dict(size=64, width_mult=0.25, score_thresh=0.2, nms_thresh=0.3,
+                                                   detections_per_img=17, topk_candidates=50)}
+    reads = {"score_thresh": lambda d: d.score_thresh, "nms_thresh": lambda d: d.nms_thresh,
+             "detections_per_img": lambda d: d.detections_per_img, "topk_candidates": lambda d: d.topk_candidates,
+             "center_sampling_radius": lambda d: d.center_sampling_radius,
+             "box_score_thresh": lambda d: d.roi_heads.score_thresh, "box_nms_thresh": lambda d: d.roi_heads.nms_thresh,
+             "box_detections_per_img": lambda d: d.roi_heads.detections_per_img,
+             "rpn_post_nms_top_n_test": lambda d: d.rpn._post_nms_top_n["testing"]}
+    for name, kw in cases.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_safetensors(create_model(name, 3, **kw), path, ["a", "b", "c"])
+        model, _ = load_model(path)
+        for k, v in kw.items():
+            if k in reads:
+                assert reads[k](model.detector) == v, (name, k)
+    with pytest.raises(ValueError, match=r"retinanet_resnet50_fpn: model options \['anchor_generator'\]"):
+        create_model("retinanet_resnet50_fpn", 3, anchor_generator=object(), **tiny_arch("retinanet"))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fa_training_aligns_layer4(tmp_path, name):
     r = train_tiny(tmp_path, name, "--method", "fa")

@@ -57,7 +57,8 @@ def test_wrapper_keeps_torchvisions_modules_and_loads_its_weights(tmp_path):
     assert shapes(ours.detector) == shapes(ref)
     assert [n for n, _ in ours.detector.named_modules()] == [n for n, _ in ref.named_modules()]
     assert ours.arch_config() == {"name": NAME, "num_classes": 7, "size": 320, "width_mult": 1.0,
-                                  "trainable_layers": 6, "reduced_tail": True}
+                                  "trainable_layers": 6, "reduced_tail": True, "score_thresh": 0.001,
+                                  "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300}
     assert ours.mid_channels == 480 and ours.detector.transform.fixed_size == (320, 320)
     # torchvision's file of this detector, another class count: everything but the class predictors loaded
     path = tmp_path / "ssd.pth"
@@ -289,7 +290,8 @@ def test_standard_training_writes_a_checkpoint_of_the_model(trained):
 
     model, ckpt = load_model(str(trained))
     assert model.arch_config() == {"name": NAME, "num_classes": 4, "size": 64, "width_mult": 0.25,
-                                   "trainable_layers": 6, "reduced_tail": True}
+                                   "trainable_layers": 6, "reduced_tail": True, "score_thresh": 0.001,
+                                  "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300}
     assert json.loads((trained.parent / "eval.json").read_text())["clean"]["AP50"] >= 0
 
 

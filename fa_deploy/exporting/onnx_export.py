@@ -15,10 +15,9 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 import torch

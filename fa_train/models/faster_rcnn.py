@@ -74,6 +74,17 @@ def _body_part(body, name: str):
                     file_extra=("fc.",))
 
 
+def torchvision_options(model_name: str, options: dict) -> dict:
+    """Keyword options passed on to torchvision's detector class (`box_score_thresh`, `score_thresh`, `nms_thresh`,
+    `detections_per_img`, ...), kept in the model's `arch_config` so that a checkpoint rebuilds the model it was
+    trained as; only plain values can be stored, anything else is refused naming the option."""
+    bad = sorted(k for k, v in options.items() if not isinstance(v, (bool, int, float, str)))
+    if bad:
+        raise ValueError(f"{model_name}: model options {bad} are not plain numbers or strings; a checkpoint stores a "
+                         f"model's options, so only such values can be given")
+    return dict(options)
+
+
 def build_backbone(name: str, trainable_layers: int, fpn_channels: int, weights_backbone: Optional[str],
                    returned_layers: Sequence[int] = (1, 2, 3, 4), extra_blocks: Optional[nn.Module] = None):
     """torchvision's ResNet with FrozenBatchNorm2d and torchvision's BackboneWithFPN, as torchvision's
@@ -175,7 +186,8 @@ class FasterRCNNFPN(Detector):
                  weights_backbone: Optional[str] = None, **frcnn_kw):
         super().__init__(num_classes)
         self._arch = {"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
-                      "max_size": max_size, "trainable_layers": trainable_layers}
+                      "max_size": max_size, "trainable_layers": trainable_layers,
+                      **torchvision_options(self.model_name, frcnn_kw)}
         body = build_backbone(backbone, trainable_layers, fpn_channels, None)
         self.detector = FasterRCNN(body, num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **frcnn_kw)

@@ -42,7 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from . import register_model
 from .base import Detector
 from .faster_rcnn import (IMAGENET_MEAN, IMAGENET_STD, WeightsMismatchError, _body_part, build_backbone,
-                          read_torchvision_state)
+                          read_torchvision_state, torchvision_options)
 
 SIZE_DIVISIBLE = 32  # GeneralizedRCNNTransform's padding
 LEVEL_STRIDES = (8, 16, 32, 64, 128)  # P3-P7 of the ResNet FPN with LastLevelP6P7
@@ -82,7 +82,8 @@ class OneStageDetector(Detector):
                  weights_backbone: Optional[str] = None, **tv_kw):
         super().__init__(num_classes)
         self._arch = {"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
-                      "max_size": max_size, "trainable_layers": trainable_layers}
+                      "max_size": max_size, "trainable_layers": trainable_layers,
+                      **torchvision_options(self.model_name, tv_kw)}
         body = build_backbone(backbone, trainable_layers, fpn_channels, weights_backbone, returned_layers=(2, 3, 4),
                               extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         self.detector = self.tv_class(body, num_classes=num_classes, min_size=min_size, max_size=max_size,

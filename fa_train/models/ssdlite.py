@@ -90,7 +90,9 @@ class SSDLite320(OneStageDetector):
         # torchvision halves the last stage ("reduced tail") unless ImageNet backbone weights are loaded
         reduced_tail = weights_backbone is None if reduced_tail is None else bool(reduced_tail)
         self._arch = {"size": size, "width_mult": float(width_mult), "trainable_layers": trainable_layers,
-                      "reduced_tail": reduced_tail}
+                      "reduced_tail": reduced_tail, "score_thresh": float(score_thresh),
+                      "nms_thresh": float(nms_thresh), "detections_per_img": int(detections_per_img),
+                      "topk_candidates": int(topk_candidates)}
         norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
         mnv3 = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=reduced_tail, width_mult=width_mult)
         body = _Body(mnv3.features)
