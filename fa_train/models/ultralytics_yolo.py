@@ -343,11 +343,6 @@ class UltralyticsYolo(Detector):
     def features(self, images):
         return self._network(images, stop_at_mid=True)[1]
 
-    def _anchors(self, feats):
-        from ultralytics.utils.tal import make_anchors
-
-        return make_anchors(feats, self.net.model[-1].stride, 0.5)  # [A, 2] grid units, [A, 1] strides
-
     def _anchor_grid(self, feats, dtype):
         """([A, 2] anchor centres in input pixels, [A, 1] strides), from the feature maps' sizes as Python numbers:
         an exported graph holds them as constants (it has a fixed image size), with no shape arithmetic or casts
@@ -412,48 +407,56 @@ class UltralyticsYolo(Detector):
         raw, mid = self._network(images)
         return self._loss(raw, targets, images.shape[-2:]), mid
 
-    @staticmethod
-    def _one(raw, i):
-        return {"boxes": raw["boxes"][i:i + 1], "scores": raw["scores"][i:i + 1],
-                "feats": [f[i:i + 1] for f in raw["feats"]]}
-
     def loss_terms_per_image(self, images, targets) -> Dict[str, torch.Tensor]:
         """Image i's terms of Ultralytics' loss as if it were a batch of one (its own normaliser, the sum of its
         assigned target scores), from one batched forward."""
         raw, _ = self._network(images)
         return self._loss_rows(raw, targets, images.shape[-2:])
 
-    def _loss_rows(self, raw, targets, size) -> Dict[str, torch.Tensor]:
-        """Each image's (box, cls, dfl) of `v8DetectionLoss.get_assigned_targets_and_loss` as that image alone gets
-        them, from one batched call of Ultralytics' own pieces (targets, decode, task-aligned assigner, BCE, box
-        loss): the assigner treats each image on its own (padded objects masked out), and the sums are taken per
-        image over its own normaliser. One assigner call instead of one per image (the per-image PGD step's cost;
-        tested equal to Ultralytics' loss on each image alone)."""
+    def _assign(self, raw, targets, size) -> dict:
+        """Ultralytics' task-aligned assignment of a batch from one assigner call, with its own pieces (targets,
+        decode, assigner): the assigner treats each image on its own (padded objects masked out), so each image is
+        assigned as it is alone. Returns the criterion, the predictions (`distri` [N,A,4 x reg_max], `scores`
+        [N,A,C], decoded `bboxes` [N,A,4] in stride units), `anchors` / `strides` [A,2] / [A,1], `imgsz`, and the
+        assignment: target `boxes` (pixels), soft target `scores`, foreground mask `fg` [N,A] and `gt_idx` [N,A],
+        the index among the image's objects that are not ignored, in their order. What `_loss_rows` (each image's
+        loss terms) and `object_losses` (each object's loss) read."""
         from ultralytics.utils.tal import make_anchors
 
         crit = self.criterion()
         preds = self._cast(raw)
-        pred_distri = preds["boxes"].permute(0, 2, 1).contiguous()
-        pred_scores = preds["scores"].permute(0, 2, 1).contiguous()
-        anchor_points, stride_tensor = make_anchors(preds["feats"], crit.stride, 0.5)
-        dtype, n = pred_scores.dtype, pred_scores.shape[0]
-        imgsz = torch.tensor(preds["feats"][0].shape[2:], device=crit.device, dtype=dtype) * crit.stride[0]
+        distri = preds["boxes"].permute(0, 2, 1).contiguous()
+        scores = preds["scores"].permute(0, 2, 1).contiguous()
+        anchors, strides = make_anchors(preds["feats"], crit.stride, 0.5)
+        n = scores.shape[0]
+        imgsz = torch.tensor(preds["feats"][0].shape[2:], device=crit.device, dtype=scores.dtype) * crit.stride[0]
         batch = self.batch_targets(targets, size, crit.device)
         t = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
         t = crit.preprocess(t.to(crit.device), n, scale_tensor=imgsz[[1, 0, 1, 0]])
         gt_labels, gt_bboxes = t.split((1, 4), 2)
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
-        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
-        _, t_boxes, t_scores, fg, _ = crit.assigner(
-            pred_scores.detach().sigmoid(), (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
-            anchor_points * stride_tensor, gt_labels, gt_bboxes, mask_gt)
+        bboxes = crit.bbox_decode(anchors, distri)
+        _, t_boxes, t_scores, fg, gt_idx = crit.assigner(
+            scores.detach().sigmoid(), (bboxes.detach() * strides).type(gt_bboxes.dtype), anchors * strides,
+            gt_labels, gt_bboxes, mask_gt)
+        return {"crit": crit, "distri": distri, "scores": scores, "bboxes": bboxes, "anchors": anchors,
+                "strides": strides, "imgsz": imgsz, "t_boxes": t_boxes, "t_scores": t_scores, "fg": fg,
+                "gt_idx": gt_idx}
+
+    def _loss_rows(self, raw, targets, size) -> Dict[str, torch.Tensor]:
+        """Each image's (box, cls, dfl) of `v8DetectionLoss.get_assigned_targets_and_loss` as that image alone gets
+        them, from one batched assignment (`_assign`), the sums taken per image over its own normaliser (the sum of
+        its target scores): one assigner call instead of one per image (the per-image PGD step's cost; tested equal
+        to Ultralytics' loss on each image alone)."""
+        a = self._assign(raw, targets, size)
+        crit, t_scores, strides = a["crit"], a["t_scores"], a["strides"]
         norm = t_scores.sum((1, 2)).clamp(min=1)  # each image's own target_scores_sum
-        bce = crit.bce(pred_scores, t_scores.to(dtype))
+        bce = crit.bce(a["scores"], t_scores.to(a["scores"].dtype))
         if crit.class_weights is not None:
             bce = bce * crit.class_weights
-        box, dfl = zip(*(crit.bbox_loss(pred_distri[i:i + 1], pred_bboxes[i:i + 1], anchor_points,
-                                        t_boxes[i:i + 1] / stride_tensor, t_scores[i:i + 1], norm[i], fg[i:i + 1],
-                                        imgsz, stride_tensor) for i in range(n)))
+        box, dfl = zip(*(crit.bbox_loss(a["distri"][i:i + 1], a["bboxes"][i:i + 1], a["anchors"],
+                                        a["t_boxes"][i:i + 1] / strides, t_scores[i:i + 1], norm[i],
+                                        a["fg"][i:i + 1], a["imgsz"], strides) for i in range(len(norm))))
         hyp = crit.hyp
         return {"box": torch.stack(box) * hyp.box, "cls": bce.sum((1, 2)) / norm * hyp.cls,
                 "dfl": torch.stack(dfl) * hyp.dfl}
@@ -461,50 +464,40 @@ class UltralyticsYolo(Detector):
     def object_losses(self, images, targets) -> List[torch.Tensor]:
         """Per image [M_i]: each object's loss, the mean over the anchors the task-aligned assigner gives it of
         box_gain x (1 - CIoU) + dfl_gain x DFL + cls_gain x the anchor's class BCE (summed over classes, against
-        the assigner's soft targets); NaN for ignored objects and for objects given no anchor."""
+        the assigner's soft targets); NaN for ignored objects and for objects given no anchor. One batched
+        assignment (`_assign`), each image assigned as it is alone."""
         from ultralytics.utils.metrics import bbox_iou
         from ultralytics.utils.tal import bbox2dist
 
         raw, _ = self._network(images)
-        crit = self.criterion()
+        a = self._assign(raw, targets, images.shape[-2:])
+        crit = a["crit"]
         hyp = crit.hyp
         out = []
         for i, t in enumerate(targets):
             m = len(t["boxes"])
             res = torch.full((m,), float("nan"), device=images.device, dtype=torch.float32)
-            ign = t.get("ignore")
             kept = torch.arange(m, device=images.device)
-            if ign is not None:
-                kept = kept[~ign.to(images.device).bool().reshape(-1)]
-            if len(kept):
-                p = self._cast(self._one(raw, i))
-                pred_dist = p["boxes"].permute(0, 2, 1).contiguous()
-                pred_scores = p["scores"].permute(0, 2, 1).contiguous()
-                anchors, strides = self._anchors(p["feats"])
-                pred_boxes = crit.bbox_decode(anchors, pred_dist)
-                batch = self.batch_targets([t], images.shape[-2:], crit.device)
-                h, w = images.shape[-2:]
-                gt = torch.cat([batch["cls"], torchvision.ops.box_convert(
-                    batch["bboxes"] * torch.tensor([w, h, w, h], device=crit.device), "cxcywh", "xyxy")], 1)[None]
-                _, tboxes, tscores, fg, gt_idx = crit.assigner(
-                    pred_scores.detach().sigmoid(), (pred_boxes.detach() * strides).type(gt.dtype),
-                    anchors * strides, gt[..., :1], gt[..., 1:], torch.ones(1, len(kept), 1, device=crit.device))
-                fg = fg[0]
-                if fg.any():
-                    tb = tboxes[0][fg] / strides[fg]
-                    iou = bbox_iou(pred_boxes[0][fg], tb, xywh=False, CIoU=True).view(-1)
-                    loss = hyp.box * (1.0 - iou)
-                    if crit.bbox_loss.dfl_loss is not None:
-                        ltrb = bbox2dist(anchors[fg], tb, self.reg_max - 1)
-                        dfl = crit.bbox_loss.dfl_loss(pred_dist[0][fg].view(-1, self.reg_max), ltrb).view(-1)
-                        loss = loss + hyp.dfl * dfl
-                    loss = loss + hyp.cls * F.binary_cross_entropy_with_logits(
-                        pred_scores[0][fg], tscores[0][fg].to(pred_scores.dtype), reduction="none").sum(-1)
-                    obj = gt_idx[0][fg]
-                    total = loss.new_zeros(len(kept)).index_add(0, obj, loss)
-                    count = loss.new_zeros(len(kept)).index_add(0, obj, torch.ones_like(loss))
-                    per = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-                    res = res.to(per.dtype).index_put((kept,), per)
+            if t.get("ignore") is not None:
+                kept = kept[~t["ignore"].to(images.device).bool().reshape(-1)]
+            fg = a["fg"][i]
+            if len(kept) and fg.any():
+                strides = a["strides"][fg]
+                tb = a["t_boxes"][i][fg] / strides
+                iou = bbox_iou(a["bboxes"][i][fg], tb, xywh=False, CIoU=True).view(-1)
+                loss = hyp.box * (1.0 - iou)
+                if crit.bbox_loss.dfl_loss is not None:
+                    ltrb = bbox2dist(a["anchors"][fg], tb, self.reg_max - 1)
+                    dfl = crit.bbox_loss.dfl_loss(a["distri"][i][fg].view(-1, self.reg_max), ltrb).view(-1)
+                    loss = loss + hyp.dfl * dfl
+                scores = a["scores"][i][fg]
+                loss = loss + hyp.cls * F.binary_cross_entropy_with_logits(
+                    scores, a["t_scores"][i][fg].to(scores.dtype), reduction="none").sum(-1)
+                obj = a["gt_idx"][i][fg]
+                total = loss.new_zeros(len(kept)).index_add(0, obj, loss)
+                count = loss.new_zeros(len(kept)).index_add(0, obj, torch.ones_like(loss))
+                per = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+                res = res.to(per.dtype).index_put((kept,), per)
             out.append(res)
         return out
 
