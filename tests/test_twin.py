@@ -179,7 +179,8 @@ def test_float_twin_with_one_wrong_layer_is_refused_layer_by_layer(exported, yol
         msg = str(e.value)
         assert "layer by layer" in msg and path in msg, msg
         layers = msg.split("layer by layer")[1]
-        assert f"tap {conv.output[0]}:" in layers and layers.count("of elements outside") == 1, msg
+        assert f"tap {conv.output[0]}:" in layers, msg
+        assert layers.count("of elements outside") == layers.count(f"tap {conv.output[0]}:") >= 1, msg
         # the untouched twin passes on the same inputs, free running
         rep = verify_twin(OnnxGraph(path), path, x.numpy())
         assert rep["passed"] and "layers" not in rep

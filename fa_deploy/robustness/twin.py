@@ -249,6 +249,9 @@ def _failures(compared: Dict[str, dict], tol: dict, output_names: Sequence[str])
             for n, o in compared.items() if not o["passed"]]
 
 
+LAYER_CHECK_IMAGES = 2  # the layer check's images, one at a time: every activation of the file is held at once
+
+
 def _verify_layers(twin: OnnxGraph, onnx_path: str, precision: str, feeds: Dict[str, np.ndarray],
                    feeds_t: Dict[str, torch.Tensor], outs: Sequence[str], tol: dict) -> dict:
     """The float twin checked layer by layer: ONNX Runtime's value of every floating-point tensor the file computes
@@ -257,26 +260,35 @@ def _verify_layers(twin: OnnxGraph, onnx_path: str, precision: str, feeds: Dict[
     ill-conditioned (FCOS's GroupNorm over the 2 values of a 1 x 1 map: a difference of one float32 rounding in its
     input moves its output by 300x that), free-running outputs of a correct twin miss the gate by the last bits of
     float32 sums; each layer, fed the same inputs, still computes what the file computes, and a wrong layer (a
-    wrong weight, attribute or operator) fails here as it does free running."""
+    wrong weight, attribute or operator) fails here as it does free running. On the first LAYER_CHECK_IMAGES
+    images, one at a time (all of a network's activations are held at once)."""
     floats = (1, FLOAT16)  # onnx.TensorProto.FLOAT, FLOAT16
     names = list(dict.fromkeys(o for st in twin._steps if not st.static for o in st.outputs
                                if o and twin.tensor_type(o) in floats))
     expose = {n: twin.tensor_type(n) for n in names if n not in twin.output_names}
-    ref = reference_session(onnx_path, precision, expose).run(names, feeds)
-    force = {n: torch.from_numpy(np.ascontiguousarray(v)).to(next(iter(feeds_t.values())).device)
-             for n, v in zip(names, ref)}
-    record: Dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        twin.run(feeds_t, outs, force=force, record=record)
-    checked = [n for n in names if n in record]
-    compared = compare([ref[names.index(n)] for n in checked], [record[n].float().cpu().numpy() for n in checked],
-                       checked, tol)
-    failures = _failures(compared, tol, twin.output_names)
-    worst = max(compared, key=lambda n: compared[n]["max_abs"] / (compared[n].get("rms") or 1.0), default=None)
-    return {"checked": len(checked), "passed": not failures and bool(checked), "failures": failures or
-            ([] if checked else ["no floating-point layer to check"]),
-            "worst": None if worst is None else {"tensor": worst, "max_abs": compared[worst]["max_abs"],
-                                                 "rms": compared[worst].get("rms")}}
+    session = reference_session(onnx_path, precision, expose)
+    n_img = min(LAYER_CHECK_IMAGES, len(next(iter(feeds.values()))))
+    failures, checked, worst = [], 0, None
+    for i in range(n_img):
+        ref = session.run(names, {k: v[i:i + 1] for k, v in feeds.items()})
+        force = {n: torch.from_numpy(np.ascontiguousarray(v)).to(next(iter(feeds_t.values())).device)
+                 for n, v in zip(names, ref)}
+        record: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            twin.run({k: v[i:i + 1] for k, v in feeds_t.items()}, outs, force=force, record=record)
+        got = [n for n in names if n in record]
+        compared = compare([ref[names.index(n)] for n in got], [record[n].float().cpu().numpy() for n in got],
+                           got, tol)
+        failures += [f"image {i}: {f}" for f in _failures(compared, tol, twin.output_names)]
+        checked = max(checked, len(got))
+        for n, c in compared.items():
+            r = c.get("max_abs", 0.0) / (c.get("rms") or 1.0)
+            if worst is None or r > worst["max_abs_over_rms"]:
+                worst = {"tensor": n, "image": i, "max_abs": c.get("max_abs"), "rms": c.get("rms"),
+                         "max_abs_over_rms": r}
+    if not checked:
+        failures.append("no floating-point layer to check")
+    return {"checked": checked, "images": n_img, "passed": not failures, "failures": failures, "worst": worst}
 
 
 # ---------------------------------------------------------------------------------------------- taps
