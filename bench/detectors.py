@@ -5,7 +5,7 @@ at a small size on the CPU:
   gradient and the sign step, `run_attack` with one iteration) within 1.2x of the model's own forward + backward
   (`forward_train` on the batch and the input gradient);
 - the fp32 twin's forward + backward within 1.5x of the source's (where a twin exists: RetinaNet, FCOS,
-  SSDlite, YOLOv8 (fa_deploy/robustness/twin_ultralytics.py), YOLOv3).
+  SSDlite, YOLOv8 (`UltralyticsTwin`), YOLOv3).
 
     python bench/detectors.py [--img-size 128] [--batch 8] [--iters 5]
                               [--models retinanet,fcos,ssdlite,yolov8,yolov3]

@@ -1,6 +1,6 @@
 """Checkpoints: written atomically (temp file, flush, fsync, rename), read with `weights_only=True`.
 
-A checkpoint holds the model's arch config and class names, so `load_model(path)` rebuilds the right model;
+A checkpoint holds the model's arch config and class names, so `fa_train.models.load_model(path)` rebuilds the right model;
 loading into a model of another architecture or class count is an error that lists the differences.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ import warnings
 
 import torch
 
-from .models import create_model
 
 
 class CheckpointError(ValueError):
@@ -226,19 +225,3 @@ def _load_safetensors(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: safetensors file without fa-toolkit metadata (arch, class_names)")
     return {"model": state, "arch": json.loads(meta["arch"]), "class_names": json.loads(meta["class_names"]),
             "config": json.loads(meta.get("config", "{}"))}
-
-
-def load_model(path: str, map_location="cpu"):
-    """(model, checkpoint) rebuilt from a checkpoint alone (.pt, or .safetensors with its metadata)."""
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: checkpoint not found")
-        ckpt = _load_safetensors(path, map_location)
-    else:
-        ckpt = load_checkpoint(path, map_location)
-    arch = dict(ckpt["arch"])
-    name = arch.pop("name")
-    num_classes = arch.pop("num_classes")
-    model = create_model(name, num_classes, **arch)
-    load_into(model, ckpt, path)
-    return model, ckpt

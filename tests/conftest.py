@@ -107,7 +107,7 @@ def frcnn_exported(tmp_path_factory):
 def checkpoint_images(weights, n, split):
     """n images of a split of the checkpoint's data [n,3,64,64] (no augmentation) and their ground truth."""
     from fa_deploy.runtime.datasets import dataset_for
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     _, ckpt = load_model(str(weights))
     ds = dataset_for(ckpt, "test", None, 64, split=split, max_images=n, log=None)
@@ -138,7 +138,7 @@ def confident_on_every_object(weights, score=OVERFIT_SCORE):
     import torchvision
 
     from fa_deploy.runtime.datasets import dataset_for
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, ckpt = load_model(str(weights))
     model.eval()
@@ -191,7 +191,7 @@ def overfit(tmp_path_factory):
 def overfit_images(overfit):
     """The image files of the overfit model's two training images (where it detects every object)."""
     from fa_deploy.runtime.datasets import dataset_for
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     _, ckpt = load_model(str(overfit))
     return [r.file for r in dataset_for(ckpt, "test", None, 64, split="shapes:train", max_images=2, log=None).records]

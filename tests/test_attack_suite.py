@@ -241,7 +241,7 @@ def test_apgd_reaches_a_higher_loss_than_pgd_with_the_same_gradient_evaluations(
     loss hardly moves within eps: both attacks raised it by ~1e-6 of its value, so which was higher was float32
     rounding, and flipped on an AVX-512 CPU). There APGD-10 beats PGD-10 by far more than rounding (measured:
     1.4-2.4x PGD's loss, PGD itself 10-20x the clean loss)."""
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(overfit))
     model.eval()
@@ -290,7 +290,7 @@ def _count(dets, thres):
 
 
 def test_tog_attacks_do_what_they_aim_at(overfit):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(overfit))
     model.eval()
@@ -372,7 +372,7 @@ def _mislabel_per_image(model, images, ctx):
 def test_batched_mislabel_objective_equals_the_per_image_one(overfit):
     """The batch's slots in one pass give each image's value and input gradient of the per-image loop, also with
     an image that has no confident detection (value 0, no gradient)."""
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(overfit))
     model.eval()
@@ -477,7 +477,7 @@ def test_parse_attacks():
 
 
 def test_robustness_suite_worst_case_is_never_above_any_attack(overfit):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
     from fa_train.data import build_dataset
     from fa_train.engine import make_loader
     from fa_train.evaluation import robustness
@@ -516,7 +516,7 @@ def test_fa_bench_attack_lists_json_markdown_and_errors(overfit, tmp_path):
 def test_harness_runs_every_attack_with_a_worst_case(overfit):
     from fa_deploy.runtime.backends import TorchBackend
     from fa_deploy.robustness.harness import gate, run_harness
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
     from fa_train.data import build_dataset
     from fa_train.engine import make_loader
 

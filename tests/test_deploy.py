@@ -15,7 +15,7 @@ from fa_deploy.cli import export_main, main as bench_main
 from fa_deploy.exporting.onnx_export import ExportError, check_onnx, parity
 from fa_deploy.runtime.metadata import sha256
 from fa_deploy.runtime.tensorrt import tensorrt_available
-from fa_train.checkpoint import load_model
+from fa_train.models import load_model
 
 needs_trt = pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT/GPU unavailable: "
                                                                  f"{tensorrt_available()[1]}")

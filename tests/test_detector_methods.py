@@ -138,7 +138,7 @@ def _batch(n=2, seed=0):
 def test_every_method_writes_a_checkpoint_whose_loss_is_finite(runs):
     """Each run exits 0 and writes last.pt of its own detector and method; the model rebuilt from it alone has a
     finite loss, every term of the detector's loss dict, on a fresh batch."""
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     det, results = runs
     _, (name, _), domains = DETECTORS[det]

@@ -88,7 +88,7 @@ def test_fa_training_steps_through_the_cli(tmp_path):
 
     rec = json.loads(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()[-1])
     assert {"train/ssfa", "train/kdfa", "train/adv_loss_classifier"} <= set(rec)
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(tmp_path / "run" / "last.pt"))
     assert model.arch_config()["backbone"] == "resnet18"

@@ -110,7 +110,7 @@ def test_every_part_is_tensorrt_compatible(exported):
 
 def test_pipeline_backend_matches_the_source(exported):
     w, out, _ = exported
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(w))
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)

@@ -267,7 +267,7 @@ def trained(request, tmp_path_factory):
 
 
 def test_standard_training_writes_a_checkpoint_of_the_model(trained):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     name, w = trained
     model, ckpt = load_model(str(w))
@@ -279,7 +279,8 @@ def test_torchvision_options_are_kept_in_the_checkpoint(tmp_path):
     """Options passed on to torchvision's detector (score threshold, NMS, detections per image) are part of the
     model a checkpoint rebuilds: set, saved, loaded, read back from torchvision's own modules; a value no checkpoint
     can store is refused naming the option."""
-    from fa_train.checkpoint import load_model, save_safetensors
+    from fa_train.checkpoint import save_safetensors
+    from fa_train.models import load_model
 
     cases = {"retinanet_resnet50_fpn": dict(tiny_arch("retinanet"), score_thresh=0.2, nms_thresh=0.3,
                                             detections_per_img=17, topk_candidates=50),
@@ -331,7 +332,7 @@ def test_fa_bench_attack_suite(trained, tmp_path):
 def test_fa_export_onnx_with_parity(trained, tmp_path):
     from fa_deploy.export_cli import export_main
     from fa_deploy.runtime.loading import load_backend
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     name, w = trained
     r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
@@ -387,7 +388,7 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
     from fa_deploy.export_cli import export_main
     from fa_deploy.robustness.twin import load_twin
     from fa_deploy.runtime.loading import load_backend
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     name, w = trained
     r = CliRunner().invoke(export_main, [str(w), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",

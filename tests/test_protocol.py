@@ -42,7 +42,7 @@ def test_protocol_is_reproducible_and_consistent(tiny_yolo):
 
 
 def test_protocol_eps_zero_equals_clean(trained):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, _ = load_model(str(trained))
     res = robustness(model.eval(), _loader(), torch.device("cpu"), eps=0.0, steps=(1, 2), progress=False)

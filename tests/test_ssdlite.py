@@ -286,7 +286,7 @@ def trained(tmp_path_factory):
 
 
 def test_standard_training_writes_a_checkpoint_of_the_model(trained):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     model, ckpt = load_model(str(trained))
     assert model.arch_config() == {"name": NAME, "num_classes": 4, "size": 64, "width_mult": 0.25,
@@ -319,7 +319,7 @@ def test_fa_bench_attack_suite(trained, tmp_path):
 def test_fa_export_onnx_with_parity(trained, tmp_path):
     from fa_deploy.export_cli import export_main
     from fa_deploy.runtime.loading import load_backend
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     r = CliRunner().invoke(export_main, [str(trained), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
                                          "--calib-images", "4", "--verify-images", "4", "--out", str(tmp_path),
@@ -376,7 +376,7 @@ def test_twin_of_the_exported_file_equals_onnxruntime_and_attacks_through_it(tra
     from fa_deploy.export_cli import export_main
     from fa_deploy.robustness.twin import load_twin
     from fa_deploy.runtime.loading import load_backend
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     r = CliRunner().invoke(export_main, [str(trained), "--onnx", "fp32", "--onnx", "fp16", "--onnx", "int8",
                                          "--calib-images", "4", "--verify-images", "2", "--out", str(tmp_path)])

@@ -17,7 +17,7 @@ from fa_deploy.robustness.twin import load_twin
 from fa_train.adversarial.attack_objectives import DetectionLoss
 from fa_train.adversarial.attacks import Budget, SignStep, run_attack
 from fa_train.adversarial.suite import ground_truth_losses
-from fa_train.checkpoint import load_model
+from fa_train.models import load_model
 
 SPLIT = ["--test-split", "shapes:train", "--max-images", "2"]  # the overfit model's own two images
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fa_train.checkpoint import CheckpointError, load_checkpoint, load_model
+from fa_train.checkpoint import CheckpointError, load_checkpoint
+from fa_train.models import load_model
 from fa_train.cli import main
 
 TINY = ["--data", "synth:60", "--img-size", "64", "--batch-size", "4", "--width-mult", "0.125",

@@ -13,7 +13,7 @@ from fa_deploy.robustness.interpreter import OnnxGraph
 from conftest import checkpoint_images
 from fa_deploy.robustness.twin import (TOLERANCES, FasterRCNNTwin, TwinError, TwinMismatch, YoloTwin, load_twin,
                                        reference_session, verify_twin)
-from fa_train.checkpoint import load_model
+from fa_train.models import load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

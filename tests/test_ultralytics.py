@@ -238,7 +238,7 @@ def ultralytics_pt(tmp_path_factory):
 
 
 def test_an_ultralytics_pickle_is_refused_without_trust_and_converted_once(ultralytics_pt, tmp_path):
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
     from fa_train.cli import main as train_main
     from fa_train.models.ultralytics_yolo import main as convert_main
 
@@ -387,7 +387,7 @@ def deployed(request):
 def test_fa_export_onnx_parity_at_three_precisions(deployed):
     import onnxruntime as ort
 
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
     _, weights, out = deployed
     for prec in ("fp32", "fp16", "int8"):
@@ -441,8 +441,8 @@ def test_twins_of_the_exported_files_equal_onnxruntime_and_the_source(deployed, 
 
     from fa_deploy.cli import main as bench_main
     from fa_deploy.robustness.twin import load_twin
-    from fa_deploy.robustness.twin_ultralytics import UltralyticsTwin
-    from fa_train.checkpoint import load_model
+    from fa_deploy.robustness.twin import UltralyticsTwin
+    from fa_train.models import load_model
 
     family, weights, out = deployed
     model, _ = load_model(weights)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from conftest import checkpoint_images
 from fa_deploy.robustness.interpreter import GraphError, OnnxGraph
 from fa_deploy.robustness.twin import TOLERANCES, compare, load_twin, reference_session, verify_twin
-from fa_train.checkpoint import load_model
+from fa_train.models import load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

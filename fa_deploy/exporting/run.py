@@ -101,7 +101,7 @@ def _refuse_incompatible(checks: List[dict]) -> None:
 def run_export(s: ExportSettings, log: Callable[[str], None] = print,
                show: Callable[[str], None] = print) -> ExportResult:
     """`log` gets progress lines, `show` each table as soon as it is complete."""
-    from fa_train.checkpoint import load_model
+    from fa_train.models import load_model
 
 
     s.validate()

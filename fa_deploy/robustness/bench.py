@@ -133,7 +133,8 @@ def run_sources(s: BenchSettings, log=print) -> BenchResult:
     """One row per checkpoint: clean AP50, PGD-k AP50, advAP, acAP (or clean AP and speed with attack none).
     Under torchrun every rank evaluates its shard of the test set; rank 0 gathers, scores and writes."""
     from fa_train import distributed as D
-    from fa_train.checkpoint import check_classes, display_name, load_model
+    from fa_train.checkpoint import check_classes, display_name
+    from fa_train.models import load_model
     from fa_train.engine import eval_loader, resolve_device
     from fa_train.evaluation import evaluate, robustness
 
@@ -191,7 +192,8 @@ def run_sanity(s: BenchSettings, log=print) -> BenchResult:
     `failures` names every failed check (the command exits 1)."""
     from fa_train import distributed as D
     from fa_train.adversarial.sanity import curve_rows, run_checks
-    from fa_train.checkpoint import check_classes, load_model
+    from fa_train.checkpoint import check_classes
+    from fa_train.models import load_model
     from fa_train.engine import make_loader, resolve_device
 
 
@@ -260,7 +262,8 @@ def run_deployment(s: BenchSettings, log=print) -> BenchResult:
     """The harness: every backend on the same clean images and on the adversarial images of each threat (from the
     source weights; from the backend's verified twin: white-box and differential), the gate on the worst case."""
     from fa_train import distributed as D
-    from fa_train.checkpoint import check_classes, load_model
+    from fa_train.checkpoint import check_classes
+    from fa_train.models import load_model
     from fa_train.engine import make_loader, resolve_device
     from fa_train.evaluation import robustness_columns
 

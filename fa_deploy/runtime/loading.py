@@ -1,5 +1,5 @@
 """The one place that maps a file to what opens it: a deployed model (`load_backend`: an ONNX file, a TensorRT
-engine, a pipeline manifest of several networks) or a checkpoint (`fa_train.checkpoint.load_model`)."""
+engine, a pipeline manifest of several networks) or a checkpoint (`fa_train.models.load_model`)."""
 from __future__ import annotations
 
 import os

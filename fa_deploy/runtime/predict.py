@@ -51,7 +51,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.source = None  # the torch model, for checkpoints (attacks need its gradients)
         if is_checkpoint(path):
-            from fa_train.checkpoint import load_model
+            from fa_train.models import load_model
 
 
             model, ckpt = load_model(path)

@@ -362,7 +362,7 @@ def build_objective(cfg: dict, model, device, log=print, steps_per_epoch: int = 
     teacher = None
     if kdfa_w:
         if m.get("teacher"):
-            from ..checkpoint import load_model
+            from ..models import load_model
 
             teacher, _ = load_model(m["teacher"])
             mine, theirs = model.arch_config(), teacher.arch_config()

@@ -324,7 +324,7 @@ class UltralyticsYolo(Detector):
         """The network layer by layer as Ultralytics' `_predict_once` runs it, returning the Detect head's raw
         outputs {"boxes" [N, 4*reg_max, A], "scores" [N, C, A] logits, "feats"} (train or eval mode alike) and the
         M-th layer's output. Everything else (loss, decode, attack outputs) reads the network through this method:
-        the twin of a deployed file (fa_deploy/robustness/twin_ultralytics.py) replaces it with the file's graph."""
+        the twin of a deployed file (fa_deploy/robustness/twin.py) replaces it with the file's graph."""
         x, y, mid = self._check(images), [], None
         layers = self.net.model
         for m in layers:
