@@ -6,7 +6,8 @@ set -u
 
 usage() {
   cat <<'EOF'
-usage: scripts/gpu_check.sh [--out DIR] [--wheels DIR] [--python PY] [--dry-run] [--help]
+usage: scripts/gpu_check.sh [--out DIR] [--wheels DIR] [--python PY] [--only PARTS] [--detectors LIST]
+                            [--rehearse] [--dry-run] [--help]
 
 Runs on a machine with an NVIDIA GPU and torch built with CUDA (TensorRT and onnxruntime-gpu optional), offline:
   kernels      python -m cuda_kernels build (CPU + CUDA sources)
@@ -18,12 +19,19 @@ Runs on a machine with an NVIDIA GPU and torch built with CUDA (TensorRT and onn
   trt-export   fa-export --engine fp16 --engine int8 (YOLOv3 and Faster R-CNN)      [needs TensorRT]
   trt-bench    fa-bench --backend over the engines                                    [needs TensorRT]
   ort-gpu      fa-bench --backend ONNX files with --provider cuda, then tensorrt      [needs onnxruntime-gpu]
+  detectors    RetinaNet, FCOS, SSDlite320 and YOLOv8 (with the ultralytics extra), tiny, on CUDA: AMP standard
+               and fa training, fa-bench --attack suite, fa-export fp16 / int8 (and fp16 engines with TensorRT),
+               fa-bench --backend --threat all through their twins
 Each part: PASS / FAIL / SKIPPED (reason). Summary: OUT/summary.md and OUT/summary.json (default OUT: runs/gpu_check).
 
   --out DIR      where logs, checkpoints, exports and the summary go
   --wheels DIR   a folder of wheels for missing small dependencies (installed with pip --no-index); without it,
                  parts whose dependencies are missing are SKIPPED with the reason
   --python PY    the interpreter (default: .venv/bin/python if present, else python3)
+  --only PARTS   run only these parts (comma-separated names above); the others SKIPPED ("not selected")
+  --detectors L  the detectors part's models (default retinanet,fcos,ssdlite,yolov8)
+  --rehearse     run the parts' commands on the CPU (no --amp): checks this script where no GPU is; the summary
+                 says "rehearsal on the CPU": never GPU results
   --dry-run      check the machine and print the plan; every part SKIPPED ("dry run"); a valid summary
 
 Fill DIR on a connected machine with the same Python version and platform:
@@ -38,12 +46,18 @@ OUT="$ROOT/runs/gpu_check"
 WHEELS=""
 PY=""
 DRY=0
+ONLY=""
+DETS="retinanet,fcos,ssdlite,yolov8"
+REHEARSE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --wheels) WHEELS="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
+    --only) ONLY=",$2,"; shift 2 ;;
+    --detectors) DETS="$2"; shift 2 ;;
+    --rehearse) REHEARSE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -67,6 +81,7 @@ record() {  # name status seconds reason
 # part NAME "why it would be skipped, or empty" command...
 part() {
   local name="$1" skip="$2"; shift 2
+  if [ -n "$ONLY" ] && [ "${ONLY#*,$name,}" = "$ONLY" ]; then record "$name" SKIPPED 0 "not selected (--only)"; return; fi
   if [ "$DRY" = 1 ]; then record "$name" SKIPPED 0 "dry run${skip:+ (would skip: $skip)}"; return; fi
   if [ -n "$skip" ]; then record "$name" SKIPPED 0 "$skip"; return; fi
   local t0=$(date +%s) log="$OUT/logs/$name.log"
@@ -133,6 +148,10 @@ except Exception:
 EOF
 )
 GPU_NAME="${CUDA:-none}"
+DEV=cuda; AMP=--amp
+if [ "$REHEARSE" = 1 ]; then  # the commands on the CPU: a check of this script, not of a GPU
+  DEV=cpu; AMP=""; CUDA="rehearsal on the CPU"; GPU_NAME="none (rehearsal on the CPU: not GPU results)"
+fi
 echo "gpu_check: python $PY; GPU: $GPU_NAME; TensorRT: ${TRT:-none}; ONNX Runtime GPU providers: ${ORT:-none}"
 [ -n "$MISSING" ] && echo "missing: $MISSING${WHEELS:+ (not in $WHEELS)}"
 
@@ -150,10 +169,10 @@ printf 'model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels:
 
 train_all() {  # model-args... : every method, a few AMP steps on CUDA, from one standard checkpoint
   local tag="$1"; shift
-  "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device cuda --amp --batch-size 4 --epochs 1 \
+  "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
     --out "$OUT/$tag/standard" || return 1
   for m in at tod kdfa ssfa fa; do
-    "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device cuda --amp --batch-size 4 --epochs 1 --method "$m" \
+    "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device "$DEV" $AMP --batch-size 4 --epochs 1 --method "$m" \
       --init "$OUT/$tag/standard/last.pt" --out "$OUT/$tag/$m" || return 1
   done
 }
@@ -175,24 +194,65 @@ trt_export() {
 }
 
 trt_bench() {
-  "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device cuda --steps 1,3 --max-images 16 \
+  "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device "$DEV" --steps 1,3 --max-images 16 \
     --backend "$OUT/yolo/export/last.fp16.engine" --backend "$OUT/yolo/export/last.int8.engine" --workers 0 \
     --quiet --json "$OUT/trt_bench_yolo.json" --max-drop 1 || return 1
-  "$PY" -m fa_deploy.bench_cli --weights "$OUT/frcnn/fa/last.pt" --device cuda --steps 1 --max-images 8 \
+  "$PY" -m fa_deploy.bench_cli --weights "$OUT/frcnn/fa/last.pt" --device "$DEV" --steps 1 --max-images 8 \
     --backend "$OUT/frcnn/export/last.fp16.engine.pipeline.json" --workers 0 --quiet \
     --json "$OUT/trt_bench_frcnn.json" --max-drop 1
 }
 
 ort_gpu() {
   local ok=0
-  "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device cuda --attack none --max-images 16 \
+  "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device "$DEV" --attack none --max-images 16 \
     --backend "$OUT/yolo/export/last.fp16.onnx" --provider cuda --workers 0 --quiet \
     --json "$OUT/ort_cuda.json" --max-drop 1 || ok=1
   if echo "$ORT" | grep -q Tensorrt; then
-    "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device cuda --attack none --max-images 16 \
+    "$PY" -m fa_deploy.bench_cli --weights "$OUT/yolo/fa/last.pt" --device "$DEV" --attack none --max-images 16 \
       --backend "$OUT/yolo/export/last.fp16.onnx" --backend "$OUT/yolo/export/last.int8.onnx" \
       --provider tensorrt --workers 0 --quiet --json "$OUT/ort_tensorrt.json" --max-drop 1 || ok=1
   fi
+  return $ok
+}
+
+detector_yaml() {  # the model section of a tiny variant
+  case "$1" in
+    retinanet) echo "{name: retinanet_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, max_size: 64}" ;;
+    fcos) echo "{name: fcos_resnet50_fpn, backbone: resnet18, fpn_channels: 64, min_size: 64, max_size: 64}" ;;
+    ssdlite) echo "{name: ssdlite320_mobilenet_v3_large, size: 64, width_mult: 0.25}" ;;
+    yolov8) echo "{name: ultralytics, cfg: yolov8n.yaml}" ;;
+    *) return 1 ;;
+  esac
+}
+
+detectors() {  # each detector of --detectors: train, the suite, export, the deployed files through their twins
+  local d yaml dir ok=0 engines=() backends
+  for d in ${DETS//,/ }; do
+    yaml=$(detector_yaml "$d") || { echo "unknown detector $d (retinanet, fcos, ssdlite, yolov8)"; return 2; }
+    if [ "$d" = yolov8 ] && ! probe <<< 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ultralytics") is None)'; then
+      echo "== $d: SKIPPED (the ultralytics extra is not installed: pip install -e '.[ultralytics]')"; continue
+    fi
+    dir="$OUT/detectors/$d"; mkdir -p "$dir"
+    printf 'model: %s\n' "$yaml" > "$dir/model.yaml"
+    echo "== $d: train (standard, fa) on $DEV"
+    "$PY" -m fa_train.cli --config "$dir/model.yaml" "${SYNTH[@]}" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
+      --out "$dir/standard" || { ok=1; continue; }
+    "$PY" -m fa_train.cli --config "$dir/model.yaml" "${SYNTH[@]}" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
+      --method fa --init "$dir/standard/last.pt" --out "$dir/fa" || { ok=1; continue; }
+    echo "== $d: fa-bench --attack suite on $DEV"
+    "$PY" -m fa_deploy.bench_cli --weights "$dir/fa/last.pt" --device "$DEV" --attack suite --steps 1 \
+      --apgd-iterations 2 --max-images 8 --workers 0 --quiet --json "$dir/suite.json" || ok=1
+    engines=(); [ -n "$TRT" ] && engines=(--engine fp16)
+    echo "== $d: fa-export fp16 int8 ${engines[*]}"
+    "$PY" -m fa_deploy.export_cli "$dir/fa/last.pt" --onnx fp16 --onnx int8 "${engines[@]}" --calib-images 8 \
+      --verify-images 4 --out "$dir/export" --timing-cache "$OUT/trt.cache" || { ok=1; continue; }
+    backends=(--backend "$dir/export/last.fp16.onnx" --backend "$dir/export/last.int8.onnx")
+    [ -n "$TRT" ] && backends+=(--backend "$dir/export/last.fp16.engine")
+    echo "== $d: fa-bench --backend --threat all on $DEV"
+    "$PY" -m fa_deploy.bench_cli --weights "$dir/fa/last.pt" --device "$DEV" "${backends[@]}" --threat all \
+      --steps 1 --max-images 8 --workers 0 --quiet --json "$dir/deploy.json" --max-drop 1 \
+      --max-deploy-misses 1 --min-clean-ap 0 || ok=1
+  done
   return $ok
 }
 
@@ -202,7 +262,7 @@ part kernel-bench "$(first "$NO_DEPS" "$NO_GPU")" "$PY" bench/kernels.py --repea
 part train-yolo "$(first "$NO_DEPS" "$NO_GPU")" train_all yolo "${YOLO[@]}"
 part train-frcnn "$(first "$NO_DEPS" "$NO_GPU")" train_all frcnn --config "$FRCNN_CFG"
 NO_CKPT=""; [ "$DRY" = 0 ] && [ ! -f "$OUT/yolo/fa/last.pt" ] && NO_CKPT="no trained checkpoint (train-yolo did not pass)"
-part bench-pgd "$(first "$NO_DEPS" "$NO_GPU" "$NO_CKPT")" "$PY" -m fa_deploy.bench_cli --device cuda \
+part bench-pgd "$(first "$NO_DEPS" "$NO_GPU" "$NO_CKPT")" "$PY" -m fa_deploy.bench_cli --device "$DEV" \
   --weights "$OUT/yolo/standard/last.pt" --weights "$OUT/yolo/fa/last.pt" --max-images 16 --workers 0 --quiet \
   --json "$OUT/bench_pgd.json"
 part trt-export "$(first "$NO_DEPS" "$NO_GPU" "$NO_TRT" "$NO_CKPT")" trt_export
@@ -210,23 +270,26 @@ NO_ENG=""; [ "$DRY" = 0 ] && [ ! -f "$OUT/yolo/export/last.int8.engine" ] && NO_
 part trt-bench "$(first "$NO_DEPS" "$NO_GPU" "$NO_TRT" "$NO_ENG")" trt_bench
 NO_ONNX=""; [ "$DRY" = 0 ] && [ ! -f "$OUT/yolo/export/last.fp16.onnx" ] && NO_ONNX="no ONNX files (trt-export did not run)"
 part ort-gpu "$(first "$NO_DEPS" "$NO_GPU" "$NO_ORT" "$NO_ONNX")" ort_gpu
+part detectors "$(first "$NO_DEPS" "$NO_GPU")" detectors
 
 # -- summary ----------------------------------------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
 SUMPY="$PY"; [ $HAVE_PY = 1 ] || SUMPY=python3
-"$SUMPY" - "$RESULTS" "$OUT" "$GPU_NAME" "${TRT:-none}" "${ORT:-none}" "$TOTAL" "$DRY" <<'EOF'
+"$SUMPY" - "$RESULTS" "$OUT" "$GPU_NAME" "${TRT:-none}" "${ORT:-none}" "$TOTAL" "$DRY" "$REHEARSE" <<'EOF'
 import json, sys
-res, out, gpu, trt, ort, total, dry = sys.argv[1:8]
+res, out, gpu, trt, ort, total, dry, rehearse = sys.argv[1:9]
 parts = [dict(zip(("part", "status", "seconds", "reason"), l.rstrip("\n").split("\t"))) for l in open(res) if l.strip()]
 for p in parts:
     p["seconds"] = int(p["seconds"])
 doc = {"gpu": gpu, "tensorrt": trt, "onnxruntime_gpu_providers": ort, "seconds": int(total), "dry_run": dry == "1",
+       "rehearsal_on_cpu": rehearse == "1",
        "parts": parts, "passed": sum(p["status"] == "PASS" for p in parts),
        "failed": sum(p["status"] == "FAIL" for p in parts), "skipped": sum(p["status"] == "SKIPPED" for p in parts)}
 json.dump(doc, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# fa-toolkit GPU check\n\nGPU: {gpu}; TensorRT: {trt}; ONNX Runtime GPU providers: {ort}; "
-            f"{int(total)} s{' (dry run)' if dry == '1' else ''}\n\n| part | status | s | reason / log |\n| --- | --- | --- | --- |\n")
+            f"{int(total)} s{' (dry run)' if dry == '1' else ''}"
+            f"{'; REHEARSAL on the CPU: these are not GPU results' if rehearse == '1' else ''}\n\n| part | status | s | reason / log |\n| --- | --- | --- | --- |\n")
     for p in parts:
         f.write(f"| {p['part']} | {p['status']} | {p['seconds']} | {p['reason'].replace('|', '/')} |\n")
     f.write(f"\n{doc['passed']} passed, {doc['failed']} failed, {doc['skipped']} skipped\n")

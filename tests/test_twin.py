@@ -141,7 +141,7 @@ def test_wrong_twin_is_refused_with_the_numbers(exported, yolo_data, frcnn):
         with pytest.raises(TwinMismatch) as e:
             verify_twin(OnnxGraph(wrong), str(exported["int8"]), x.numpy())
         msg = str(e.value)
-        assert str(exported["int8"]) in msg and name in msg and "steps" in msg
+        assert str(exported["int8"]) in msg and name in msg and "steps" in msg and "away from a rounding tie" in msg
     # a twin is never used unverified, and a failed verify leaves it unusable
     twin = load_twin(str(exported["int8"]))
     with pytest.raises(TwinError, match="not verified"):
@@ -184,6 +184,34 @@ def test_float_twin_with_one_wrong_layer_is_refused_layer_by_layer(exported, yol
         # the untouched twin passes on the same inputs, free running
         rep = verify_twin(OnnxGraph(path), path, x.numpy())
         assert rep["passed"] and "layers" not in rep
+
+
+def test_int8_flips_at_a_rounding_tie_are_float_order_not_a_wrong_twin():
+    """The int8 gate counts the elements a step apart from ONNX Runtime's only where the twin's value before rounding
+    was not on a rounding boundary (within `tie_steps`): one channel of a squeeze-excitation layer that sits on a
+    boundary for every image flips together (measured on a tiny SSDlite: 16 of 128 elements, 12.5 %, every flip
+    within 0.0023 steps of a boundary), while a wrong scale moves values that are nowhere near one. Hand-made
+    tensors: scale 0.5, zero point 0."""
+    from types import SimpleNamespace
+
+    from fa_deploy.robustness.twin import _activation_steps
+
+    class G:  # the two constants _activation_steps reads
+        def constant(self, name):
+            return {"s": torch.tensor(0.5), "z": torch.tensor(0.0)}[name]
+
+    st = SimpleNamespace(outputs=["y"], inputs=["x", "s", "z"], attrs={"q_output": "y_q", "axis": 1})
+    onnxruntime = torch.tensor([[1.0, 2.0, 3.0, 0.5, -1.0, 1.5, 2.5, 0.0]])  # ONNX Runtime's dequantized values
+    unrounded = onnxruntime.clone()
+    unrounded[0, :2] = torch.tensor([1.2501, 1.7499])  # 2.5002 / 3.4998 steps: a tie, rounded the other way
+    twin = onnxruntime.clone()
+    twin[0, :2] = torch.tensor([1.5, 1.5])
+    tie = TOLERANCES["int8"]["tie_steps"]
+    (a,) = _activation_steps(G(), [st], {"y": twin}, {"y": onnxruntime}, {"x": unrounded}, tie).values()
+    assert a["flip_fraction"] == 0.25 and a["off_tie_flip_fraction"] == 0.0 and a["max_steps"] == 1.0
+    unrounded[0, :2] = torch.tensor([1.40, 1.60])  # 2.8 / 3.2 steps: not a tie, yet a step apart
+    (a,) = _activation_steps(G(), [st], {"y": twin}, {"y": onnxruntime}, {"x": unrounded}, tie).values()
+    assert a["flip_fraction"] == 0.25 and a["off_tie_flip_fraction"] == 0.25
 
 
 def test_exposing_int8_activations_leaves_onnxruntime_outputs_unchanged(exported, yolo_data, frcnn):

@@ -129,10 +129,12 @@ def disagreement(verification: dict) -> Optional[dict]:
     """The measured per-layer disagreement of an int8 twin with ONNX Runtime's integer activations (each layer fed
     ONNX Runtime's own inputs): the largest and the mean fraction of a layer's elements one quantization step
     apart, over the parts' quantized layers; None for a twin without quantized layers."""
-    flips = [a["flip_fraction"] for rep in verification.values() for a in rep.get("activations", {}).values()]
-    if not flips:
+    acts = [a for rep in verification.values() for a in rep.get("activations", {}).values()]
+    if not acts:
         return None
-    return {"max_flip_fraction": max(flips), "mean_flip_fraction": sum(flips) / len(flips), "layers": len(flips)}
+    flips = [a["flip_fraction"] for a in acts]
+    return {"max_flip_fraction": max(flips), "mean_flip_fraction": sum(flips) / len(flips), "layers": len(flips),
+            "max_off_tie_flip_fraction": max(a.get("off_tie_flip_fraction", a["flip_fraction"]) for a in acts)}
 
 
 def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.Tensor, device,
@@ -158,7 +160,8 @@ def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.
         d = disagreement(twin.verification)
         if d:
             how += (f"; per-layer disagreement: at most {d['max_flip_fraction']:.2%} of a layer's elements one "
-                    f"quantization step apart (mean {d['mean_flip_fraction']:.3%} over {d['layers']} layers)")
+                    f"quantization step apart (mean {d['mean_flip_fraction']:.3%} over {d['layers']} layers; away "
+                    f"from a rounding tie at most {d['max_off_tie_flip_fraction']:.2%})")
         layered = [rep["layers"] for rep in twin.verification.values() if "layers" in rep]
         if layered:
             how += (f"; run free, its outputs differ from ONNX Runtime's beyond the gate (an ill-conditioned network "

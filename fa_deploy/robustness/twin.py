@@ -81,7 +81,8 @@ from fa_deploy.runtime.pipeline import read_manifest
 TOLERANCES = {
     "fp32": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0},
     "fp16": {"atol": 3e-2, "rtol": 2e-2, "max_fail_fraction": 1e-3},
-    "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 5e-2},
+    "int8": {"atol": 1e-4, "rtol": 1e-4, "max_fail_fraction": 0.0, "max_steps": 1.0, "max_flip_fraction": 5e-2,
+             "tie_steps": 2e-2},
 }
 # the ONNX Runtime session options of the reference, per precision (see the module docstring for why)
 REFERENCE_CONFIG = {"fp32": {}, "fp16": {}, "int8": {"session.x64quantprecision": "1"}}
@@ -170,16 +171,33 @@ def _dequantized(graph: OnnxGraph, st, q: np.ndarray) -> torch.Tensor:
     return v * _broadcast(s, axis, v.dim())
 
 
-def _activation_steps(graph: OnnxGraph, steps, record, force) -> Dict[str, dict]:
+def _activation_steps(graph: OnnxGraph, steps, record, force, unrounded: Dict[str, torch.Tensor],
+                      tie: float) -> Dict[str, dict]:
+    """Each quantized activation of the twin against ONNX Runtime's, in quantization steps: the largest distance,
+    the fraction of elements a step apart (`flip_fraction`), and the fraction a step apart where the twin's value
+    before rounding was more than `tie` steps from a rounding boundary (`off_tie_flip_fraction`): float summation
+    order moves a value that sits on a boundary to either side (measured: every flip of the test fixtures and of
+    a tiny SSDlite within 0.0023 steps of one), a wrong scale or zero point moves values that do not."""
     out = {}
     for st in steps:
         name = st.outputs[0]
         if name not in record:
             continue
-        s = _broadcast(graph.constant(st.inputs[1]), st.attrs.get("axis", 1), record[name].dim())
+        axis = st.attrs.get("axis", 1)
+        s = _broadcast(graph.constant(st.inputs[1]), axis, record[name].dim())
         d = ((record[name] - force[name]).abs() / s).double()
-        out[st.attrs["q_output"]] = {"flip_fraction": float((d > 0.5).double().mean()) if d.numel() else 0.0,
-                                     "max_steps": float(d.max()) if d.numel() else 0.0}
+        flip = d > 0.5
+        entry = {"flip_fraction": float(flip.double().mean()) if d.numel() else 0.0,
+                 "max_steps": float(d.max()) if d.numel() else 0.0}
+        x = unrounded.get(st.inputs[0])
+        if x is not None and d.numel():
+            z = graph.constant(st.inputs[2]) if len(st.inputs) > 2 and st.inputs[2] else None
+            q = (x / s + (0.0 if z is None else _broadcast(z.to(s.dtype), axis, x.dim()))).double()
+            off_tie = (q - q.floor() - 0.5).abs() > tie
+            entry["off_tie_flip_fraction"] = float((flip & off_tie).double().mean())
+        else:
+            entry["off_tie_flip_fraction"] = entry["flip_fraction"]
+        out[st.attrs["q_output"]] = entry
     return out
 
 
@@ -215,8 +233,11 @@ def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str
         if fq:
             force = {o: _dequantized(twin, st, q) for st, q in zip(fq, ref[len(outs):]) for o in st.outputs}
             record: Dict[str, torch.Tensor] = {}
-            got = [o.float().cpu().numpy() for o in twin.run(feeds_t, outs, force=force, record=record)]
-            report["activations"] = _activation_steps(twin, fq, record, force)
+            pre = [n for n in dict.fromkeys(st.inputs[0] for st in fq) if n not in outs]  # before rounding
+            run = twin.run(feeds_t, outs + pre, force=force, record=record)
+            got = [o.float().cpu().numpy() for o in run[:len(outs)]]
+            report["activations"] = _activation_steps(twin, fq, record, force, dict(zip(outs + pre, run)),
+                                                      tol.get("tie_steps", 0.0))
             report["free_running"] = compare(ref[:len(outs)], free, outs, tol)
         else:
             got = free
@@ -230,11 +251,12 @@ def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str
         bad = [] if layers["passed"] else [f"free running: {'; '.join(bad)}; layer by layer (each layer fed ONNX "
                                            f"Runtime's own inputs): " + "; ".join(layers["failures"])]
     for n, a in report.get("activations", {}).items():
-        a["passed"] = a["max_steps"] <= tol["max_steps"] + 1e-3 and a["flip_fraction"] <= tol["max_flip_fraction"]
+        a["passed"] = (a["max_steps"] <= tol["max_steps"] + 1e-3
+                       and a["off_tie_flip_fraction"] <= tol["max_flip_fraction"])
         if not a["passed"]:
-            bad.append(f"activation {n}: {a['flip_fraction']:.3%} of elements a step or more apart (allowed "
-                       f"{tol['max_flip_fraction']:.3%}), up to {a['max_steps']:.3g} steps (allowed "
-                       f"{tol['max_steps']:g})")
+            bad.append(f"activation {n}: {a['off_tie_flip_fraction']:.3%} of elements a step or more apart away from "
+                       f"a rounding tie (allowed {tol['max_flip_fraction']:.3%}; {a['flip_fraction']:.3%} in all), up "
+                       f"to {a['max_steps']:.3g} steps (allowed {tol['max_steps']:g})")
     report["passed"] = not bad
     if bad:
         raise TwinMismatch(f"{onnx_path}: the {precision} twin does not compute what the file computes (against "
