@@ -59,8 +59,8 @@ def _numbers(value: str, kind):
                    "backward; 100 cost about what 40 APGD iterations do)")
 @click.option("--data", help="voc:PATH | coco:PATH | yolo:PATH/data.yaml (--test-split: a yaml key, "
               "default val) | synth[:N] (default: the first checkpoint's training data)")
-@click.option("--test-split", help="split to evaluate (default: voc 2007:test, coco val2017, yolo: the yaml's val "
-              "key, synth shapes:test)")
+@click.option("--test-split", help="split to evaluate (default: the checkpoint's own test split when the data is "
+              "its own, else voc 2007:test, coco val2017, yolo: the yaml's val key, synth shapes:test)")
 @click.option("--img-size", type=int, help="default: the checkpoint's training size")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--max-images", type=int, help="evaluate the first N test images only")
