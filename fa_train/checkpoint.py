@@ -171,8 +171,14 @@ def display_name(path: str) -> str:
     return folder if stem == "last" else f"{folder}/{stem}"
 
 
-def arch_differences(expected: dict, found: dict) -> list:
-    keys = sorted(set(expected) | set(found))
+def arch_differences(expected: dict, found: dict, structural=None) -> list:
+    """What differs between two arch configs, over the keys that make the network (`structural`: the model's
+    `structural_arch`; None: every key). Options (score thresholds and kin) may differ: a checkpoint restores its
+    own through `load_model`, and `--init` keeps the run's."""
+    keys = set(expected) | set(found)
+    if structural is not None:
+        keys &= set(structural)
+    keys = sorted(keys)
     return [f"{k}: model has {expected.get(k)!r}, checkpoint has {found.get(k)!r}"
             for k in keys if expected.get(k) != found.get(k)]
 
@@ -182,7 +188,7 @@ def load_into(model, ckpt: dict, path: str = "checkpoint") -> None:
     if expected != found:
         raise CheckpointError(f"{path}: a {found} checkpoint cannot be loaded into a {expected} model (a checkpoint "
                               f"loads only into the detector it was trained as; --model {found} uses it)")
-    diffs = arch_differences(model.arch_config(), ckpt["arch"])
+    diffs = arch_differences(model.arch_config(), ckpt["arch"], model.structural_arch)
     if diffs:
         raise CheckpointError(f"{path}: checkpoint is for another model:\n  " + "\n  ".join(diffs))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

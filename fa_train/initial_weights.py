@@ -200,7 +200,7 @@ def _load_checkpoint(model, ckpt: dict, path: str, class_names=None) -> InitRepo
     if theirs != model.model_name:
         raise InitError(f"--init {path}: checkpoint is for another model: a fa-train {theirs} checkpoint cannot "
                         f"initialise {model.model_name}; --init takes {_expected(model)}")
-    diffs = arch_differences(model.arch_config(), ckpt["arch"])
+    diffs = arch_differences(model.arch_config(), ckpt["arch"], model.structural_arch)
     if diffs:
         raise InitError(f"--init {path}: checkpoint is for another model: {'; '.join(diffs)}")
     try:

@@ -305,6 +305,23 @@ def test_torchvision_options_are_kept_in_the_checkpoint(tmp_path):
                 assert reads[k](model.detector) == v, (name, k)
     with pytest.raises(ValueError, match=r"retinanet_resnet50_fpn: model options \['anchor_generator'\]"):
         create_model("retinanet_resnet50_fpn", 3, anchor_generator=object(), **tiny_arch("retinanet"))
+    # options never make another model: a checkpoint from before they were stored loads (torchvision's defaults),
+    # and a run's own options stand when a checkpoint of other options is loaded into it (--init); a structural
+    # setting still refuses
+    from fa_train.checkpoint import CheckpointError, load_into
+
+    ssd = create_model("ssdlite320_mobilenet_v3_large", 3, size=64, width_mult=0.25)
+    old = {k: v for k, v in ssd.arch_config().items() if k in ssd.structural_arch}
+    torch.save({"model": ssd.state_dict(), "arch": old, "class_names": ["a", "b", "c"], "config": {}},
+               tmp_path / "old.pt")
+    model, _ = load_model(str(tmp_path / "old.pt"))
+    assert model.detector.score_thresh == 0.001 and model.detector.detections_per_img == 300
+    mine = create_model("ssdlite320_mobilenet_v3_large", 3, size=64, width_mult=0.25, score_thresh=0.4)
+    load_into(mine, load_model(str(tmp_path / "ssdlite320_mobilenet_v3_large.safetensors"))[1], "ckpt")  # 0.2
+    assert mine.detector.score_thresh == 0.4
+    other = create_model("retinanet_resnet50_fpn", 3, **dict(tiny_arch("retinanet"), fpn_channels=64))
+    with pytest.raises(CheckpointError, match="fpn_channels: model has 64, checkpoint has 32"):
+        load_into(other, load_model(str(tmp_path / "retinanet_resnet50_fpn.safetensors"))[1], "ckpt")
 
 
 @pytest.mark.parametrize("name", NAMES)

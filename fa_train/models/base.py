@@ -5,7 +5,7 @@ only through these methods, so YOLOv3 and Faster R-CNN FPN are interchangeable.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ class Detector(nn.Module):
     #: channels and stride of the M-th layer (the aligned layer)
     mid_channels: int = 0
     mid_stride: int = 0
+    #: the keys of `arch_config` that make the network (the rest are options such as score thresholds, which a
+    #: checkpoint stores and restores but which never make it another model); None: every key
+    structural_arch: Optional[FrozenSet[str]] = None
 
     def __init__(self, num_classes: int):
         super().__init__()

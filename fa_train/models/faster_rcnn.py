@@ -180,6 +180,8 @@ class FasterRCNNFPN(Detector):
     loss_domains = {"cls": ("loss_objectness", "loss_classifier"), "loc": ("loss_rpn_box_reg", "loss_box_reg")}
     default_alignment_weight = 1.0  # beta and gamma of equation (3) for Faster R-CNN in the paper
     mid_stride = 32
+    structural_arch = frozenset({"name", "num_classes", "backbone", "fpn_channels", "min_size", "max_size",
+                                 "trainable_layers"})  # the rest: torchvision's options (torchvision_options)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256, min_size: int = 800,
                  max_size: int = 1333, trainable_layers: int = 3, weights: Optional[str] = None,

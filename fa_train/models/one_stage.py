@@ -76,6 +76,8 @@ class OneStageDetector(Detector):
     label_offset = 0
     #: the module scope of the M-th layer in an exported graph (the twin's `features` tap)
     twin_mid_scope = "body/layer4"  # the export calls the ResNet body as `body`
+    structural_arch = frozenset({"name", "num_classes", "backbone", "fpn_channels", "min_size", "max_size",
+                                 "trainable_layers"})  # the rest: torchvision's options (torchvision_options)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256, min_size: int = 800,
                  max_size: int = 1333, trainable_layers: int = 3, weights: Optional[str] = None,

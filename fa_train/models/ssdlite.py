@@ -74,6 +74,7 @@ class SSDLite320(OneStageDetector):
     size_divisible = 1
     label_offset = 1
     twin_mid_scope = "backbone/features.1"  # node names of the export: /backbone/features.1/...
+    structural_arch = frozenset({"name", "num_classes", "size", "width_mult", "trainable_layers", "reduced_tail"})
 
     def __init__(self, num_classes: int, size: int = 320, width_mult: float = 1.0, trainable_layers: int = 6,
                  reduced_tail: Optional[bool] = None, weights: Optional[str] = None,
