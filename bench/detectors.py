@@ -7,7 +7,7 @@ at a small size on the CPU:
 - the fp32 twin's forward + backward within 1.5x of the source's (where a twin exists: RetinaNet, FCOS,
   SSDlite, YOLOv8 (`UltralyticsTwin`), YOLOv3).
 
-    python bench/detectors.py [--img-size 128] [--batch 8] [--iters 5]
+    python bench/detectors.py [--img-size 128[,320]] [--batch 8] [--iters 5]
                               [--models retinanet,fcos,ssdlite,yolov8,yolov3]
 
 Random weights (speed does not depend on them), medians of --iters rounds after a warm-up, wall and process CPU
@@ -91,19 +91,21 @@ def bench(key, size, batch, iters):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--img-size", default="128", help="one size or several, comma-separated (e.g. 128,320: the "
+                    "twins' per-image cost depends on it)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--models", default="retinanet,fcos,ssdlite,yolov8,yolov3")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    print(f"batch {a.batch}, {a.img_size} px, {torch.get_num_threads()} threads, median of {a.iters} rounds")
     rows = []
-    for key in a.models.split(","):
-        try:
-            rows += bench(key, a.img_size, a.batch, a.iters)
-        except Exception as e:  # e.g. the ultralytics extra not installed, a twin that does not verify
-            print(f"  {key}: not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    for size in (int(v) for v in a.img_size.split(",")):
+        print(f"batch {a.batch}, {size} px, {torch.get_num_threads()} threads, median of {a.iters} rounds")
+        for key in a.models.split(","):
+            try:
+                rows += [dict(r, img_size=size) for r in bench(key, size, a.batch, a.iters)]
+            except Exception as e:  # e.g. the ultralytics extra not installed, a twin that does not verify
+                print(f"  {key}: not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
