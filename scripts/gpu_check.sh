@@ -55,12 +55,16 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    --only) ONLY=",$2,"; shift 2 ;;
+    --only) ONLY=",$(echo "$2" | tr -d ' '),"; shift 2 ;;
     --detectors) DETS="$2"; shift 2 ;;
     --rehearse) REHEARSE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
+done
+PARTS=",kernels,gpu-tests,kernel-bench,train-yolo,train-frcnn,bench-pgd,trt-export,trt-bench,ort-gpu,detectors,"
+for p in $(echo "${ONLY//,/ }"); do
+  [ "${PARTS#*,$p,}" = "$PARTS" ] && { echo "gpu_check.sh: --only: no part named $p (parts: ${PARTS:1:${#PARTS}-2})" >&2; exit 2; }
 done
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || echo python3)"; fi
@@ -87,7 +91,8 @@ part() {
   local t0=$(date +%s) log="$OUT/logs/$name.log"
   ( "$@" ) > "$log" 2>&1
   local rc=$? dt=$(( $(date +%s) - t0 ))
-  if [ $rc = 0 ]; then record "$name" PASS "$dt" "log: logs/$name.log"
+  local note; note=$(grep '^note: ' "$log" | tail -n 1 | cut -c7- | tr '\t' ' ')
+  if [ $rc = 0 ]; then record "$name" PASS "$dt" "log: logs/$name.log${note:+; $note}"
   else record "$name" FAIL "$dt" "exit $rc; last line: $(tail -n 1 "$log" | tr '\t' ' ' | cut -c1-160)"; fi
 }
 
@@ -226,11 +231,12 @@ detector_yaml() {  # the model section of a tiny variant
 }
 
 detectors() {  # each detector of --detectors: train, the suite, export, the deployed files through their twins
-  local d yaml dir ok=0 engines=() backends
+  local d yaml dir ok=0 skipped="" engines backends
   for d in ${DETS//,/ }; do
     yaml=$(detector_yaml "$d") || { echo "unknown detector $d (retinanet, fcos, ssdlite, yolov8)"; return 2; }
     if [ "$d" = yolov8 ] && ! probe <<< 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ultralytics") is None)'; then
-      echo "== $d: SKIPPED (the ultralytics extra is not installed: pip install -e '.[ultralytics]')"; continue
+      echo "== $d: SKIPPED (the ultralytics extra is not installed: pip install -e '.[ultralytics]')"
+      skipped="$skipped $d"; continue
     fi
     dir="$OUT/detectors/$d"; mkdir -p "$dir"
     printf 'model: %s\n' "$yaml" > "$dir/model.yaml"
@@ -242,9 +248,9 @@ detectors() {  # each detector of --detectors: train, the suite, export, the dep
     echo "== $d: fa-bench --attack suite on $DEV"
     "$PY" -m fa_deploy.bench_cli --weights "$dir/fa/last.pt" --device "$DEV" --attack suite --steps 1 \
       --apgd-iterations 2 --max-images 8 --workers 0 --quiet --json "$dir/suite.json" || ok=1
-    engines=(); [ -n "$TRT" ] && engines=(--engine fp16)
-    echo "== $d: fa-export fp16 int8 ${engines[*]}"
-    "$PY" -m fa_deploy.export_cli "$dir/fa/last.pt" --onnx fp16 --onnx int8 "${engines[@]}" --calib-images 8 \
+    engines=(--onnx fp16 --onnx int8); [ -n "$TRT" ] && engines+=(--engine fp16)  # never empty (bash 4.2 set -u)
+    echo "== $d: fa-export ${engines[*]}"
+    "$PY" -m fa_deploy.export_cli "$dir/fa/last.pt" "${engines[@]}" --calib-images 8 \
       --verify-images 4 --out "$dir/export" --timing-cache "$OUT/trt.cache" || { ok=1; continue; }
     backends=(--backend "$dir/export/last.fp16.onnx" --backend "$dir/export/last.int8.onnx")
     [ -n "$TRT" ] && backends+=(--backend "$dir/export/last.fp16.engine")
@@ -253,12 +259,14 @@ detectors() {  # each detector of --detectors: train, the suite, export, the dep
       --steps 1 --max-images 8 --workers 0 --quiet --json "$dir/deploy.json" --max-drop 1 \
       --max-deploy-misses 1 --min-clean-ap 0 || ok=1
   done
+  [ -n "$skipped" ] && echo "note: not run:$skipped (the ultralytics extra is not installed)"
   return $ok
 }
 
+NO_REH=""; [ "$REHEARSE" = 1 ] && NO_REH="rehearsal on the CPU: this part checks the GPU itself"
 part kernels "$(first "$NO_DEPS" "$NO_GPU")" "$PY" -m cuda_kernels build
-part gpu-tests "$(first "$NO_DEPS" "$NO_GPU")" gpu_tests
-part kernel-bench "$(first "$NO_DEPS" "$NO_GPU")" "$PY" bench/kernels.py --repeat 100
+part gpu-tests "$(first "$NO_DEPS" "$NO_GPU" "$NO_REH")" gpu_tests
+part kernel-bench "$(first "$NO_DEPS" "$NO_GPU" "$NO_REH")" "$PY" bench/kernels.py --repeat 100
 part train-yolo "$(first "$NO_DEPS" "$NO_GPU")" train_all yolo "${YOLO[@]}"
 part train-frcnn "$(first "$NO_DEPS" "$NO_GPU")" train_all frcnn --config "$FRCNN_CFG"
 NO_CKPT=""; [ "$DRY" = 0 ] && [ ! -f "$OUT/yolo/fa/last.pt" ] && NO_CKPT="no trained checkpoint (train-yolo did not pass)"

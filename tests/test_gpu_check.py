@@ -18,6 +18,12 @@ def test_help_lists_parts_and_the_wheels_command():
         assert part in r.stdout, part
 
 
+def test_an_unknown_part_is_an_error(tmp_path):
+    r = subprocess.run(["bash", SCRIPT, "--only", "detector", "--out", str(tmp_path), "--python", sys.executable],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--only: no part named detector" in r.stderr and "detectors" in r.stderr
+
+
 def test_without_a_gpu_every_part_is_skipped_with_a_reason(tmp_path):
     import torch
 

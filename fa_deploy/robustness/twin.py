@@ -245,13 +245,19 @@ def verify_twin(twin: OnnxGraph, onnx_path: str, inputs, precision: Optional[str
             got = free
     report["outputs"] = compare(ref[:len(outs)], got, outs, tol)
     bad = _failures(report["outputs"], tol, twin.output_names)
-    if bad and not fq and all(o.get("finite", False) for o in report["outputs"].values()):
-        # free-running outputs past the gate: decide layer by layer (an ill-conditioned network, not a wrong twin)
+    loose = dict(tol, atol=tol["atol"] * LAYER_CHECK_SLACK, rtol=tol["rtol"] * LAYER_CHECK_SLACK)
+    near = compare(ref[:len(outs)], got, outs, loose)
+    if bad and not fq and all(o.get("passed", False) for o in near.values()):
+        # free-running outputs past the gate but within LAYER_CHECK_SLACK x it: decided layer by layer
         layers = _verify_layers(twin, onnx_path, precision, feeds, feeds_t, outs, tol)
+        layers["free_running_over_gate"] = max(o["max_abs"] / (tol["atol"] * (o["rms"] or 1.0))
+                                               for o in report["outputs"].values())
         report["free_running"], report["layers"] = report["outputs"], layers
         report["outputs"] = layers.pop("outputs")  # on ONNX Runtime's inputs, as int8's are
         bad = [] if layers["passed"] else [f"free running: {'; '.join(bad)}; layer by layer (each layer fed ONNX "
                                            f"Runtime's own inputs): " + "; ".join(layers["failures"])]
+    elif bad and not fq:
+        bad.append(f"(free running beyond {LAYER_CHECK_SLACK:g}x the gate: no layer-by-layer check)")
     for n, a in report.get("activations", {}).items():
         a["passed"] = (a["max_steps"] <= tol["max_steps"] + 1e-3
                        and a["off_tie_flip_fraction"] <= tol["max_flip_fraction"])
@@ -275,7 +281,13 @@ def _failures(compared: Dict[str, dict], tol: dict, output_names: Sequence[str])
             for n, o in compared.items() if not o["passed"]]
 
 
-LAYER_CHECK_IMAGES = 2  # the layer check's images, one at a time: every activation of the file is held at once
+# A float twin whose free-running outputs miss the gate, but by at most LAYER_CHECK_SLACK x its tolerances, is
+# decided layer by layer (ill-conditioned networks: FCOS's fp16 twin misses by up to 4x, its fp32 twin by 1.3x); a
+# twin further off is refused as it stands (small errors in every layer add up free running while each layer alone
+# stays within the gate). The layer check runs on every verification input, LAYER_CHECK_ELEMENTS input values at a
+# time (every activation of the file is held at once).
+LAYER_CHECK_SLACK = 10.0
+LAYER_CHECK_ELEMENTS = 1_000_000
 
 
 def _verify_layers(twin: OnnxGraph, onnx_path: str, precision: str, feeds: Dict[str, np.ndarray],
@@ -286,26 +298,29 @@ def _verify_layers(twin: OnnxGraph, onnx_path: str, precision: str, feeds: Dict[
     ill-conditioned (FCOS's GroupNorm over the 2 values of a 1 x 1 map: a difference of one float32 rounding in its
     input moves its output by 300x that), free-running outputs of a correct twin miss the gate by the last bits of
     float32 sums; each layer, fed the same inputs, still computes what the file computes, and a wrong layer (a
-    wrong weight, attribute or operator) fails here as it does free running. On the first LAYER_CHECK_IMAGES
-    images, one at a time (all of a network's activations are held at once)."""
+    wrong weight, attribute or operator) fails here as it does free running. On every input row, in chunks of
+    about LAYER_CHECK_ELEMENTS input values (all of a network's activations are held at once)."""
     floats = (1, FLOAT16)  # onnx.TensorProto.FLOAT, FLOAT16
     names = list(dict.fromkeys(o for st in twin._steps if not st.static for o in st.outputs
                                if o and twin.tensor_type(o) in floats))
     expose = {n: twin.tensor_type(n) for n in names if n not in twin.output_names}
     session = reference_session(onnx_path, precision, expose)
-    n_img = min(LAYER_CHECK_IMAGES, len(next(iter(feeds.values()))))
+    first = next(iter(feeds.values()))
+    rows = len(first)
+    chunk = max(1, LAYER_CHECK_ELEMENTS // max(1, int(np.prod(first.shape[1:]))))
     failures, checked, worst, at_outputs = [], 0, None, {}
-    for i in range(n_img):
-        ref = session.run(names, {k: v[i:i + 1] for k, v in feeds.items()})
+    for i in range(0, rows, chunk):
+        part = slice(i, min(rows, i + chunk))
+        ref = session.run(names, {k: v[part] for k, v in feeds.items()})
         force = {n: torch.from_numpy(np.ascontiguousarray(v)).to(next(iter(feeds_t.values())).device)
                  for n, v in zip(names, ref)}
         record: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            twin.run({k: v[i:i + 1] for k, v in feeds_t.items()}, outs, force=force, record=record)
+            twin.run({k: v[part] for k, v in feeds_t.items()}, outs, force=force, record=record)
         got = [n for n in names if n in record]
         compared = compare([ref[names.index(n)] for n in got], [record[n].float().cpu().numpy() for n in got],
                            got, tol)
-        failures += [f"image {i}: {f}" for f in _failures(compared, tol, twin.output_names)]
+        failures += [f"inputs {part.start}-{part.stop - 1}: {f}" for f in _failures(compared, tol, twin.output_names)]
         for n in outs:  # each output and tap as its layer computes it, the worse of the images
             c = compared.get(n)
             if c is not None and (n not in at_outputs or c.get("max_abs", 0.0) > at_outputs[n].get("max_abs", 0.0)):
@@ -314,11 +329,11 @@ def _verify_layers(twin: OnnxGraph, onnx_path: str, precision: str, feeds: Dict[
         for n, c in compared.items():
             r = c.get("max_abs", 0.0) / (c.get("rms") or 1.0)
             if worst is None or r > worst["max_abs_over_rms"]:
-                worst = {"tensor": n, "image": i, "max_abs": c.get("max_abs"), "rms": c.get("rms"),
+                worst = {"tensor": n, "inputs": [part.start, part.stop], "max_abs": c.get("max_abs"), "rms": c.get("rms"),
                          "max_abs_over_rms": r}
     if not checked:
         failures.append("no floating-point layer to check")
-    return {"checked": checked, "images": n_img, "passed": not failures, "failures": failures, "worst": worst,
+    return {"checked": checked, "inputs": rows, "passed": not failures, "failures": failures, "worst": worst,
             "outputs": at_outputs}
 
 
