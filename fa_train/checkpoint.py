@@ -1,7 +1,7 @@
 """Checkpoints: written atomically (temp file, flush, fsync, rename), read with `weights_only=True`.
 
-A checkpoint holds the model's arch config and class names, so `fa_train.models.load_model(path)` rebuilds the right model;
-loading into a model of another architecture or class count is an error that lists the differences.
+A checkpoint holds the model's arch config and class names, so `fa_train.models.load_model(path)` rebuilds the
+right model; loading into a model of another architecture or class count is an error that lists the differences.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import platform
 import warnings
 
 import torch
-
 
 
 class CheckpointError(ValueError):

@@ -63,8 +63,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 PARTS=",kernels,gpu-tests,kernel-bench,train-yolo,train-frcnn,bench-pgd,trt-export,trt-bench,ort-gpu,detectors,"
-for p in $(echo "${ONLY//,/ }"); do
-  [ "${PARTS#*,$p,}" = "$PARTS" ] && { echo "gpu_check.sh: --only: no part named $p (parts: ${PARTS:1:${#PARTS}-2})" >&2; exit 2; }
+for p in ${ONLY//,/ }; do
+  [ "${PARTS#*,$p,}" = "$PARTS" ] \
+    && { echo "gpu_check.sh: --only: no part named $p (parts: ${PARTS:1:${#PARTS}-2})" >&2; exit 2; }
 done
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || echo python3)"; fi
@@ -172,13 +173,16 @@ FRCNN_CFG="$OUT/frcnn.yaml"
 printf 'model: {name: fasterrcnn_resnet50_fpn, backbone: resnet18, fpn_channels: 32, min_size: 64, max_size: 64}\n' \
   > "$FRCNN_CFG"
 
-train_all() {  # model-args... : every method, a few AMP steps on CUDA, from one standard checkpoint
+train() {  # OUT_DIR fa-train-args... : one epoch of a few AMP steps on $DEV
+  local out="$1"; shift
+  "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device "$DEV" $AMP --batch-size 4 --epochs 1 --out "$out"
+}
+
+train_all() {  # model-args... : every method, from one standard checkpoint
   local tag="$1"; shift
-  "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
-    --out "$OUT/$tag/standard" || return 1
+  train "$OUT/$tag/standard" "$@" || return 1
   for m in at tod kdfa ssfa fa; do
-    "$PY" -m fa_train.cli "${SYNTH[@]}" "$@" --device "$DEV" $AMP --batch-size 4 --epochs 1 --method "$m" \
-      --init "$OUT/$tag/standard/last.pt" --out "$OUT/$tag/$m" || return 1
+    train "$OUT/$tag/$m" "$@" --method "$m" --init "$OUT/$tag/standard/last.pt" || return 1
   done
 }
 
@@ -241,10 +245,8 @@ detectors() {  # each detector of --detectors: train, the suite, export, the dep
     dir="$OUT/detectors/$d"; mkdir -p "$dir"
     printf 'model: %s\n' "$yaml" > "$dir/model.yaml"
     echo "== $d: train (standard, fa) on $DEV"
-    "$PY" -m fa_train.cli --config "$dir/model.yaml" "${SYNTH[@]}" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
-      --out "$dir/standard" || { ok=1; continue; }
-    "$PY" -m fa_train.cli --config "$dir/model.yaml" "${SYNTH[@]}" --device "$DEV" $AMP --batch-size 4 --epochs 1 \
-      --method fa --init "$dir/standard/last.pt" --out "$dir/fa" || { ok=1; continue; }
+    train "$dir/standard" --config "$dir/model.yaml" || { ok=1; continue; }
+    train "$dir/fa" --config "$dir/model.yaml" --method fa --init "$dir/standard/last.pt" || { ok=1; continue; }
     echo "== $d: fa-bench --attack suite on $DEV"
     "$PY" -m fa_deploy.bench_cli --weights "$dir/fa/last.pt" --device "$DEV" --attack suite --steps 1 \
       --apgd-iterations 2 --max-images 8 --workers 0 --quiet --json "$dir/suite.json" || ok=1

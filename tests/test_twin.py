@@ -160,6 +160,19 @@ def test_wrong_twin_is_refused_with_the_numbers(exported, yolo_data, frcnn):
         verify_twin(OnnxGraph(wrong), str(part), transformed)
 
 
+def _scaled_convs(path, factor, first_only=False):
+    """The float model with its first (or every) convolution's weights multiplied by `factor` (in memory), and the
+    first such convolution."""
+    m = onnx.load(path)
+    inits = {i.name: i for i in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits]
+    for conv in convs[:1] if first_only else convs:
+        w = inits[conv.input[1]]
+        arr = onnx.numpy_helper.to_array(w)
+        w.CopyFrom(onnx.numpy_helper.from_array((arr.astype(np.float32) * factor).astype(arr.dtype), w.name))
+    return m, convs[0]
+
+
 def test_float_twin_with_one_wrong_layer_is_refused_layer_by_layer(exported, yolo_data):
     """A float twin whose free-running outputs miss the gate by less than LAYER_CHECK_SLACK x is checked layer by
     layer (each layer fed ONNX Runtime's own inputs; what lets an ill-conditioned network such as FCOS at 64 px
@@ -168,12 +181,7 @@ def test_float_twin_with_one_wrong_layer_is_refused_layer_by_layer(exported, yol
     x, _ = yolo_data
     for prec, factor in (("fp32", 1.0002), ("fp16", 1.05)):
         path = str(exported[prec])
-        m = onnx.load(path)
-        inits = {i.name: i for i in m.graph.initializer}
-        conv = next(n for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits)
-        w = inits[conv.input[1]]
-        arr = onnx.numpy_helper.to_array(w)
-        w.CopyFrom(onnx.numpy_helper.from_array((arr.astype(np.float32) * factor).astype(arr.dtype), w.name))
+        m, conv = _scaled_convs(path, factor, first_only=True)
         with pytest.raises(TwinMismatch) as e:
             verify_twin(OnnxGraph(m), path, x.numpy())
         msg = str(e.value)
@@ -226,15 +234,8 @@ def test_float_twin_off_a_little_in_every_layer_is_refused(exported, yolo_data):
     """Every convolution's weights of the fp16 twin x 1.01 (each layer alone within the fp16 gate): refused."""
     x, _ = yolo_data
     path = str(exported["fp16"])
-    m = onnx.load(path)
-    inits = {i.name: i for i in m.graph.initializer}
-    for n in m.graph.node:
-        if n.op_type == "Conv" and n.input[1] in inits:
-            w = inits[n.input[1]]
-            arr = onnx.numpy_helper.to_array(w)
-            w.CopyFrom(onnx.numpy_helper.from_array((arr.astype(np.float32) * 1.01).astype(arr.dtype), w.name))
     with pytest.raises(TwinMismatch):
-        verify_twin(OnnxGraph(m), path, x.numpy())
+        verify_twin(OnnxGraph(_scaled_convs(path, 1.01)[0]), path, x.numpy())
 
 
 def test_int8_flips_at_a_rounding_tie_are_float_order_not_a_wrong_twin():

@@ -164,11 +164,11 @@ def load_twins(paths: Sequence[str], names: Sequence[str], verify_images: torch.
                     f"from a rounding tie at most {d['max_off_tie_flip_fraction']:.2%})")
         layered = [rep["layers"] for rep in twin.verification.values() if "layers" in rep]
         if layered:
-            how += (f"; run free, its outputs missed the gate by up to "
-                    f"{max(r['free_running_over_gate'] for r in layered):.2g}x its atol (a layer check is allowed "
-                    f"within {LAYER_CHECK_SLACK:g}x), so it was verified layer by layer: {sum(r['checked'] for r in layered)} layers on "
-                    f"all {max(r['inputs'] for r in layered)} inputs, each within the gate on ONNX Runtime's own "
-                    f"inputs")
+            over = max(r["free_running_over_gate"] for r in layered)
+            how += (f"; run free, its outputs missed the gate by up to {over:.2g}x its atol (a layer check is allowed "
+                    f"within {LAYER_CHECK_SLACK:g}x), so it was verified layer by layer: "
+                    f"{sum(r['checked'] for r in layered)} layers on all {max(r['inputs'] for r in layered)} inputs, "
+                    f"each within the gate on ONNX Runtime's own inputs")
         log(f"[{name}] {twin.precision} twin verified against ONNX Runtime on {how}")
         twins.append(twin)
     return twins

@@ -43,7 +43,7 @@ class Detector(nn.Module):
     mid_channels: int = 0
     mid_stride: int = 0
     #: the keys of `arch_config` that make the network (the rest are options such as score thresholds, which a
-    #: checkpoint stores and restores but which never make it another model); None: every key
+    #: checkpoint stores and restores but which never make it another model); None: every key (`_set_arch`)
     structural_arch: Optional[FrozenSet[str]] = None
 
     def __init__(self, num_classes: int):
@@ -51,6 +51,12 @@ class Detector(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
+
+    def _set_arch(self, structural: dict, options: dict) -> None:
+        """The arch config (`_arch`, what `arch_config` returns besides name and class count): the settings that make
+        the network, which become `structural_arch`, and options that do not (score thresholds and kin)."""
+        self._arch = {**structural, **options}
+        self.structural_arch = frozenset({"name", "num_classes", *structural})
 
     def forward_train(self, images: torch.Tensor, targets: Targets) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError

@@ -180,16 +180,14 @@ class FasterRCNNFPN(Detector):
     loss_domains = {"cls": ("loss_objectness", "loss_classifier"), "loc": ("loss_rpn_box_reg", "loss_box_reg")}
     default_alignment_weight = 1.0  # beta and gamma of equation (3) for Faster R-CNN in the paper
     mid_stride = 32
-    structural_arch = frozenset({"name", "num_classes", "backbone", "fpn_channels", "min_size", "max_size",
-                                 "trainable_layers"})  # the rest: torchvision's options (torchvision_options)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256, min_size: int = 800,
                  max_size: int = 1333, trainable_layers: int = 3, weights: Optional[str] = None,
                  weights_backbone: Optional[str] = None, **frcnn_kw):
         super().__init__(num_classes)
-        self._arch = {"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
-                      "max_size": max_size, "trainable_layers": trainable_layers,
-                      **torchvision_options(self.model_name, frcnn_kw)}
+        self._set_arch({"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
+                        "max_size": max_size, "trainable_layers": trainable_layers},
+                       torchvision_options(self.model_name, frcnn_kw))
         body = build_backbone(backbone, trainable_layers, fpn_channels, None)
         self.detector = FasterRCNN(body, num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **frcnn_kw)

@@ -76,16 +76,14 @@ class OneStageDetector(Detector):
     label_offset = 0
     #: the module scope of the M-th layer in an exported graph (the twin's `features` tap)
     twin_mid_scope = "body/layer4"  # the export calls the ResNet body as `body`
-    structural_arch = frozenset({"name", "num_classes", "backbone", "fpn_channels", "min_size", "max_size",
-                                 "trainable_layers"})  # the rest: torchvision's options (torchvision_options)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", fpn_channels: int = 256, min_size: int = 800,
                  max_size: int = 1333, trainable_layers: int = 3, weights: Optional[str] = None,
                  weights_backbone: Optional[str] = None, **tv_kw):
         super().__init__(num_classes)
-        self._arch = {"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
-                      "max_size": max_size, "trainable_layers": trainable_layers,
-                      **torchvision_options(self.model_name, tv_kw)}
+        self._set_arch({"backbone": backbone, "fpn_channels": fpn_channels, "min_size": min_size,
+                        "max_size": max_size, "trainable_layers": trainable_layers},
+                       torchvision_options(self.model_name, tv_kw))
         body = build_backbone(backbone, trainable_layers, fpn_channels, weights_backbone, returned_layers=(2, 3, 4),
                               extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         self.detector = self.tv_class(body, num_classes=num_classes, min_size=min_size, max_size=max_size,

@@ -74,7 +74,6 @@ class SSDLite320(OneStageDetector):
     size_divisible = 1
     label_offset = 1
     twin_mid_scope = "backbone/features.1"  # node names of the export: /backbone/features.1/...
-    structural_arch = frozenset({"name", "num_classes", "size", "width_mult", "trainable_layers", "reduced_tail"})
 
     def __init__(self, num_classes: int, size: int = 320, width_mult: float = 1.0, trainable_layers: int = 6,
                  reduced_tail: Optional[bool] = None, weights: Optional[str] = None,
@@ -90,10 +89,10 @@ class SSDLite320(OneStageDetector):
             raise ValueError(f"{self.model_name}: width_mult {width_mult} must be > 0")
         # torchvision halves the last stage ("reduced tail") unless ImageNet backbone weights are loaded
         reduced_tail = weights_backbone is None if reduced_tail is None else bool(reduced_tail)
-        self._arch = {"size": size, "width_mult": float(width_mult), "trainable_layers": trainable_layers,
-                      "reduced_tail": reduced_tail, "score_thresh": float(score_thresh),
-                      "nms_thresh": float(nms_thresh), "detections_per_img": int(detections_per_img),
-                      "topk_candidates": int(topk_candidates)}
+        self._set_arch({"size": size, "width_mult": float(width_mult), "trainable_layers": trainable_layers,
+                        "reduced_tail": reduced_tail},
+                       {"score_thresh": float(score_thresh), "nms_thresh": float(nms_thresh),
+                        "detections_per_img": int(detections_per_img), "topk_candidates": int(topk_candidates)})
         norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
         mnv3 = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=reduced_tail, width_mult=width_mult)
         body = _Body(mnv3.features)
