@@ -266,9 +266,16 @@ def predict_and_sanity(weights, shapes_devkit, tmp_path):
         assert r.exit_code == 0, r.output
         outs[tag] = json.loads((tmp_path / tag / "predictions.json").read_text())
     assert len(outs["src"]) == len(outs["onnx"])
-    for p, q in zip(sorted(outs["src"], key=lambda p: (p["image_id"], -p["score"])),
-                    sorted(outs["onnx"], key=lambda p: (p["image_id"], -p["score"]))):
-        assert p["category_id"] == q["category_id"] and abs(p["score"] - q["score"]) < 1e-3, (p, q)
+    # each source detection has its own ONNX detection of the same image and class within 1e-3 in score (paired by
+    # place and score, not by score order: a barely trained model scores many boxes 0.2001 +- 1e-5, whose order
+    # the last float bits decide, and they differ between CPU capabilities and thread counts)
+    left = list(outs["onnx"])
+    for p in outs["src"]:
+        q = min((q for q in left if q["image_id"] == p["image_id"] and q["category_id"] == p["category_id"]),
+                key=lambda q: (abs(p["score"] - q["score"]), sum(abs(a - b) for a, b in zip(p["bbox"], q["bbox"]))),
+                default=None)
+        assert q is not None and abs(p["score"] - q["score"]) < 1e-3, (p, q)
+        left.remove(q)
     r = CliRunner().invoke(bench_main, ["--weights", str(weights), "--sanity", str(tmp_path / "sanity"),
                                         "--max-images", "2", "--batch-size", "2", "--workers", "0", "--quiet",
                                         "--apgd-iterations", "2", "--restarts", "2", "--sanity-eps", "0.01,0.1",
