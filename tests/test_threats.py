@@ -199,8 +199,10 @@ def test_threats_rows_fp32_in_disguise_and_the_cache(overfit, exported, tmp_path
 def test_gate_catches_a_fragile_int8_that_the_transfer_gate_passes(overfit, exported, tmp_path):
     """The gate's limits are set just above what the transfer threat measures on this file (so the transfer gate
     passes by construction, whatever this CPU's trained model gives); the same limits over every threat fail on an
-    attack on the file itself. Drift is not what is tested here (a crushed file drifts by design)."""
-    crushed = _crushed_int8(exported["int8"], tmp_path / "crushed.int8.onnx")
+    attack on the file itself. Drift is not what is tested here (a crushed file drifts by design). Scales crushed
+    to a quarter: at half, under ATEN_CPU_CAPABILITY=default no attack on the file lowered the overfit model's AP on
+    its two images, so the test asserted what one CPU's numerics happened to give."""
+    crushed = _crushed_int8(exported["int8"], tmp_path / "crushed.int8.onnx", factor=0.25)
     open_gate = ["--max-drop", "1", "--max-deploy-misses", "1", "--max-drift", "1e9", "--min-clean-ap", "0"]
     r = _bench("--weights", str(overfit), *SPLIT, "--backend", str(crushed), *open_gate, "--threat", "transfer",
                "--json", str(tmp_path / "t.json"))
